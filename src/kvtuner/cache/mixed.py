@@ -1,0 +1,91 @@
+"""``MixedPrecisionCache``: a transformers ``Cache`` whose layers each have their own KV precision.
+
+Use it as any cache::
+
+    cache = MixedPrecisionCache(KVConfig.uniform("K4V2", 30), model.config)
+    model.generate(**inputs, past_key_values=cache)
+    cache.nbytes(), cache.nbytes_fp16()
+
+Layers with a quantized spec get a :class:`~kvtuner.cache.layer.MixedPrecisionLayer`; fp16
+layers get transformers' own unquantized layer for their type (so 16-bit specs behave exactly
+like ``DynamicCache``, sliding windows included). Quantizing a sliding-window layer is refused
+with a clear error rather than done wrong.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from kvtuner.cache.compat import Cache, DynamicLayer, dynamic_layer_for, layer_types
+from kvtuner.cache.layer import MixedPrecisionLayer
+from kvtuner.config import KVConfig, KVConfigError, ModelFingerprint
+
+SUPPORTED_QUANTIZED_TYPES = ("full_attention",)
+
+
+def fingerprint(model_config: PretrainedConfig) -> ModelFingerprint:
+    """The attention shape of a transformers model config."""
+    cfg = model_config.get_text_config(decoder=True)
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    arch = (getattr(model_config, "architectures", None) or [type(model_config).__name__])[0]
+    return ModelFingerprint(
+        architecture=arch,
+        num_layers=cfg.num_hidden_layers,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+    )
+
+
+class MixedPrecisionCache(Cache):
+    """Per-layer mixed-precision KV cache (KIVI-style layers, packed storage).
+
+    keep_dequantized: also memoize each layer's dequantized history, trading memory for speed
+    on the torch reference path (evaluation uses it); ``nbytes`` never counts the memo.
+    """
+
+    def __init__(self, config: KVConfig, model_config: PretrainedConfig | None = None, keep_dequantized: bool = False):
+        self.kv_config = config
+        if model_config is None:
+            types = [("full_attention", {})] * config.num_layers
+        else:
+            config.check_model(fingerprint(model_config))
+            types = layer_types(model_config)
+            if len(types) != config.num_layers:
+                raise KVConfigError(
+                    f"config has {config.num_layers} layers but the model has {len(types)} layers with a KV cache"
+                )
+        layers = []
+        for i, (spec, (layer_type, kwargs)) in enumerate(zip(config.layers, types)):
+            if not spec.is_quantized:
+                layers.append(dynamic_layer_for(layer_type, kwargs) if layer_type != "full_attention" else DynamicLayer())
+            elif layer_type in SUPPORTED_QUANTIZED_TYPES:
+                layers.append(MixedPrecisionLayer(spec, keep_dequantized=keep_dequantized))
+            else:
+                raise KVConfigError(
+                    f"layer {i} is a {layer_type!r} layer; kvtuner quantizes only full-attention layers "
+                    f"(give layer {i} an fp16 spec to keep it unquantized)"
+                )
+        super().__init__(layers=layers)
+
+    def nbytes(self) -> int:
+        """Bytes actually stored: packed codes, scales, zeros and full-precision residuals."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, MixedPrecisionLayer):
+                total += layer.nbytes()
+            elif layer.is_initialized:
+                total += layer.keys.numel() * layer.keys.element_size()
+                total += layer.values.numel() * layer.values.element_size()
+        return total
+
+    def nbytes_fp16(self) -> int:
+        """Bytes the same stored tokens would take as fp16 keys and values."""
+        total = 0
+        for layer in self.layers:
+            if not layer.is_initialized:
+                continue
+            b, h, _, d = layer.keys.shape
+            tokens = layer.get_seq_length() if isinstance(layer, MixedPrecisionLayer) else layer.keys.shape[-2]
+            total += 2 * b * h * tokens * d * 2
+        return total

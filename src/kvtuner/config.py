@@ -1,0 +1,305 @@
+"""Configs as data: per-layer KV precision (``LayerSpec``), a whole model's ``KVConfig``.
+
+A ``KVConfig`` round-trips through JSON with a schema version and a model fingerprint, and
+through KVTuner's published per-layer YAML presets (``{layer: {nbits_key: 8, nbits_value: 4}}``),
+so configs move both ways between the two tools. Only stdlib and PyYAML here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCHEMA_VERSION = 1
+METHODS = ("kivi", "per_token", "fp8", "fp16")
+INT_BITS = (1, 2, 3, 4, 8, 16)
+FP8_BITS = (8, 16)
+
+
+class KVConfigError(ValueError):
+    """A config that cannot be used, with a message that names the problem."""
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How one layer stores its keys and values.
+
+    method: ``kivi`` (keys per channel, values per token, asymmetric, grouped, with a
+    full-precision window of recent tokens), ``per_token`` (both per token, as llama.cpp does),
+    ``fp8`` (e4m3 with a scale per group) or ``fp16`` (unquantized).
+    k_bits / v_bits: 16 leaves that side unquantized.
+    residual_length: recent tokens kept in full precision; when the window fills it is
+    quantized in one go (for ``kivi`` it must be a multiple of ``group_size``, since keys are
+    grouped along tokens).
+    """
+
+    method: str = "kivi"
+    k_bits: int = 16
+    v_bits: int = 16
+    group_size: int = 32
+    residual_length: int = 32
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise KVConfigError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        allowed = {"fp16": (16,), "fp8": FP8_BITS}.get(self.method, INT_BITS)
+        for side, bits in (("k_bits", self.k_bits), ("v_bits", self.v_bits)):
+            if not isinstance(bits, int) or isinstance(bits, bool) or bits not in allowed:
+                raise KVConfigError(
+                    f"unsupported {side}={bits!r} for method {self.method!r}; supported: {', '.join(map(str, allowed))}"
+                )
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise KVConfigError(f"group_size must be a positive integer, not {self.group_size!r}")
+        if not isinstance(self.residual_length, int) or self.residual_length < 0:
+            raise KVConfigError(f"residual_length must be a non-negative integer, not {self.residual_length!r}")
+        if self.method == "kivi" and self.residual_length % self.group_size:
+            raise KVConfigError(
+                f"residual_length {self.residual_length} is not a multiple of group_size {self.group_size} "
+                "(KIVI quantizes keys in groups of group_size tokens)"
+            )
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.method != "fp16" and (self.k_bits < 16 or self.v_bits < 16)
+
+    @property
+    def avg_bits(self) -> float:
+        """Nominal bits per element, K and V averaged (the figure KVTuner quotes)."""
+        return (self.k_bits + self.v_bits) / 2
+
+    @property
+    def label(self) -> str:
+        if not self.is_quantized:
+            return "fp16"
+        pair = f"KV{self.k_bits}" if self.k_bits == self.v_bits else f"K{self.k_bits}V{self.v_bits}"
+        return pair if self.method == "kivi" else f"{self.method}:{pair}"
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """What a config must agree with: the model's attention shape."""
+
+    architecture: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+
+_SHORTHAND = re.compile(r"^(?:KV(?P<kv>\d+)|K(?P<k>\d+)V(?P<v>\d+))$", re.IGNORECASE)
+
+
+def parse_shorthand(text: str) -> tuple[int, int]:
+    """``KV8`` -> (8, 8), ``K4V2`` -> (4, 2), ``fp16`` -> (16, 16)."""
+    if text.lower() in ("fp16", "bf16", "kv16"):
+        return 16, 16
+    m = _SHORTHAND.match(text.strip())
+    if not m:
+        raise KVConfigError(f"cannot read KV shorthand {text!r}; expected e.g. KV8, K8V4, K4V2 or fp16")
+    if m["kv"]:
+        return int(m["kv"]), int(m["kv"])
+    return int(m["k"]), int(m["v"])
+
+
+@dataclass
+class KVConfig:
+    """Per-layer KV specs for one model, versioned and fingerprinted."""
+
+    layers: list[LayerSpec]
+    model: ModelFingerprint | None = None
+    name: str = ""
+    version: int = SCHEMA_VERSION
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise KVConfigError("a KVConfig needs at least one layer")
+        if self.version != SCHEMA_VERSION:
+            raise KVConfigError(f"unsupported config version {self.version}; this kvtuner reads version {SCHEMA_VERSION}")
+        if self.model is not None and self.model.num_layers != len(self.layers):
+            raise KVConfigError(
+                f"config has {len(self.layers)} layers but its model fingerprint says {self.model.num_layers}"
+            )
+
+    # --- construction -------------------------------------------------------------------
+    @classmethod
+    def uniform(
+        cls,
+        kv: str | tuple[int, int],
+        num_layers: int,
+        method: str = "kivi",
+        group_size: int = 32,
+        residual_length: int = 32,
+        model: ModelFingerprint | None = None,
+    ) -> "KVConfig":
+        k_bits, v_bits = parse_shorthand(kv) if isinstance(kv, str) else kv
+        if (k_bits, v_bits) == (16, 16):
+            method = "fp16"
+        elif method == "fp16":
+            raise KVConfigError(f"method 'fp16' stores 16 bits; it cannot give K{k_bits}V{v_bits}")
+        spec = LayerSpec(method, k_bits, v_bits, group_size, residual_length)
+        name = spec.label if isinstance(kv, tuple) or method != "kivi" else kv
+        return cls([spec] * num_layers, model=model, name=name)
+
+    # --- facts ----------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def avg_bits(self) -> float:
+        """Nominal bits averaged over layers and over K and V."""
+        return sum(s.avg_bits for s in self.layers) / len(self.layers)
+
+    def check_model(self, fingerprint: ModelFingerprint) -> None:
+        """Raise ``KVConfigError`` if this config cannot serve a model with ``fingerprint``."""
+        if self.num_layers != fingerprint.num_layers:
+            raise KVConfigError(
+                f"config has {self.num_layers} layers but the model ({fingerprint.architecture}) has "
+                f"{fingerprint.num_layers}"
+            )
+        if self.model is not None:
+            for attr in ("num_kv_heads", "head_dim"):
+                mine, theirs = getattr(self.model, attr), getattr(fingerprint, attr)
+                if mine != theirs:
+                    raise KVConfigError(f"config was made for {attr}={mine} but the model has {attr}={theirs}")
+        for i, spec in enumerate(self.layers):
+            if spec.method in ("per_token", "fp8") and fingerprint.head_dim % spec.group_size:
+                raise KVConfigError(
+                    f"layer {i}: group_size {spec.group_size} does not divide head_dim {fingerprint.head_dim}"
+                )
+
+    # --- JSON -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "name": self.name,
+            "model": asdict(self.model) if self.model else None,
+            "avg_bits": round(self.avg_bits, 4),
+            "layers": [asdict(s) for s in self.layers],
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "config") -> "KVConfig":
+        if not isinstance(data, dict) or "layers" not in data:
+            raise KVConfigError(f"{source}: expected an object with a 'layers' list")
+        if not isinstance(data["layers"], list):
+            raise KVConfigError(f"{source}: 'layers' must be a list")
+        layers = []
+        for i, item in enumerate(data["layers"]):
+            if not isinstance(item, dict):
+                raise KVConfigError(f"{source}: layer {i} must be an object")
+            unknown = set(item) - {"method", "k_bits", "v_bits", "group_size", "residual_length"}
+            if unknown:
+                raise KVConfigError(f"{source}: layer {i} has unknown field(s) {', '.join(sorted(unknown))}")
+            try:
+                layers.append(LayerSpec(**item))
+            except KVConfigError as e:
+                raise KVConfigError(f"{source}: layer {i}: {e}") from None
+        model = data.get("model")
+        if model is not None:
+            try:
+                model = ModelFingerprint(**model)
+            except TypeError:
+                raise KVConfigError(f"{source}: malformed 'model' fingerprint {model!r}") from None
+        try:
+            return cls(layers, model=model, name=data.get("name", ""), version=data.get("version", SCHEMA_VERSION),
+                       meta=data.get("meta") or {})
+        except KVConfigError as e:
+            raise KVConfigError(f"{source}: {e}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "config") -> "KVConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise KVConfigError(f"{source}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        return cls.from_dict(data, source)
+
+    # --- KVTuner YAML presets ---------------------------------------------------------------
+    def to_kvtuner_dict(self) -> dict[int, dict[str, int]]:
+        return {i: {"nbits_key": s.k_bits, "nbits_value": s.v_bits} for i, s in enumerate(self.layers)}
+
+    @classmethod
+    def from_kvtuner_dict(
+        cls, data: Any, source: str = "preset", method: str = "kivi", group_size: int = 32, residual_length: int = 32
+    ) -> "KVConfig":
+        if not isinstance(data, dict) or not data:
+            raise KVConfigError(f"{source}: expected a mapping {{layer: {{nbits_key, nbits_value}}}}")
+        try:
+            indices = sorted(int(k) for k in data)
+        except (TypeError, ValueError):
+            raise KVConfigError(f"{source}: layer keys must be integers") from None
+        if indices != list(range(len(indices))):
+            raise KVConfigError(f"{source}: layers must be numbered 0..{len(indices) - 1} without gaps")
+        layers = []
+        for i in indices:
+            entry = data.get(i, data.get(str(i)))
+            if not isinstance(entry, dict) or not {"nbits_key", "nbits_value"} <= set(entry):
+                raise KVConfigError(f"{source}: layer {i} needs nbits_key and nbits_value")
+            k, v = entry["nbits_key"], entry["nbits_value"]
+            layer_method = "fp16" if (k, v) == (16, 16) else method
+            try:
+                layers.append(LayerSpec(layer_method, k, v, group_size, residual_length))
+            except KVConfigError as e:
+                raise KVConfigError(f"{source}: layer {i}: {e}") from None
+        return cls(layers, name=Path(source).stem)
+
+    # --- files ------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write JSON (or a KVTuner YAML preset for .yaml/.yml) atomically: never a half-written file."""
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            text = yaml.safe_dump(self.to_kvtuner_dict(), sort_keys=False)
+        else:
+            text = self.to_json() + "\n"
+        write_atomic(path, text)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, **preset_kwargs: Any) -> "KVConfig":
+        """Read a kvtuner JSON config or a KVTuner YAML preset (by extension)."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise KVConfigError(f"{path}: no such config file") from None
+        except OSError as e:
+            raise KVConfigError(f"{path}: cannot read ({e.strerror})") from None
+        if path.suffix in (".yaml", ".yml"):
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise KVConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            if isinstance(data, dict) and "layers" in data:
+                return cls.from_dict(data, str(path))
+            return cls.from_kvtuner_dict(data, str(path), **preset_kwargs)
+        return cls.from_json(text, str(path))
+
+    def with_model(self, fingerprint: ModelFingerprint) -> "KVConfig":
+        self.check_model(fingerprint)
+        return replace(self, model=fingerprint)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+

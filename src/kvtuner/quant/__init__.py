@@ -1,0 +1,19 @@
+"""Pure tensor math for KV quantization: group-wise integer and FP8 quantizers with real bit packing.
+
+Knows nothing of models or caches; see :mod:`kvtuner.quant.tensor` for the storage layout.
+"""
+
+from kvtuner.quant.packing import PACKABLE_BITS, pack, packed_width, unpack
+from kvtuner.quant.tensor import QuantizedTensor, QuantSpec, cat_tokens, dequantize, quantize
+
+__all__ = [
+    "PACKABLE_BITS",
+    "QuantSpec",
+    "QuantizedTensor",
+    "cat_tokens",
+    "dequantize",
+    "pack",
+    "packed_width",
+    "quantize",
+    "unpack",
+]
