@@ -70,6 +70,11 @@ class LayerSpec:
         return self.method != "fp16" and (self.k_bits < 16 or self.v_bits < 16)
 
     @property
+    def window(self) -> int:
+        """Tokens quantized together when the residual fills (keys per channel need a whole group)."""
+        return self.residual_length or (self.group_size if self.method == "kivi" else 1)
+
+    @property
     def avg_bits(self) -> float:
         """Nominal bits per element, K and V averaged (the figure KVTuner quotes)."""
         return (self.k_bits + self.v_bits) / 2

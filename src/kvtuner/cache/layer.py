@@ -52,7 +52,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
             raise ValueError("MixedPrecisionLayer needs a quantized spec; use transformers' DynamicLayer for fp16")
         self.spec = spec
         self.key_spec, self.value_spec = quant_specs(spec)
-        self.window = spec.residual_length or (spec.group_size if self.key_spec.axis == "channel" else 1)
+        self.window = spec.window
         self.keep_dequantized = keep_dequantized
         self.qkeys: QuantizedTensor | None = None
         self.qvalues: QuantizedTensor | None = None
