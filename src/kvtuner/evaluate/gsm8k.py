@@ -1,0 +1,107 @@
+"""GSM8K few-shot exact match with the cache under test (the task metric KVTuner reports).
+
+Prompts are ``Question: ...\\nAnswer: ...`` with the worked answers of the first ``shots``
+examples (calculator annotations ``<<...>>`` removed); generation is greedy and stops at the
+next ``Question:``. The prediction is the number after ``####`` if the model writes one,
+else the last number in its answer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kvtuner.cache import MixedPrecisionCache, cache_kwargs
+from kvtuner.config import KVConfig
+from kvtuner.evaluate.data import DataError
+
+_ANNOTATION = re.compile(r"<<[^>]*>>")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+@dataclass
+class GSM8KResult:
+    accuracy: float
+    correct: int
+    total: int
+    predictions: list[str | None]
+
+
+def load_gsm8k(path: str | Path) -> list[dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such GSM8K file")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not {"question", "answer"} <= set(row):
+            raise DataError(f"{path}:{n}: each line needs 'question' and 'answer'")
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no GSM8K examples")
+    return rows
+
+
+def final_answer(answer: str) -> str | None:
+    """The reference or predicted number, normalized (no commas, no trailing .0)."""
+    tail = answer.split("####")[-1] if "####" in answer else answer
+    numbers = _NUMBER.findall(tail)
+    if not numbers:
+        return None
+    value = numbers[0] if "####" in answer else numbers[-1]
+    value = value.replace(",", "").rstrip(".")
+    return value[:-2] if value.endswith(".0") else value
+
+
+def few_shot_prompt(shots: list[dict[str, str]], question: str) -> str:
+    blocks = [f"Question: {s['question']}\nAnswer: {_ANNOTATION.sub('', s['answer'])}" for s in shots]
+    return "\n\n".join([*blocks, f"Question: {question}\nAnswer:"])
+
+
+@torch.no_grad()
+def evaluate_gsm8k(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config: KVConfig,
+    examples: list[dict[str, str]],
+    shots: list[dict[str, str]],
+    max_new_tokens: int = 256,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> GSM8KResult:
+    """Greedy few-shot accuracy on ``examples`` with a fresh ``MixedPrecisionCache`` per batch."""
+    tokenizer.padding_side = "left"
+    predictions: list[str | None] = []
+    correct = 0
+    batches = range(0, len(examples), batch_size)
+    for start in tqdm(batches, desc="gsm8k", disable=not progress, unit="batch"):
+        batch = examples[start : start + batch_size]
+        prompts = [few_shot_prompt(shots, ex["question"]) for ex in batch]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+        cache = MixedPrecisionCache(config, model.config)
+        out = model.generate(
+            **enc,
+            **cache_kwargs(model, cache),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            stop_strings=["Question:"],
+            tokenizer=tokenizer,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
+        for ex, text in zip(batch, texts):
+            pred = final_answer(text.split("Question:")[0])
+            predictions.append(pred)
+            correct += pred is not None and pred == final_answer(ex["answer"])
+    return GSM8KResult(correct / len(examples), correct, len(examples), predictions)
