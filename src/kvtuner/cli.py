@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,10 +17,11 @@ from kvtuner.models import ModelNotFoundError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
+stdout = Console(width=None if sys.stdout.isatty() else 160)
 
 ModelOpt = Annotated[str, typer.Option("--model", help="'default' (SmolLM2-135M-Instruct), a Hugging Face id or folder, or a .gguf file")]
-KvOpt = Annotated[Optional[str], typer.Option("--kv", help="uniform shorthand: fp16, KV8, K8V4, K4V2, ...")]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="per-layer config: kvtuner JSON or KVTuner YAML preset")]
+KvOpt = Annotated[Optional[list[str]], typer.Option("--kv", help="uniform shorthand: fp16, KV8, K8V4, K4V2, ... (eval: repeatable)")]
+ConfigOpt = Annotated[Optional[list[Path]], typer.Option("--config", help="per-layer config: kvtuner JSON or KVTuner YAML preset (eval: repeatable)")]
 MethodOpt = Annotated[str, typer.Option("--method", help="with --kv: kivi, per_token or fp8")]
 GroupOpt = Annotated[int, typer.Option("--group-size", help="with --kv: quantization group size")]
 ResidualOpt = Annotated[int, typer.Option("--residual-length", help="with --kv: full-precision window of recent tokens")]
@@ -33,18 +35,27 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-def build_config(kv: str | None, config: Path | None, method: str, group_size: int, residual_length: int, model_config) -> KVConfig:
-    """The KVConfig the flags ask for, checked against the model."""
-    from kvtuner.cache import fingerprint
+def resolve_configs(model: str, kv: list[str] | None, config: list[Path] | None, method: str, group_size: int,
+                    residual_length: int, single: bool = False) -> list[KVConfig]:
+    """The KVConfigs the flags ask for, checked against the model's config before any weights load."""
+    import transformers
 
-    if (kv is None) == (config is None):
-        raise KVConfigError("give exactly one of --kv SHORTHAND or --config FILE")
-    fp = fingerprint(model_config)
-    if config is not None:
-        cfg = KVConfig.load(config)
+    from kvtuner.cache import fingerprint
+    from kvtuner.models import load_model_config
+
+    transformers.logging.set_verbosity_error()
+    kv, config = kv or [], config or []
+    count = len(kv) + len(config)
+    if count == 0 or (single and count > 1):
+        raise KVConfigError("give exactly one of --kv SHORTHAND or --config FILE" if single else "give --kv SHORTHAND or --config FILE")
+    loaded = [KVConfig.load(path) for path in config]  # a malformed file fails before the model is looked up
+    fp = fingerprint(load_model_config(model))
+    for cfg, path in zip(loaded, config):
         cfg.check_model(fp)
-        return cfg
-    return KVConfig.uniform(kv, fp.num_layers, method=method, group_size=group_size, residual_length=residual_length, model=fp)
+        cfg.name = cfg.name or path.stem
+    uniform = [KVConfig.uniform(k, fp.num_layers, method=method, group_size=group_size,
+                                residual_length=residual_length, model=fp) for k in kv]
+    return uniform + loaded
 
 
 def load(model: str):
@@ -52,18 +63,6 @@ def load(model: str):
 
     with console.status(f"loading model {model}"):
         return load_model(model)
-
-
-def resolve_config(model: str, kv, config, method, group_size, residual_length) -> KVConfig:
-    """Validate the flags and the config against the model's config, before any weights load."""
-    import transformers
-
-    from kvtuner.models import load_model_config
-
-    transformers.logging.set_verbosity_error()
-    if kv is None and config is not None:
-        KVConfig.load(config)  # a malformed file fails before the model is even looked up
-    return build_config(kv, config, method, group_size, residual_length, load_model_config(model))
 
 
 @app.command("eval")
@@ -76,7 +75,7 @@ def eval_command(
     group_size: GroupOpt = 32,
     residual_length: ResidualOpt = 32,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="tokens to score")] = 2048,
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of a table")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object per config instead of a table")] = False,
 ) -> None:
     """Perplexity, KL and top-1 agreement against the full-precision cache, decode-faithful; and real KV bytes."""
     from kvtuner.evaluate import Evaluator, token_windows
@@ -84,25 +83,28 @@ def eval_command(
     try:
         if not data.is_file():
             raise DataError(f"{data}: no such data file")
-        cfg = resolve_config(model, kv, config, method, group_size, residual_length)
+        configs = resolve_configs(model, kv, config, method, group_size, residual_length)
         lm, tokenizer = load(model)
-        ids = token_windows(data, tokenizer, max_tokens)
-        result = Evaluator(lm, ids, progress=not as_json).evaluate(cfg)
+        evaluator = Evaluator(lm, token_windows(data, tokenizer, max_tokens), progress=not as_json)
     except USER_ERRORS as e:
         raise fail(str(e)) from None
-    row = result.to_dict()
-    row["kv_ratio"] = result.kv_bytes / result.kv_bytes_fp16
-    if as_json:
-        print(json.dumps(row))
-        return
-    table = Table(title=f"kvtuner eval: {cfg.name or config} on {result.tokens} tokens of {data.name}")
-    for key in ("ppl", "kl", "top1", "avg_bits", "effective_bits", "kv_bytes", "kv_bytes_fp16", "kv_ratio"):
-        table.add_column(key, justify="right")
-    table.add_row(
-        f"{result.ppl:.3f}", f"{result.kl:.5f}", f"{result.top1:.4f}", f"{result.avg_bits:.2f}",
-        f"{result.effective_bits:.2f}", f"{result.kv_bytes:,}", f"{result.kv_bytes_fp16:,}", f"{row['kv_ratio']:.4f}",
-    )
-    Console().print(table)
+    columns = ("config", "ppl", "kl", "top1", "avg_bits", "effective_bits", "kv_bytes", "kv_bytes_fp16", "kv_ratio")
+    table = Table(title=f"kvtuner eval on {evaluator.tokens} tokens of {data.name} "
+                        f"(full-precision ppl {evaluator.reference_ppl():.3f}, model dtype {lm.dtype})")
+    for key in columns:
+        table.add_column(key, justify="left" if key == "config" else "right")
+    for cfg in configs:
+        result = evaluator.evaluate(cfg)
+        row = {"config": cfg.name, **result.to_dict(), "kv_ratio": result.kv_bytes / result.kv_bytes_fp16}
+        if as_json:
+            print(json.dumps(row), flush=True)
+            continue
+        table.add_row(
+            cfg.name, f"{result.ppl:.3f}", f"{result.kl:.5f}", f"{result.top1:.4f}", f"{result.avg_bits:.2f}",
+            f"{result.effective_bits:.2f}", f"{result.kv_bytes:,}", f"{result.kv_bytes_fp16:,}", f"{row['kv_ratio']:.4f}",
+        )
+    if not as_json:
+        stdout.print(table)
 
 
 @app.command()
@@ -123,7 +125,7 @@ def generate(
     from kvtuner.cache import MixedPrecisionCache, cache_kwargs
 
     try:
-        cfg = resolve_config(model, kv, config, method, group_size, residual_length)
+        [cfg] = resolve_configs(model, kv, config, method, group_size, residual_length, single=True)
         lm, tokenizer = load(model)
     except USER_ERRORS as e:
         raise fail(str(e)) from None
@@ -139,7 +141,7 @@ def generate(
     nbytes, fp16 = cache.nbytes(), cache.nbytes_fp16()
     console.print(
         f"KV cache: {nbytes:,} bytes vs {fp16:,} in fp16 ({nbytes / fp16:.3f}×), "
-        f"{cache.get_seq_length()} tokens, config {cfg.name or config} ({cfg.avg_bits:.2f} avg bits)"
+        f"{cache.get_seq_length()} tokens, config {cfg.name} ({cfg.avg_bits:.2f} avg bits)"
     )
 
 
@@ -164,14 +166,14 @@ def gsm8k(
     try:
         rows = load_gsm8k(data)
         shot_rows = load_gsm8k(shots_file) if shots_file else rows
-        cfg = resolve_config(model, kv, config, method, group_size, residual_length)
+        [cfg] = resolve_configs(model, kv, config, method, group_size, residual_length, single=True)
         lm, tokenizer = load(model)
     except USER_ERRORS as e:
         raise fail(str(e)) from None
     few = shot_rows[:shots]
     examples = rows[shots : shots + limit] if shots_file is None else rows[:limit]
     result = evaluate_gsm8k(lm, tokenizer, cfg, examples, few, max_new_tokens=max_new_tokens, progress=not as_json)
-    summary = {"config": cfg.name or str(config), "accuracy": result.accuracy, "correct": result.correct,
+    summary = {"config": cfg.name, "accuracy": result.accuracy, "correct": result.correct,
                "total": result.total, "avg_bits": cfg.avg_bits}
     if as_json:
         print(json.dumps(summary))

@@ -175,7 +175,7 @@ class KVConfig:
                 if mine != theirs:
                     raise KVConfigError(f"config was made for {attr}={mine} but the model has {attr}={theirs}")
         for i, spec in enumerate(self.layers):
-            if spec.method in ("per_token", "fp8") and fingerprint.head_dim % spec.group_size:
+            if spec.is_quantized and fingerprint.head_dim % spec.group_size:
                 raise KVConfigError(
                     f"layer {i}: group_size {spec.group_size} does not divide head_dim {fingerprint.head_dim}"
                 )

