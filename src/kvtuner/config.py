@@ -11,7 +11,7 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -290,10 +290,6 @@ class KVConfig:
                 return cls.from_dict(data, str(path))
             return cls.from_kvtuner_dict(data, str(path), **preset_kwargs)
         return cls.from_json(text, str(path))
-
-    def with_model(self, fingerprint: ModelFingerprint) -> "KVConfig":
-        self.check_model(fingerprint)
-        return replace(self, model=fingerprint)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -92,11 +92,11 @@ class QuantizedTensor:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self, dtype)
 
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor], batch_size: int | None = None) -> "QuantizedTensor":
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "QuantizedTensor":
         """Apply a batch-dim operation (index_select, repeat_interleave, ...) to every stored tensor."""
         new = [fn(t) if t is not None else None for t in (self.payload, self.scale, self.zero)]
-        b = new[0].shape[0] if batch_size is None else batch_size
-        return replace(self, payload=new[0], scale=new[1], zero=new[2], shape=torch.Size((b, *self.shape[1:])))
+        shape = torch.Size((new[0].shape[0], *self.shape[1:]))
+        return replace(self, payload=new[0], scale=new[1], zero=new[2], shape=shape)
 
 
 def _group_view(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int]:
