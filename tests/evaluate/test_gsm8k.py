@@ -27,9 +27,9 @@ def test_prompt_strips_calculator_annotations():
 def test_load_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q"}) + "\n")
-    with pytest.raises(DataError, match="needs 'question' and 'answer'"):
+    with pytest.raises(DataError, match="each line needs 'question' and 'answer'"):
         load_gsm8k(bad)
-    with pytest.raises(DataError, match="no such GSM8K file"):
+    with pytest.raises(DataError, match="no such data file"):
         load_gsm8k(tmp_path / "none.jsonl")
 
 

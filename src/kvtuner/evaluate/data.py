@@ -13,27 +13,39 @@ class DataError(ValueError):
     """A data file that cannot be used; the message names the file and the problem."""
 
 
-def read_text(path: str | Path) -> str:
-    """Plain text, or for ``.jsonl`` the ``text`` field (else question + answer) of each line, joined."""
+def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
+    """The objects of a JSONL file, each checked to have the ``required`` keys."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
-    raw = path.read_text(encoding="utf-8")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not set(required) <= set(row):
+            need = f"needs {' and '.join(map(repr, required))}" if required else "must be a JSON object"
+            raise DataError(f"{path}:{n}: each line {need}")
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: the data file is empty")
+    return rows
+
+
+def read_text(path: str | Path) -> str:
+    """Plain text, or for ``.jsonl`` the ``text`` field (else question + answer) of each line, joined."""
+    path = Path(path)
     if path.suffix == ".jsonl":
-        parts = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n}: each line must be a JSON object")
-            text = row.get("text") or "\n".join(str(row[k]) for k in ("question", "answer") if k in row)
-            if text:
-                parts.append(text)
-        raw = "\n\n".join(parts)
+        rows = read_jsonl(path)
+        raw = "\n\n".join(row.get("text") or "\n".join(str(row[k]) for k in ("question", "answer") if k in row)
+                          for row in rows)
+    elif path.is_file():
+        raw = path.read_text(encoding="utf-8")
+    else:
+        raise DataError(f"{path}: no such data file")
     if not raw.strip():
         raise DataError(f"{path}: the data file is empty")
     return raw

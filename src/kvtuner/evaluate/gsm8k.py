@@ -8,7 +8,6 @@ else the last number in its answer.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCrite
 
 from kvtuner.cache import MixedPrecisionCache, cache_kwargs
 from kvtuner.config import KVConfig
-from kvtuner.evaluate.data import DataError
+from kvtuner.evaluate.data import read_jsonl
 
 _ANNOTATION = re.compile(r"<<[^>]*>>")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -34,23 +33,7 @@ class GSM8KResult:
 
 
 def load_gsm8k(path: str | Path) -> list[dict[str, str]]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such GSM8K file")
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not {"question", "answer"} <= set(row):
-            raise DataError(f"{path}:{n}: each line needs 'question' and 'answer'")
-        rows.append(row)
-    if not rows:
-        raise DataError(f"{path}: no GSM8K examples")
-    return rows
+    return read_jsonl(path, required=("question", "answer"))
 
 
 def final_answer(answer: str) -> str | None:
