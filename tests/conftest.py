@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in its interpreter on CPU; the flag is read when triton is first imported,
+    # which importing transformers' models already does, so it is set before anything else.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 DATA_DIR = Path(os.environ.get("KVTUNER_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))

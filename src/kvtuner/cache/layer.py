@@ -13,6 +13,12 @@ same rule, so only the tail of a prompt stays in full precision. Each forward ca
 the dequantized history, the residual and its own new tokens in full precision, then flushes:
 exactly what a token sees during generation (``update`` is decode-faithful for any chunking
 aligned to ``window``).
+
+Flushes quantize with :func:`kvtuner.kernels.quantize` (Triton on CUDA under ``backend="auto"``,
+bit-exact with the torch reference). With ``packed_decode`` set (by
+:func:`kvtuner.cache.attention.use_packed_attention`), a one-token update skips dequantizing:
+it returns only the residual and leaves the pre-flush history in ``pending_history`` for the
+packed decode kernel.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import torch
 
 from kvtuner.cache.compat import CacheLayerMixin, tokens_to_keep
 from kvtuner.config import LayerSpec
-from kvtuner.quant import QuantizedTensor, QuantSpec, cat_tokens, quantize
+from kvtuner.kernels import Backend, quantize
+from kvtuner.quant import QuantizedTensor, QuantSpec, cat_tokens
 
 
 def quant_specs(spec: LayerSpec) -> tuple[QuantSpec, QuantSpec]:
@@ -46,7 +53,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
     # A crop that reaches into the quantized history re-quantizes what it keeps: close, not exact.
     is_croppable = False
 
-    def __init__(self, spec: LayerSpec, keep_dequantized: bool = False):
+    def __init__(self, spec: LayerSpec, keep_dequantized: bool = False, backend: Backend = "auto"):
         super().__init__()
         if not spec.is_quantized:
             raise ValueError("MixedPrecisionLayer needs a quantized spec; use transformers' DynamicLayer for fp16")
@@ -54,6 +61,9 @@ class MixedPrecisionLayer(CacheLayerMixin):
         self.key_spec, self.value_spec = quant_specs(spec)
         self.window = spec.window
         self.keep_dequantized = keep_dequantized
+        self.backend = backend
+        self.packed_decode = False
+        self.pending_history: tuple[QuantizedTensor | None, QuantizedTensor | None] | None = None
         self.qkeys: QuantizedTensor | None = None
         self.qvalues: QuantizedTensor | None = None
         self._history: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -73,10 +83,14 @@ class MixedPrecisionLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
-        history = self.dequantized_history()
+        packed = self.packed_decode and key_states.shape[-2] == 1
+        history = None if packed else self.dequantized_history()
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        if history is None:
+        if packed:  # the packed attention reads the history itself (kvtuner.cache.attention)
+            self.pending_history = (self.qkeys, self.qvalues)
+            keys, values = self.keys, self.values
+        elif history is None:
             keys, values = self.keys, self.values
         else:
             keys = torch.cat([history[0], self.keys], dim=-2)
@@ -152,8 +166,8 @@ class MixedPrecisionLayer(CacheLayerMixin):
         if n < self.window:
             return
         m = (n // self.window) * self.window
-        new_k = quantize(self.keys[..., :m, :], self.key_spec)
-        new_v = quantize(self.values[..., :m, :], self.value_spec)
+        new_k = quantize(self.keys[..., :m, :], self.key_spec, self.backend)
+        new_v = quantize(self.values[..., :m, :], self.value_spec, self.backend)
         self.qkeys = new_k if self.qkeys is None else cat_tokens([self.qkeys, new_k])
         self.qvalues = new_v if self.qvalues is None else cat_tokens([self.qvalues, new_v])
         if self.keep_dequantized:

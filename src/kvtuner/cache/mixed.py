@@ -19,6 +19,7 @@ from transformers import PretrainedConfig
 from kvtuner.cache.compat import Cache, DynamicLayer, dynamic_layer_for, layer_types
 from kvtuner.cache.layer import MixedPrecisionLayer
 from kvtuner.config import KVConfig, KVConfigError, ModelFingerprint
+from kvtuner.kernels import Backend
 
 SUPPORTED_QUANTIZED_TYPES = ("full_attention",)
 
@@ -41,9 +42,16 @@ class MixedPrecisionCache(Cache):
 
     keep_dequantized: also memoize each layer's dequantized history, trading memory for speed
     on the torch reference path (evaluation uses it); ``nbytes`` never counts the memo.
+    backend: kernels that quantize on flush (``"auto"``: Triton on CUDA; see :mod:`kvtuner.kernels`).
     """
 
-    def __init__(self, config: KVConfig, model_config: PretrainedConfig | None = None, keep_dequantized: bool = False):
+    def __init__(
+        self,
+        config: KVConfig,
+        model_config: PretrainedConfig | None = None,
+        keep_dequantized: bool = False,
+        backend: Backend = "auto",
+    ):
         self.kv_config = config
         if model_config is None:
             types = [("full_attention", {})] * config.num_layers
@@ -59,7 +67,7 @@ class MixedPrecisionCache(Cache):
             if not spec.is_quantized:
                 layers.append(dynamic_layer_for(layer_type, kwargs) if layer_type != "full_attention" else DynamicLayer())
             elif layer_type in SUPPORTED_QUANTIZED_TYPES:
-                layers.append(MixedPrecisionLayer(spec, keep_dequantized=keep_dequantized))
+                layers.append(MixedPrecisionLayer(spec, keep_dequantized=keep_dequantized, backend=backend))
             else:
                 raise KVConfigError(
                     f"layer {i} is a {layer_type!r} layer; kvtuner quantizes only full-attention layers "

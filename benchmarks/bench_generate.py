@@ -1,0 +1,181 @@
+"""End-to-end decode throughput of a Llama-3.1-8B-shaped model at the largest batch that fits.
+
+``LlamaForCausalLM`` with the Llama-3.1-8B shape (32 layers, hidden 4096, 32 q / 8 KV heads,
+vocab 128256) and random bf16 weights: decode throughput does not depend on weight values.
+Prefill is skipped: each cache is filled directly with random K/V of the right shape (packed by
+the Triton quantizer for kvtuner, by quanto for quanto), then greedy decode steps are timed
+(HF eager forward, no CUDA graphs; kvtuner steps cross one residual flush every 32 steps).
+
+Caches: ``fp16`` (transformers' DynamicCache + SDPA, the default), kvtuner ``K8V8``, ``K4V4`` and
+``mixed3.25`` (K4V2 on 24 layers, K4V4 on the first and last 4: 3.25 bits on average) through
+``use_packed_attention``, and transformers' ``QuantizedCache`` with quanto (4 bits, its defaults).
+Batch: estimated from free memory and each layout's bytes per token, cut by 15% on out-of-memory.
+
+    PYTHONPATH=src python benchmarks/bench_generate.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, QuantizedCache
+
+from kvtuner import KVConfig, LayerSpec, MixedPrecisionCache
+from kvtuner.cache import cache_kwargs
+from kvtuner.cache.attention import use_packed_attention
+from kvtuner.kernels import quantize
+
+LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                   rope_theta=500000.0, attn_implementation="sdpa")
+N_LAYERS, H_KV, D = 32, 8, 128
+FP16_TOKEN = N_LAYERS * H_KV * D * 2 * 2  # bytes a token takes in a bf16 cache, K and V
+
+
+def kv_config(name: str) -> KVConfig:
+    if name == "mixed3.25":
+        edge = LayerSpec("kivi", 4, 4, 32, 32)
+        return KVConfig([edge] * 4 + [LayerSpec("kivi", 4, 2, 32, 32)] * 24 + [edge] * 4, name=name)
+    return KVConfig.uniform(name, N_LAYERS, group_size=32, residual_length=32)
+
+
+def token_bytes(name: str) -> float:
+    """Stored bytes per token per sequence, plus one layer's transient copy (cat on append or flush)."""
+    if name == "fp16":
+        return FP16_TOKEN * (1 + 2 / N_LAYERS)
+    if name == "quanto":  # 4-bit codes + bf16 scale and shift per 64, then a dequantized layer and its cat
+        return FP16_TOKEN * (0.5625 / 2 + 4 / N_LAYERS)
+    per_layer = [H_KV * (D * (s.k_bits + s.v_bits) // 8 + 2 * (D // s.group_size) * 2 * 2) for s in kv_config(name).layers]
+    return sum(per_layer) + max(per_layer)
+
+
+def make_cache(name: str, model):
+    if name == "fp16":
+        return DynamicCache()
+    if name == "quanto":
+        return QuantizedCache(backend="quanto", config=model.config, nbits=4)
+    return MixedPrecisionCache(kv_config(name), model.config)
+
+
+def fill(cache, batch: int, context: int) -> None:
+    """Give every layer ``context`` random tokens of history, built in slices of the batch."""
+    chunk = max(1, 2**31 // (H_KV * context * D * 2))
+
+    def rand(b):
+        return torch.randn(b, H_KV, context, D, device="cuda", dtype=torch.bfloat16)
+
+    for i in range(N_LAYERS):  # by index: a DynamicCache creates its layers on first update
+        if isinstance(cache, MixedPrecisionCache):
+            layer = cache.layers[i]
+            parts = []
+            for start in range(0, batch, chunk):
+                b = min(chunk, batch - start)
+                parts.append((quantize(rand(b), layer.key_spec), quantize(rand(b), layer.value_spec)))
+            empty = torch.empty(batch, H_KV, 0, D, device="cuda", dtype=torch.bfloat16)
+            layer.lazy_initialization(empty, empty)
+            layer.qkeys = batch_cat([p[0] for p in parts])
+            layer.qvalues = batch_cat([p[1] for p in parts])
+            layer.cumulative_length = context
+        else:  # DynamicCache and quanto: their own update stores (quanto: quantizes) the first call
+            cache.update(rand(batch), rand(batch), i)
+
+
+def batch_cat(parts):
+    if len(parts) == 1:
+        return parts[0]
+    shape = torch.Size((sum(p.shape[0] for p in parts), *parts[0].shape[1:]))
+    stored = [torch.cat(ts, dim=0) for ts in zip(*[p.stored_tensors() for p in parts])]
+    return type(parts[0])(stored[0], stored[1], stored[2], parts[0].spec, shape)
+
+
+@torch.no_grad()
+def decode(model, cache, batch: int, steps: int) -> float:
+    """Seconds for ``steps`` greedy one-token steps."""
+    kw = cache_kwargs(model, cache)
+    tokens = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tokens = model(input_ids=tokens, logits_to_keep=1, **kw).logits[:, -1].argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def run_one(model, name: str, context: int, batch: int, steps: int, warmup: int) -> dict:
+    cache = make_cache(name, model)
+    torch.cuda.reset_peak_memory_stats()
+    fill(cache, batch, context)
+    assert cache.get_seq_length() == context, "the cache was not filled"
+    if isinstance(cache, MixedPrecisionCache):
+        with use_packed_attention(model, cache, backend="triton"):
+            decode(model, cache, batch, warmup)
+            seconds = decode(model, cache, batch, steps)
+    else:
+        decode(model, cache, batch, warmup)
+        seconds = decode(model, cache, batch, steps)
+    return dict(kv="quanto:K4V4" if name == "quanto" else name, batch=batch, context=context, tokens_per_s=batch * steps / seconds,
+                peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
+    ap.add_argument("--kv", nargs="+", default=["fp16", "K8V8", "K4V4", "mixed3.25", "quanto"])
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--max-batch", type=int, default=512)
+    ap.add_argument("--reserve-gib", type=float, default=8.0, help="memory kept free for activations and logits")
+    ap.add_argument("--quanto-ext", action="store_true", help="use quanto's JIT-built CUDA extension (else torch unpack)")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = ap.parse_args()
+
+    if "quanto" in args.kv and not args.quanto_ext:
+        from bench_attention import use_quanto_torch_unpack
+
+        use_quanto_torch_unpack()
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_31_8B)).eval()
+    torch.set_default_dtype(torch.float32)
+    free = torch.cuda.mem_get_info()[0] - args.reserve_gib * 2**30
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}; model {torch.cuda.memory_allocated() / 2**30:.1f} GiB, "
+          f"{free / 2**30:.1f} GiB left for caches")
+
+    rows = []
+    for context in args.contexts:
+        for name in args.kv:
+            steps = args.steps if name != "quanto" else max(2, args.steps // 8)
+            batch = min(args.max_batch, int(free // (token_bytes(name) * (context + steps + 64))))
+            while batch >= 1:
+                try:
+                    t0 = time.time()
+                    rows.append(run_one(model, name, context, batch, steps, warmup=2))
+                    r = rows[-1]
+                    print(f"{name:10} T={context:6} B={batch:4} {r['tokens_per_s']:9.1f} tok/s "
+                          f"peak {r['peak_mem_gib']:5.1f} GiB ({time.time() - t0:.0f}s)", flush=True)
+                    break
+                except torch.OutOfMemoryError:
+                    print(f"{name:10} T={context:6} B={batch:4} out of memory, retrying smaller", flush=True)
+                    batch = int(batch * 0.85)
+                finally:
+                    gc.collect()
+                    torch.cuda.empty_cache()
+
+    print(f"\n{'kv':10} {'T':>6} {'B':>4} {'tok/s':>9} {'x fp16':>6} {'x K8V8':>6} {'peak GiB':>8}")
+    for r in rows:
+        ref = {x["kv"]: x["tokens_per_s"] for x in rows if x["context"] == r["context"]}
+        ratio = lambda k: f"{r['tokens_per_s'] / ref[k]:6.2f}" if k in ref else "     -"  # noqa: E731
+        print(f"{r['kv']:10} {r['context']:6} {r['batch']:4} {r['tokens_per_s']:9.1f} {ratio('fp16')} {ratio('K8V8')} "
+              f"{r['peak_mem_gib']:8.1f}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.get_device_name().replace("NVIDIA ", "").split()[0].lower()
+    (args.out / f"generate_{gpu}.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Triton kernels for the packed KV cache, each beside a torch reference, behind one backend switch.
+
+Decoding reads every cached key and value once per generated token, so it is memory-bandwidth
+bound: a low-bit cache speeds it up only when attention reads the packed bytes directly, never
+a dequantized copy. Two kernels serve :class:`~kvtuner.cache.layer.MixedPrecisionLayer`:
+
+* :func:`quantize`: quantize-and-pack when the residual window flushes (:mod:`.quantize_pack`);
+* :func:`decode_attention`: split-K decode attention over packed history plus residual,
+  specialized per layer on its (K bits, V bits) (:mod:`.decode`).
+
+``backend``: ``"auto"`` runs Triton on CUDA tensors when triton is installed and the specs are
+supported (KIVI layout: asymmetric integer codes, keys per channel, values per token), and torch
+otherwise; ``"triton"`` or ``"torch"`` forces one, and forcing Triton on an unsupported spec
+raises. Forcing Triton on CPU tensors works under ``TRITON_INTERPRET=1`` (how CI tests the
+kernels). The torch path is the reference and the CPU default; triton is imported only when used.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Literal
+
+import torch
+
+from kvtuner.kernels.reference import decode_attention_reference
+from kvtuner.quant import QuantizedTensor, QuantSpec
+from kvtuner.quant import quantize as quantize_reference
+
+Backend = Literal["auto", "triton", "torch"]
+BACKENDS = ("auto", "triton", "torch")
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "decode_attention",
+    "decode_supported",
+    "quantize",
+    "quantize_supported",
+    "use_triton",
+]
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _packed_int(spec: QuantSpec) -> bool:
+    return not spec.is_passthrough and spec.fp8 is None and not spec.symmetric
+
+
+def quantize_supported(spec: QuantSpec, shape: torch.Size) -> bool:
+    """Whether the Triton quantizer handles ``spec`` for a tensor of ``shape`` ([..., T, D])."""
+    d, g = shape[-1], spec.group_len(shape)
+    return _packed_int(spec) and _pow2(d) and d >= 32 and _pow2(g) and (spec.axis == "channel" or g <= d)
+
+
+def decode_supported(key_spec: QuantSpec, value_spec: QuantSpec, head_dim: int) -> bool:
+    """Whether the Triton decode kernel reads this layout: power-of-two key groups of >= 16 tokens,
+    and value groups that hold whole packed words (3-bit: words of its 2-bit plane)."""
+    value_group = value_spec.group_size if value_spec.group_size != -1 else head_dim
+    plane_bits = 2 if value_spec.bits == 3 else value_spec.bits
+    return (
+        _packed_int(key_spec) and key_spec.axis == "channel"
+        and _packed_int(value_spec) and value_spec.axis == "token"
+        and _pow2(head_dim) and head_dim >= 32
+        and _pow2(key_spec.group_size) and key_spec.group_size >= 16
+        and _pow2(value_group) and 32 // plane_bits <= value_group <= head_dim
+    )
+
+
+def use_triton(backend: Backend, device: torch.device, supported: bool, what: str) -> bool:
+    """Resolve ``backend`` for one call; raise if Triton is forced where it cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not supported:
+            raise ValueError(f"the Triton {what} kernel does not support this layout; use backend='torch'")
+        if importlib.util.find_spec("triton") is None:
+            raise ImportError("backend='triton' needs triton: pip install 'kvtuner[triton]'")
+        return True
+    return supported and device.type == "cuda" and importlib.util.find_spec("triton") is not None
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec, backend: Backend = "auto") -> QuantizedTensor:
+    """:func:`kvtuner.quant.quantize`, run by the Triton kernel where ``backend`` selects it (bit-exact)."""
+    if use_triton(backend, x.device, quantize_supported(spec, x.shape), "quantize"):
+        from kvtuner.kernels.quantize_pack import quantize_triton
+
+        return quantize_triton(x, spec)
+    return quantize_reference(x, spec)
+
+
+def decode_attention(
+    query: torch.Tensor,
+    qkeys: QuantizedTensor | None,
+    qvalues: QuantizedTensor | None,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scale: float,
+    key_spec: QuantSpec,
+    value_spec: QuantSpec,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Attention of one query token per sequence over packed history plus full-precision residual.
+
+    query [B, H_q, D]; qkeys / qvalues [B, H_kv, T_q, D] packed with ``key_spec`` /
+    ``value_spec`` (None before the first flush); keys / values the residual [B, H_kv, T_r, D].
+    Returns [B, H_q, D]. See :func:`~kvtuner.kernels.reference.decode_attention_reference`.
+    """
+    supported = decode_supported(key_spec, value_spec, query.shape[-1])
+    if use_triton(backend, query.device, supported, "decode attention"):
+        from kvtuner.kernels.decode import decode_attention_triton
+
+        return decode_attention_triton(query, qkeys, qvalues, keys, values, scale)
+    return decode_attention_reference(query, qkeys, qvalues, keys, values, scale)

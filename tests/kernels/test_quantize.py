@@ -1,0 +1,86 @@
+"""Triton quantize-and-pack against kvtuner.quant.quantize: bit-exact, every output word written.
+
+Runs the kernels compiled on CUDA, else in Triton's interpreter on the CPU.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated, so before importing them
+pytest.importorskip("triton")
+
+import kvtuner.kernels.quantize_pack as kq  # noqa: E402
+from kvtuner import kernels  # noqa: E402
+from kvtuner.quant import QuantSpec, quantize  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class _Poisoned:
+    """Stands in for ``torch`` inside the launcher: fresh outputs are NaN (floats) or all ones (ints)."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        t = torch.empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else -1)
+
+    @staticmethod
+    def empty_like(x):
+        return _Poisoned.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    monkeypatch.setattr(kq, "torch", _Poisoned())
+
+
+def assert_same(a, b):
+    assert a.shape == b.shape and a.spec == b.spec
+    assert torch.equal(a.payload, b.payload)
+    assert torch.equal(a.scale, b.scale)
+    assert torch.equal(a.zero, b.zero)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("axis,tokens", [("channel", 96), ("token", 77)])
+def test_bit_exact_with_reference(bits, axis, tokens):
+    g = torch.Generator().manual_seed(bits)
+    x = (torch.randn(2, 3, tokens, 128, generator=g) * 2 + 0.5).to(DEVICE, torch.bfloat16)
+    x[0, 0, :, 5] = 1.25  # a constant channel, and for the token axis a constant group
+    x[1, 2, 3, :32] = -0.5
+    spec = QuantSpec(bits, 32, axis)
+    assert_same(kernels.quantize(x, spec, backend="triton"), quantize(x, spec))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("group", [16, 64])
+def test_dtypes_groups_and_strided_input(dtype, group):
+    g = torch.Generator().manual_seed(group)
+    full = torch.randn(1, 2, 160, 64, generator=g).to(DEVICE, dtype)
+    x = full[..., 16:144, :]  # a strided view, as the layer's residual slice is
+    for spec in (QuantSpec(4, group, "channel"), QuantSpec(2, min(group, 64), "token")):
+        assert_same(kernels.quantize(x, spec, backend="triton"), quantize(x, spec))
+
+
+def test_forcing_triton_on_unsupported_spec_raises():
+    x = torch.randn(1, 1, 32, 128, device=DEVICE)
+    with pytest.raises(ValueError, match="does not support"):
+        kernels.quantize(x, QuantSpec(4, 32, "token", symmetric=True), backend="triton")
+    assert kernels.quantize(x, QuantSpec(4, 32, "token", symmetric=True)).spec.symmetric  # auto: torch
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_selects_triton_on_cuda_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(kq, "quantize_triton", lambda x, spec: calls.append(spec) or quantize(x, spec))
+    spec = QuantSpec(4, 32, "channel")
+    kernels.quantize(torch.randn(1, 1, 32, 128, device="cuda"), spec)
+    kernels.quantize(torch.randn(1, 1, 32, 128), spec)
+    assert calls == [spec]
