@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DATA ?= ../shared/data
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean peers compare
 
 venv: $(STAMP)
 
@@ -26,6 +26,14 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/kvtuner eval --model default --data $(DATA)/wikitext2_raw_test.txt --max-tokens 2048 \
 		--kv fp16 --kv KV8 --kv K8V4 --kv K4V8 --kv K4V4 --kv K4V2 --kv K2V4 --kv K2V2
+
+# Peers for the side-by-side benchmark (not part of the default setup): llama-cpp-python builds
+# llama.cpp from source, about 7 minutes on 2 cores.
+peers: $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -e ".[peers]"
+
+compare: peers
+	$(PY) benchmarks/compare_peers.py --windows $(or $(WINDOWS),4) --configs $(DEMO_OUT) --out runs/compare
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
