@@ -23,9 +23,13 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest
 
+# profile -> prune -> cluster -> search -> validation on the default model (~11 min on 2 cores).
+# One thread: with torch's default two, any other busy process makes OpenMP spin-waits far slower.
 demo: $(STAMP)
-	$(VENV)/bin/kvtuner eval --model default --data $(DATA)/wikitext2_raw_test.txt --max-tokens 2048 \
-		--kv fp16 --kv KV8 --kv K8V4 --kv K4V8 --kv K4V4 --kv K4V2 --kv K2V4 --kv K2V2
+	OMP_NUM_THREADS=1 $(VENV)/bin/kvtuner profile --model default --data $(DATA)/wikitext2_raw_test.txt \
+		--tokens 512 --pairs default,KV3,K4V3,K3V2 --out $(DEMO_OUT)
+	OMP_NUM_THREADS=1 $(VENV)/bin/kvtuner search --model default --data $(DATA)/wikitext2_raw_test.txt \
+		--tokens 512 --pairs default,KV3,K4V3,K3V2 --groups 6 --trials 40 --budgets 3.25,4.0 --resume --out $(DEMO_OUT)
 
 # Peers for the side-by-side benchmark (not part of the default setup): llama-cpp-python builds
 # llama.cpp from source, about 7 minutes on 2 cores.

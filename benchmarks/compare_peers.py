@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=DEFAULT_MODEL, help="a GGUF file, or 'default' (SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="text file to take the windows from")
     p.add_argument("--windows", type=int, default=4, help="disjoint windows to score")
+    p.add_argument("--skip-windows", type=int, default=4,
+                   help="windows to skip first, so the scored tokens are disjoint from a search's calibration and "
+                        "validation windows (kvtuner search uses the file's first 2 x 2048 tokens)")
     p.add_argument("--window", type=int, default=1024, help="tokens per window")
     p.add_argument("--configs", type=Path, default=Path("runs/demo"), help="folder with searched config_<budget>.json")
     p.add_argument("--out", type=Path, default=Path("runs/compare"))
@@ -147,13 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     gguf_path = default_gguf_path() if args.model == DEFAULT_MODEL else Path(args.model)
     print(f"model: {gguf_path}")
     model, tokenizer = load_model(args.model)
-    windows = token_windows(args.data, tokenizer, args.window, args.windows)
-    print(f"data: {args.data} -> {args.windows} windows x {args.window} tokens")
+    windows = token_windows(args.data, tokenizer, args.window, args.windows, skip_windows=args.skip_windows)
+    print(f"data: {args.data} -> {args.windows} windows x {args.window} tokens after skipping {args.skip_windows}")
     num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     report.meta = {
         "model": str(gguf_path), "data": str(args.data),
         "data_sha256": hashlib.sha256(args.data.read_bytes()).hexdigest(),
-        "windows": args.windows, "window": args.window, "versions": versions(),
+        "windows": args.windows, "window": args.window, "skip_windows": args.skip_windows, "versions": versions(),
         "threads": torch.get_num_threads(), "engines": engines, "loadavg_at_start": os.getloadavg(),
     }
 
@@ -211,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 def reuse(path: Path, report: Report, engines: list[str], keep_speed: bool) -> None:
     """Carry an earlier run's results for the engines not run now; refuse a run on other tokens."""
     old = json.loads(path.read_text())
-    for key in ("model", "data_sha256", "windows", "window"):
+    for key in ("model", "data_sha256", "windows", "window", "skip_windows"):
         if old.get(key) != report.meta[key]:
             raise SystemExit(f"error: --reuse {path}: its {key} is {old.get(key)!r}, this run's is {report.meta[key]!r}")
     carried = [Row(**r) for r in old["rows"] if r["engine"] not in engines]

@@ -1,0 +1,194 @@
+"""Per-layer sensitivity: the loss when only one layer's KV is quantized, for every candidate.
+
+``loss[l, c]`` is the decode-faithful mean KL per token (against full precision, on the
+calibration tokens) when layer ``l`` alone stores its KV with candidate ``c``: the numbers the
+pruning, the clustering and the additive model of :mod:`kvtuner.search` are built on. It is the
+same number ``Evaluator.evaluate`` gives for that single-layer config, but each run starts from
+the captured input of layer ``l`` and replays only layers ``l..L-1`` in one pass (see
+:mod:`kvtuner.profile.blockwise`), about half the work of a full forward and a fraction of a
+chunked one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from kvtuner.cache import fingerprint
+from kvtuner.config import KVConfig, KVConfigError, LayerSpec, write_atomic
+from kvtuner.profile.blockwise import BlockwiseEvaluator, decode_faithful_attention
+from kvtuner.profile.candidates import DEFAULT_PAIRS, candidate_specs
+from kvtuner.profile.stats import layer_statistics, output_error
+
+PROFILE_VERSION = 1
+
+
+@dataclass
+class ProfileSettings:
+    """What to profile. ``split_bits``: also measure K-only and V-only loss at that width (None: skip)."""
+
+    pairs: tuple[str, ...] = DEFAULT_PAIRS
+    methods: tuple[str, ...] = ("kivi",)
+    group_size: int = 32
+    residual_length: int = 32
+    split_bits: int | None = 2
+
+    def candidates(self) -> list[LayerSpec]:
+        return candidate_specs(self.pairs, self.methods, self.group_size, self.residual_length)
+
+    def split_specs(self) -> tuple[LayerSpec, LayerSpec] | None:
+        """KIVI specs quantizing keys only and values only (per-channel keys, per-token values)."""
+        if self.split_bits is None:
+            return None
+        b = self.split_bits
+        return (
+            LayerSpec("kivi", b, 16, self.group_size, self.residual_length),
+            LayerSpec("kivi", 16, b, self.group_size, self.residual_length),
+        )
+
+
+@dataclass
+class Profile:
+    """Measured per-layer sensitivities. Arrays are ``[layers, candidates]`` unless noted."""
+
+    candidates: list[LayerSpec]
+    loss: np.ndarray  # mean KL per token with only that layer quantized
+    output_error: np.ndarray  # KVTuner's e_o (relative attention-output error)
+    layer_stats: list[dict[str, float]]
+    tokens: int
+    seconds: float
+    split_bits: int | None = None
+    k_only: np.ndarray | None = None  # [layers]: keys alone at split_bits
+    v_only: np.ndarray | None = None  # [layers]: values alone at split_bits
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return self.loss.shape[0]
+
+    @property
+    def labels(self) -> list[str]:
+        return [spec.label for spec in self.candidates]
+
+    def spearman(self) -> tuple[np.ndarray, float]:
+        """Rank correlation of e_o with KL: per layer (over candidates) and over all (layer, candidate) cells."""
+        per_layer = np.array([_spearman(e, k) for e, k in zip(self.output_error, self.loss)])
+        return per_layer, _spearman(self.output_error.ravel(), self.loss.ravel())
+
+    # --- JSON ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        per_layer, overall = self.spearman()
+        return {
+            "version": PROFILE_VERSION,
+            "candidates": [asdict(spec) | {"label": spec.label} for spec in self.candidates],
+            "loss": self.loss.tolist(),
+            "output_error": self.output_error.tolist(),
+            "layer_stats": self.layer_stats,
+            "spearman_per_layer": [None if np.isnan(r) else r for r in per_layer.tolist()],
+            "spearman_overall": None if np.isnan(overall) else overall,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "split_bits": self.split_bits,
+            "k_only": None if self.k_only is None else self.k_only.tolist(),
+            "v_only": None if self.v_only is None else self.v_only.tolist(),
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "profile") -> "Profile":
+        if data.get("version") != PROFILE_VERSION:
+            raise KVConfigError(f"{source}: not a version-{PROFILE_VERSION} kvtuner profile")
+        keys = ("method", "k_bits", "v_bits", "group_size", "residual_length")
+        split = {name: None if data[name] is None else np.array(data[name]) for name in ("k_only", "v_only")}
+        return cls(
+            candidates=[LayerSpec(**{k: c[k] for k in keys}) for c in data["candidates"]],
+            loss=np.array(data["loss"]),
+            output_error=np.array(data["output_error"]),
+            layer_stats=data["layer_stats"],
+            tokens=data["tokens"],
+            seconds=data["seconds"],
+            split_bits=data["split_bits"],
+            meta=data.get("meta") or {},
+            **split,
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Profile":
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()), str(path))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise KVConfigError(f"{path}: cannot read profile ({e})") from None
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def profile_layers(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    settings: ProfileSettings | None = None,
+    progress: bool = False,
+) -> Profile:
+    """Measure ``loss`` and ``output_error`` for every layer and candidate, plus attention statistics.
+
+    ``input_ids`` ``[B, T]``: calibration tokens (no padding).
+    """
+    settings = settings or ProfileSettings()
+    candidates = settings.candidates()
+    split = settings.split_specs()
+    model_fp = fingerprint(model.config)
+    for spec in candidates + list(split or ()):  # e.g. a group size that does not divide head_dim
+        KVConfig([spec] * model_fp.num_layers).check_model(model_fp)
+    t0 = time.perf_counter()
+    evaluator = BlockwiseEvaluator(model, input_ids, capture=True)
+    layers = evaluator.num_layers
+    loss = np.zeros((layers, len(candidates)))
+    errors = np.zeros_like(loss)
+    k_only, v_only = (np.zeros(layers), np.zeros(layers)) if split else (None, None)
+    stats = []
+    runs = layers * (len(candidates) + (2 if split else 0))
+    bar = tqdm(total=runs, desc="profile", unit="run", disable=not progress)
+    for layer in range(layers):
+        cap = evaluator.captured[layer]
+        stats.append(layer_statistics(cap.query, cap.key, cap.value, cap.scaling))
+        reference = decode_faithful_attention(cap.query, cap.key, cap.value, None, cap.scaling)
+        for c, spec in enumerate(candidates):
+            errors[layer, c] = output_error(cap.query, cap.key, cap.value, spec, cap.scaling, reference)
+            loss[layer, c] = evaluator.kl_single(layer, spec)
+            bar.update()
+        if split:
+            k_only[layer] = evaluator.kl_single(layer, split[0])
+            v_only[layer] = evaluator.kl_single(layer, split[1])
+            bar.update(2)
+        bar.set_postfix(layer=layer)
+    bar.close()
+    return Profile(
+        candidates=candidates,
+        loss=loss,
+        output_error=errors,
+        layer_stats=stats,
+        tokens=evaluator.tokens,
+        seconds=time.perf_counter() - t0,
+        split_bits=settings.split_bits if split else None,
+        k_only=k_only,
+        v_only=v_only,
+    )

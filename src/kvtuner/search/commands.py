@@ -1,0 +1,331 @@
+"""``kvtuner profile`` and ``kvtuner search``: flags -> settings -> the public API, then tables.
+
+Both commands check every flag (pairs, methods, budgets, data file) before loading the model,
+and answer a bad one with a single ``error: ...`` line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kvtuner.config import KVConfig, KVConfigError, LayerSpec, parse_shorthand
+from kvtuner.evaluate.data import DataError
+from kvtuner.models import ModelNotFoundError
+from kvtuner.profile import DEFAULT_PAIRS, Profile, ProfileSettings, calibration_data, profile_layers
+from kvtuner.profile.candidates import split_list
+from kvtuner.search.pipeline import SearchResult, SearchSettings, run_search
+from kvtuner.search.study import SearchError
+
+console = Console(stderr=True, soft_wrap=True)
+stdout = Console(width=None if sys.stdout.isatty() else 180)
+USER_ERRORS = (KVConfigError, DataError, ModelNotFoundError, SearchError)
+PROFILE_FILE = "profile.json"
+
+ModelOpt = Annotated[str, typer.Option("--model", help="'default' (SmolLM2-135M-Instruct), a Hugging Face id or folder, or a .gguf file")]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", help="calibration text or jsonl (window 0 calibrates, window 1 validates); default: text the model generates from built-in prompts")]
+TokensOpt = Annotated[int, typer.Option("--tokens", help="tokens per calibration (and validation) window")]
+PairsOpt = Annotated[str, typer.Option("--pairs", help="candidate pairs: K4V2,per_token:K8V4,... or presets default, 3bit, all")]
+MethodsOpt = Annotated[str, typer.Option("--methods", help="methods for unqualified pairs: kivi,per_token,fp8")]
+GroupOpt = Annotated[int, typer.Option("--group-size", help="quantization group size of every candidate")]
+ResidualOpt = Annotated[int, typer.Option("--residual-length", help="full-precision window of recent tokens of every candidate")]
+SplitOpt = Annotated[int, typer.Option("--split-bits", help="bits of the K-only / V-only runs (0: skip them)")]
+OutOpt = Annotated[Path, typer.Option("--out", help="output folder")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="torch device for the model: cpu, cuda, cuda:1, ...")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")]
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in split_list(text))
+    except ValueError:
+        raise SearchError(f"{flag} takes numbers separated by commas, not {text!r}") from None
+    if not values:
+        raise SearchError(f"{flag} needs at least one number")
+    return values
+
+
+def _check_data(data: Path | None) -> None:
+    if data is not None:
+        from kvtuner.evaluate import read_text
+
+        read_text(data)  # missing or empty file: DataError now, before the model loads
+
+
+def _quiet() -> None:
+    import optuna
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _load(model: str, device: str):
+    from kvtuner.models import load_model
+
+    with console.status(f"loading model {model}"):
+        return load_model(model, device=device)
+
+
+def _profile_identity(model: str, data_meta: dict[str, Any], settings: ProfileSettings) -> dict[str, Any]:
+    return {"model": model, "data": data_meta, "candidates": [s.label for s in settings.candidates()],
+            "group_size": settings.group_size, "residual_length": settings.residual_length,
+            "split_bits": settings.split_bits}
+
+
+def _profile(lm, model: str, calib, settings: ProfileSettings, out: Path, progress: bool) -> tuple[Profile, bool]:
+    """The profile for these settings: reused from ``out/profile.json`` when it matches, else measured and saved."""
+    from kvtuner.profile.plots import heatmap, kv_split_figure
+
+    identity = _profile_identity(model, calib.describe(), settings)
+    path = out / PROFILE_FILE
+    if path.is_file():
+        try:
+            old = Profile.load(path)
+        except KVConfigError:
+            old = None
+        if old is not None and old.meta.get("identity") == identity:
+            return old, True
+    profile = profile_layers(lm, calib.calibration, settings, progress=progress)
+    profile.meta = {"identity": identity, "data": calib.describe(), "model": model}
+    profile.save(path)
+    heatmap(profile, out / "heatmap.png")
+    if profile.k_only is not None:
+        kv_split_figure(profile, out / "kv_split.png")
+    return profile, False
+
+
+TABLE_CANDIDATES = 8  # more columns than this do not fit a terminal; the JSON and heatmap have them all
+
+
+def _profile_table(profile: Profile) -> Table:
+    per_layer, overall = profile.spearman()
+    defaults = {LayerSpec("kivi", *parse_shorthand(p)).label for p in DEFAULT_PAIRS}
+    shown = [c for c, label in enumerate(profile.labels) if label in defaults]
+    shown += [c for c in range(len(profile.labels)) if c not in shown]
+    shown = sorted(shown[:TABLE_CANDIDATES])
+    hidden = len(profile.labels) - len(shown)
+    table = Table(title=f"single-layer KL per token ({profile.tokens} calibration tokens)"
+                        + (f"; {hidden} more candidates in profile.json and heatmap.png" if hidden else ""))
+    table.add_column("layer", justify="right")
+    for c in shown:
+        table.add_column(profile.labels[c], justify="right")
+    if profile.k_only is not None:
+        table.add_column(f"K{profile.split_bits} only", justify="right")
+        table.add_column(f"V{profile.split_bits} only", justify="right")
+    for name in ("rho(e_o,KL)", "entropy", "max w", "K out", "V out"):
+        table.add_column(name, justify="right")
+    for layer in range(profile.num_layers):
+        stats = profile.layer_stats[layer]
+        cells = [f"{profile.loss[layer, c]:.2e}" for c in shown]
+        if profile.k_only is not None:
+            cells += [f"{profile.k_only[layer]:.2e}", f"{profile.v_only[layer]:.2e}"]
+        cells += [f"{per_layer[layer]:.2f}", f"{stats['entropy']:.2f}", f"{stats['max_weight']:.2f}",
+                  f"{stats['k_outlier']:.1f}", f"{stats['v_outlier']:.1f}"]
+        table.add_row(str(layer), *cells)
+    return table
+
+
+def _profile_settings(pairs: str, methods: str, group_size: int, residual_length: int, split_bits: int) -> ProfileSettings:
+    settings = ProfileSettings(pairs=tuple(split_list(pairs)), methods=tuple(split_list(methods)),
+                               group_size=group_size, residual_length=residual_length, split_bits=split_bits or None)
+    settings.candidates()  # unknown pair or method: KVConfigError now
+    return settings
+
+
+def profile_command(
+    model: ModelOpt = "default",
+    data: DataOpt = None,
+    tokens: TokensOpt = 2048,
+    pairs: PairsOpt = "default",
+    methods: MethodsOpt = "kivi",
+    group_size: GroupOpt = 32,
+    residual_length: ResidualOpt = 32,
+    split_bits: SplitOpt = 2,
+    out: OutOpt = Path("runs/profile"),
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Per-layer sensitivity: KL when only one layer is quantized, for every candidate pair, plus attention statistics."""
+    try:
+        settings = _profile_settings(pairs, methods, group_size, residual_length, split_bits)
+        _check_data(data)
+        _quiet()
+        lm, tokenizer = _load(model, device)
+        out.mkdir(parents=True, exist_ok=True)
+        calib = calibration_data(lm, tokenizer, tokens, data, cache_dir=out, progress=not as_json)
+        profile, reused = _profile(lm, model, calib, settings, out, progress=not as_json)
+    except USER_ERRORS as e:
+        raise _fail(str(e)) from None
+    if as_json:
+        print(json.dumps(profile.to_dict()))
+        return
+    stdout.print(_profile_table(profile))
+    per_layer, overall = profile.spearman()
+    console.print(
+        f"profile {'reused from' if reused else 'written to'} {out / PROFILE_FILE} "
+        f"({profile.seconds:.0f} s to measure); figures in {out}; mean per-layer Spearman(e_o, KL) "
+        f"{np.nanmean(per_layer):.3f}, overall {overall:.3f}"
+    )
+
+
+def _mix(labels: list[str]) -> str:
+    return " ".join(f"{label}×{n}" for label, n in Counter(labels).most_common())
+
+
+def _fmt(x: float | None, spec: str = ".2e") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _print_search(result: SearchResult) -> None:
+    sizes = result.sizes.to_dict()
+    table = Table(title="search space (product over layers / groups of the options left)")
+    for col in ("stage", "log10 size", "exact"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for name, label in (("full", "all candidates, per layer"), ("pruned", "after intra-layer Pareto pruning"),
+                        ("clustered", f"after clustering into {len(result.space.groups)} groups")):
+        table.add_row(label, f"{sizes[name]['log10']:.2f}", sizes[name]["exact"])
+    stdout.print(table)
+    groups = Table(title="layer groups and their options")
+    groups.add_column("group", justify="right")
+    groups.add_column("layers")
+    groups.add_column("options left")
+    for i, g in enumerate(result.space.groups):
+        groups.add_row(str(i), ",".join(map(str, g.layers)), " ".join(result.space.labels[c] for c in g.options))
+    stdout.print(groups)
+
+    front = Table(title="Pareto front (measured; KL per token)")
+    for col in ("config", "avg bits", "KV MiB", "calib KL", "held-out KL", "predicted", "layers"):
+        front.add_column(col, justify="left" if col in ("config", "layers") else "right")
+    for p in result.front:
+        front.add_row(p.name, f"{p.avg_bits:.3f}", f"{p.kv_bytes / 2**20:.2f}", _fmt(p.loss), _fmt(p.heldout),
+                      _fmt(p.predicted), _mix([s.label for s in p.config.layers]))
+    stdout.print(front)
+
+    uniform = Table(title="uniform KIVI configs")
+    for col in ("config", "avg bits", "calib KL", "held-out KL", "held-out KL (chunked Evaluator)", "predicted"):
+        uniform.add_column(col, justify="left" if col == "config" else "right")
+    for p in result.uniform:
+        uniform.add_row(p.name, f"{p.avg_bits:.2f}", _fmt(p.loss), _fmt(p.heldout), _fmt(p.heldout_reference),
+                        _fmt(p.predicted))
+    stdout.print(uniform)
+
+    budgets = Table(title="best config per budget vs the additive optimum and the best uniform config of no more bits")
+    for col in ("budget", "chosen", "bits", "calib KL", "held-out KL", "held-out (chunked)", "additive optimum: bits",
+                "calib KL", "held-out KL", "best uniform", "held-out KL", "uniform / chosen"):
+        budgets.add_column(col, justify="right")
+    for pick in result.budgets:
+        b, a, u = pick.best, pick.additive, pick.uniform
+        ratio = u.heldout / b.heldout if b and u and b.heldout and u.heldout else None
+        budgets.add_row(
+            f"{pick.budget:g}", b.name if b else "none fits", _fmt(b and b.avg_bits, ".3f"), _fmt(b and b.loss),
+            _fmt(b and b.heldout), _fmt(b and b.heldout_reference), _fmt(a and a.avg_bits, ".3f"), _fmt(a and a.loss),
+            _fmt(a and a.heldout), u.name.removeprefix("uniform ") if u else "-", _fmt(u and u.heldout),
+            _fmt(ratio, ".2f") + ("×" if ratio else ""),
+        )
+    stdout.print(budgets)
+    c = result.correlation
+    study = result.study
+    console.print(
+        f"additive model vs measured KL over {c.get('n', 0)} configs: Spearman {_fmt(c.get('spearman'), '.3f')}, "
+        f"Pearson(log10) {_fmt(c.get('pearson_log10'), '.3f')}, median measured/predicted "
+        f"{_fmt(c.get('median_ratio_measured_over_predicted'), '.2f')}"
+    )
+    console.print(f"study {study['name']} in {study['storage']}: {study['complete']} complete trials, "
+                  f"{study['measured']} configs measured, {study['seeded']} seeds queued this run")
+    console.print("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
+    console.print("files: " + ", ".join(result.files.values()))
+
+
+def _gsm8k_error(lm, tokenizer, rows: list[dict], problems: int, max_new_tokens: int) -> Callable[[KVConfig], float]:
+    """Error rate of a config on GSM8K: rows 0-3 are the worked examples, the next ``problems`` are scored."""
+    from kvtuner.evaluate.gsm8k import evaluate_gsm8k
+
+    shots, scored = rows[:4], rows[4 : 4 + problems]
+
+    def error(config: KVConfig) -> float:
+        result = evaluate_gsm8k(lm, tokenizer, config, scored, shots, max_new_tokens=max_new_tokens, progress=False)
+        return 1.0 - result.accuracy
+
+    return error
+
+
+def search_command(
+    model: ModelOpt = "default",
+    data: DataOpt = None,
+    tokens: TokensOpt = 2048,
+    pairs: PairsOpt = "default",
+    methods: MethodsOpt = "kivi",
+    group_size: GroupOpt = 32,
+    residual_length: ResidualOpt = 32,
+    split_bits: SplitOpt = 2,
+    groups: Annotated[int, typer.Option("--groups", help="layer groups sharing one pair (0: one per layer)")] = 8,
+    trials: Annotated[int, typer.Option("--trials", help="complete trials the study should hold")] = 60,
+    sampler: Annotated[str, typer.Option("--sampler", help="nsga2 or tpe")] = "nsga2",
+    storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL (default sqlite:///OUT/study.db)")] = None,
+    study_name: Annotated[str, typer.Option("--study-name")] = "kvtuner",
+    resume: Annotated[bool, typer.Option("--resume", help="continue the study (or join other processes on it)")] = False,
+    budgets: Annotated[str, typer.Option("--budgets", help="average-bit budgets to write configs for")] = "3.0,3.25,4.0,5.0,6.0",
+    max_avg_bits: Annotated[Optional[float], typer.Option("--max-avg-bits", help="hard limit on every trial")] = None,
+    max_kv_bytes: Annotated[Optional[int], typer.Option("--max-kv-bytes", help="hard limit on KV bytes at --tokens")] = None,
+    size: Annotated[str, typer.Option("--size", help="size objective: avg_bits or kv_bytes")] = "avg_bits",
+    objective: Annotated[str, typer.Option("--objective", help="kl (calibration KL) or gsm8k (few-shot error)")] = "kl",
+    gsm8k_data: Annotated[Optional[Path], typer.Option("--gsm8k-data", help="gsm8k_train.jsonl for --objective gsm8k")] = None,
+    gsm8k_problems: Annotated[int, typer.Option("--gsm8k-problems", help="problems scored per trial")] = 16,
+    gsm8k_max_new_tokens: Annotated[int, typer.Option("--gsm8k-max-new-tokens")] = 256,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    out: OutOpt = Path("runs/search"),
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Profile, prune, cluster, solve the additive model, search with Optuna, validate on held-out tokens."""
+    try:
+        profile_settings = _profile_settings(pairs, methods, group_size, residual_length, split_bits)
+        settings = SearchSettings(
+            trials=trials, sampler=sampler, groups=groups or None, budgets=_floats(budgets, "--budgets"),
+            max_avg_bits=max_avg_bits, max_kv_bytes=max_kv_bytes, size=size, objective=objective,
+            storage=storage, study_name=study_name, resume=resume, seed=seed,
+        )
+        settings.check(profile_settings.candidates())
+        _check_data(data)
+        if objective == "gsm8k":
+            if gsm8k_data is None:
+                raise SearchError("--objective gsm8k needs --gsm8k-data PATH/gsm8k_train.jsonl")
+            from kvtuner.evaluate.gsm8k import load_gsm8k
+
+            rows = load_gsm8k(gsm8k_data)
+            if len(rows) <= 4:
+                raise SearchError(f"{gsm8k_data}: needs more than 4 problems (the first 4 are the worked examples)")
+        _quiet()
+        lm, tokenizer = _load(model, device)
+        out.mkdir(parents=True, exist_ok=True)
+        calib = calibration_data(lm, tokenizer, tokens, data, cache_dir=out, progress=not as_json)
+        profile, _ = _profile(lm, model, calib, profile_settings, out, progress=not as_json)
+        measure = _gsm8k_error(lm, tokenizer, rows, gsm8k_problems, gsm8k_max_new_tokens) if objective == "gsm8k" else None
+        meta = {"model": model, "data": calib.describe(), "profile": str(out / PROFILE_FILE)}
+        result = run_search(lm, profile, calib.calibration, calib.validation, settings, out, measure=measure,
+                            meta=meta, progress=not as_json)
+    except USER_ERRORS as e:
+        raise _fail(str(e)) from None
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: finished trials are kept in the study {study_name!r}; "
+                   "run the same command with --resume to continue", err=True)
+        raise typer.Exit(130) from None
+    if as_json:
+        print(json.dumps(result.to_dict()))
+    else:
+        _print_search(result)

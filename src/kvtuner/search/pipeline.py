@@ -1,0 +1,403 @@
+"""Profile -> prune -> cluster -> additive solve -> measured search -> held-out validation.
+
+``run_search`` takes a :class:`~kvtuner.profile.Profile` and the calibration / held-out tokens
+and returns every measured config, the Pareto front, the best config per budget (written as
+``OUT/config_<budget>.json``) beside the exact additive optimum and the best uniform config
+of no more bits, and the wall time of each stage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+import transformers
+from scipy.stats import pearsonr, spearmanr
+from transformers import PreTrainedModel
+
+from kvtuner.cache import MixedPrecisionLayer, fingerprint
+from kvtuner.config import KVConfig, LayerSpec, ModelFingerprint, parse_shorthand, write_atomic
+from kvtuner.evaluate import Evaluator
+from kvtuner.profile import DEFAULT_PAIRS, BlockwiseEvaluator, Profile
+from kvtuner.search.additive import predicted_loss, solve_knapsack
+from kvtuner.search.plots import front_figure
+from kvtuner.search.space import SearchSpace, SpaceReport, build_space
+from kvtuner.search.study import (
+    Objective,
+    SearchError,
+    make_sampler,
+    measured_trials,
+    open_study,
+    optimize,
+    param_name,
+    seed_study,
+)
+
+SIZES = ("avg_bits", "kv_bytes")
+OBJECTIVES = ("kl", "gsm8k")
+SAMPLERS = ("nsga2", "tpe")
+
+
+@dataclass
+class SearchSettings:
+    """How to search. Budgets are in nominal average bits; hard limits are Optuna constraints.
+
+    storage: an Optuna storage URL; None means ``sqlite:///OUT/study.db``.
+    seed_step: the additive solve also seeds a config every ``seed_step`` bits.
+    reference_check: re-measure each budget's pick and its uniform baseline with the chunked
+    ``Evaluator`` on the held-out tokens (independent of the one-pass evaluator).
+    """
+
+    trials: int = 60
+    sampler: str = "nsga2"
+    population: int = 16
+    groups: int | None = 8
+    budgets: tuple[float, ...] = (3.0, 3.25, 4.0, 5.0, 6.0)
+    max_avg_bits: float | None = None
+    max_kv_bytes: int | None = None
+    size: str = "avg_bits"
+    objective: str = "kl"
+    storage: str | None = None
+    study_name: str = "kvtuner"
+    resume: bool = False
+    seed: int = 0
+    seed_step: float = 0.25
+    reference_check: bool = True
+
+    def check(self, candidates: list[LayerSpec]) -> None:
+        """Raise ``SearchError`` for settings that cannot work with these candidates."""
+        if self.size not in SIZES:
+            raise SearchError(f"unknown size objective {self.size!r}; use {' or '.join(SIZES)}")
+        if self.sampler not in SAMPLERS:
+            raise SearchError(f"unknown sampler {self.sampler!r}; use {' or '.join(SAMPLERS)}")
+        if self.objective not in OBJECTIVES:
+            raise SearchError(f"unknown objective {self.objective!r}; use {' or '.join(OBJECTIVES)}")
+        if self.trials < 1:
+            raise SearchError(f"--trials must be at least 1, not {self.trials}")
+        if self.groups is not None and self.groups < 1:
+            raise SearchError(f"--groups must be at least 1, not {self.groups}")
+        smallest = min(candidates, key=lambda s: s.avg_bits)
+        for name, bits in [("budget", b) for b in self.budgets] + [("--max-avg-bits", self.max_avg_bits)]:
+            if bits is not None and bits < smallest.avg_bits:
+                raise SearchError(
+                    f"{name} {bits:g} bits is below the smallest pair {smallest.label} ({smallest.avg_bits:g} bits)"
+                )
+        if self.max_kv_bytes is not None and self.max_kv_bytes <= 0:
+            raise SearchError(f"--max-kv-bytes must be positive, not {self.max_kv_bytes}")
+
+
+@dataclass
+class Point:
+    """One measured config. ``loss``: the objective on the calibration tokens (KL, or GSM8K error)."""
+
+    name: str
+    source: str  # trial | additive | uniform
+    config: KVConfig
+    avg_bits: float
+    kv_bytes: int
+    loss: float
+    predicted: float | None = None
+    heldout: float | None = None  # KL on the held-out tokens (one-pass evaluator)
+    heldout_reference: float | None = None  # the same by the chunked Evaluator
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "source": self.source, "avg_bits": self.avg_bits, "kv_bytes": self.kv_bytes,
+            "loss": self.loss, "predicted": self.predicted, "heldout": self.heldout,
+            "heldout_reference": self.heldout_reference, "layers": [s.label for s in self.config.layers],
+        }
+
+
+@dataclass
+class BudgetPick:
+    """For one budget: the best measured config, the exact additive optimum, the best uniform config."""
+
+    budget: float
+    best: Point | None
+    additive: Point | None
+    uniform: Point | None
+    path: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "budget": self.budget, "path": self.path,
+            **{k: (getattr(self, k).to_dict() if getattr(self, k) else None) for k in ("best", "additive", "uniform")},
+        }
+
+
+@dataclass
+class SearchResult:
+    space: SearchSpace
+    sizes: SpaceReport
+    points: list[Point]
+    front: list[Point]
+    uniform: list[Point]
+    budgets: list[BudgetPick]
+    correlation: dict[str, float]
+    timings: dict[str, float]
+    study: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "space": self.space.describe(),
+            "space_sizes": self.sizes.to_dict(),
+            "front": [p.to_dict() for p in self.front],
+            "uniform": [p.to_dict() for p in self.uniform],
+            "budgets": [b.to_dict() for b in self.budgets],
+            "points": [p.to_dict() for p in self.points],
+            "correlation": self.correlation,
+            "timings": self.timings,
+            "study": self.study,
+            "files": self.files,
+        }
+
+
+def candidate_bytes(spec: LayerSpec, model: ModelFingerprint, tokens: int, dtype: torch.dtype) -> int:
+    """KV bytes one layer stores for ``tokens`` tokens with ``spec``, as ``MixedPrecisionCache.nbytes`` counts."""
+    if not spec.is_quantized:
+        return 2 * model.num_kv_heads * tokens * model.head_dim * torch.finfo(dtype).bits // 8
+    layer = MixedPrecisionLayer(spec)
+    x = torch.zeros(1, model.num_kv_heads, tokens, model.head_dim, dtype=dtype)
+    layer.update(x, x)
+    return layer.nbytes()
+
+
+def pareto_front(points: list[Point], size: str) -> list[Point]:
+    """Points no other point beats in both size and loss, smallest first."""
+    key = (lambda p: p.avg_bits) if size == "avg_bits" else (lambda p: p.kv_bytes)
+    front, best = [], math.inf
+    for p in sorted(points, key=lambda p: (key(p), p.loss)):
+        if p.loss < best:
+            front.append(p)
+            best = p.loss
+    return front
+
+
+def budget_file(out_dir: Path, budget: float) -> Path:
+    return out_dir / f"config_{float(budget)}.json"
+
+
+def _limits(settings: SearchSettings, bits: np.ndarray, nbytes: np.ndarray, layers: int, budget: float | None):
+    limits = []
+    for cap in (budget, settings.max_avg_bits):
+        if cap is not None:
+            limits.append((bits, cap * layers + 1e-9))
+    if settings.max_kv_bytes is not None:
+        limits.append((nbytes, float(settings.max_kv_bytes)))
+    return limits
+
+
+def _seeds(space: SearchSpace, loss: np.ndarray, cost: np.ndarray, group_solutions: list[tuple[list[int], str]]):
+    """Seed params: additive solutions in group space, then each candidate used uniformly.
+
+    A uniform choice that pruning removed from a group is replaced there by the group's best
+    option of no higher cost (one that dominates it), so every seed lies in the space.
+    """
+    seeds = [({param_name(i): space.labels[c] for i, c in enumerate(choice)}, source) for choice, source in group_solutions]
+    for c, label in enumerate(space.labels):
+        params = {}
+        for i, g in enumerate(space.groups):
+            if c in g.options:
+                params[param_name(i)] = label
+            else:
+                group_loss = loss[g.layers].sum(axis=0)
+                cheaper = [o for o in g.options if cost[o] <= cost[c]] or g.options
+                params[param_name(i)] = space.labels[min(cheaper, key=lambda o: group_loss[o])]
+        seeds.append((params, f"uniform {label}"))
+    return seeds
+
+
+def _correlation(points: list[Point]) -> dict[str, float]:
+    pairs = [(p.predicted, p.loss) for p in points if p.predicted is not None and p.loss > 0 and p.predicted > 0]
+    if len(pairs) < 3:
+        return {"n": len(pairs)}
+    pred, meas = np.array(pairs).T
+    return {
+        "n": len(pairs),
+        "spearman": float(spearmanr(pred, meas).statistic),
+        "pearson_log10": float(pearsonr(np.log10(pred), np.log10(meas)).statistic),
+        "median_ratio_measured_over_predicted": float(np.median(meas / pred)),
+    }
+
+
+def _additive(profile: Profile, space: SearchSpace, sizes: SpaceReport, settings: SearchSettings,
+              bits: np.ndarray, nbytes: np.ndarray) -> tuple[dict[float, list[int] | None], list[tuple[list[int], str]]]:
+    """Exact additive optima: per layer for each budget (reported), per group on a bit grid (seeds)."""
+    layers = profile.num_layers
+    per_layer = {
+        b: solve_knapsack(profile.loss, sizes.pruned_options, [1] * layers, _limits(settings, bits, nbytes, layers, b))
+        for b in settings.budgets
+    }
+    group_loss = np.stack([profile.loss[g.layers].sum(axis=0) for g in space.groups])
+    weight = [len(g.layers) for g in space.groups]
+    grid = np.arange(bits.min(), bits.max() + 1e-9, settings.seed_step)
+    group_solutions = []
+    for b in [*settings.budgets, *grid]:
+        choice = solve_knapsack(group_loss, [g.options for g in space.groups], weight,
+                                _limits(settings, bits, nbytes, layers, b))
+        if choice is not None:
+            group_solutions.append((choice, f"additive {b:g}"))
+    return per_layer, group_solutions
+
+
+def _uniform_points(profile: Profile, model_fp: ModelFingerprint, tokens: int, dtype: torch.dtype,
+                    measure: Callable[[KVConfig], float]) -> list[Point]:
+    """The KIVI baselines: every default pair and every KIVI candidate, used in all layers."""
+    candidates, layers = profile.candidates, profile.num_layers
+    g, r = candidates[0].group_size, candidates[0].residual_length
+    kivi = [LayerSpec("kivi", *parse_shorthand(p), g, r) for p in DEFAULT_PAIRS]
+    points = []
+    for spec in dict.fromkeys([*kivi, *(s for s in candidates if s.method == "kivi")]):
+        config = KVConfig([spec] * layers, model=model_fp, name=spec.label)
+        predicted = predicted_loss(profile.loss, [candidates.index(spec)] * layers) if spec in candidates else None
+        points.append(Point(f"uniform {spec.label}", "uniform", config, spec.avg_bits,
+                            layers * candidate_bytes(spec, model_fp, tokens, dtype), measure(config), predicted))
+    return points
+
+
+def _pick(budget: float, points: list[Point], uniform: list[Point], additive: Point | None,
+          settings: SearchSettings) -> BudgetPick:
+    """The lowest-loss measured config within the budget (and the hard limits), beside the baselines."""
+    within = [p for p in points if p.avg_bits <= budget + 1e-9
+              and (settings.max_avg_bits is None or p.avg_bits <= settings.max_avg_bits + 1e-9)
+              and (settings.max_kv_bytes is None or p.kv_bytes <= settings.max_kv_bytes)]
+    uniform_within = [p for p in uniform if p.avg_bits <= budget + 1e-9]
+    return BudgetPick(budget, min(within, key=lambda p: p.loss, default=None), additive,
+                      min(uniform_within, key=lambda p: p.loss, default=None))
+
+
+def _validate(model: PreTrainedModel, validation_ids: torch.Tensor, front: list[Point], uniform: list[Point],
+              picks: list[BudgetPick], reference_check: bool) -> None:
+    """Held-out KL of the front, the baselines and the picks; the chunked ``Evaluator`` re-checks picks."""
+    held = BlockwiseEvaluator(model, validation_ids)
+    chosen = [x for pick in picks for x in (pick.best, pick.additive) if x is not None]
+    for p in {id(p): p for p in [*front, *uniform, *chosen]}.values():
+        p.heldout = held.kl(p.config)
+    if reference_check:
+        reference = Evaluator(model, validation_ids)
+        for p in {id(p): p for pick in picks for p in (pick.best, pick.uniform) if p is not None}.values():
+            p.heldout_reference = reference.evaluate(p.config).kl
+
+
+def run_search(
+    model: PreTrainedModel,
+    profile: Profile,
+    calibration_ids: torch.Tensor,
+    validation_ids: torch.Tensor | None = None,
+    settings: SearchSettings | None = None,
+    out_dir: str | Path = "runs/search",
+    measure: Callable[[KVConfig], float] | None = None,
+    meta: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> SearchResult:
+    """Search mixed-precision configs for ``model`` from its ``profile``; see the module docstring.
+
+    measure: the objective's quality measurement of a config; default: decode-faithful KL on
+    ``calibration_ids`` (the CLI passes a GSM8K error rate for ``--objective gsm8k``).
+    meta: provenance recorded with the study, the result and every written config.
+    """
+    settings = settings or SearchSettings()
+    settings.check(profile.candidates)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_fp = fingerprint(model.config)
+    if profile.num_layers != model_fp.num_layers:
+        raise SearchError(f"the profile has {profile.num_layers} layers but the model has {model_fp.num_layers}")
+    tokens = calibration_ids.shape[1]
+    dtype = next(model.parameters()).dtype
+    bits = np.array([s.avg_bits for s in profile.candidates])
+    nbytes = np.array([candidate_bytes(s, model_fp, tokens, dtype) for s in profile.candidates])
+    cost = bits if settings.size == "avg_bits" else nbytes.astype(float)
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    space, sizes = build_space(profile.candidates, profile.loss, cost, settings.groups)
+    timings["prune_cluster"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    per_layer_additive, group_solutions = _additive(profile, space, sizes, settings, bits, nbytes)
+    timings["additive_solve"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    measure = measure or BlockwiseEvaluator(model, calibration_ids).kl
+    storage = settings.storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
+    identity = {
+        "space": space.describe(), "model": asdict(model_fp), "tokens": tokens, "objective": settings.objective,
+        "size": settings.size, "max_avg_bits": settings.max_avg_bits, "max_kv_bytes": settings.max_kv_bytes,
+        "data": (meta or {}).get("data"),
+    }
+    sampler = make_sampler(settings.sampler, settings.seed, settings.population)
+    study = open_study(storage, settings.study_name, sampler, settings.resume, identity)
+    queued = seed_study(study, _seeds(space, profile.loss, cost, group_solutions))
+    objective = Objective(space, profile.loss, bits, nbytes, measure, settings.size,
+                          settings.max_avg_bits, settings.max_kv_bytes)
+    optimize(study, objective, settings.trials, progress)
+    timings["search"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    points = [
+        Point(f"trial {tr.number}", "trial", space.config(tr.user_attrs["layer_choice"], model_fp),
+              tr.user_attrs["avg_bits"], tr.user_attrs["kv_bytes"], tr.values[0], tr.user_attrs["predicted"])
+        for tr in measured_trials(study)
+    ]
+    known = {tuple(p.config.layers): p for p in points}
+    additive_points: dict[float, Point | None] = {}
+    for b, choice in per_layer_additive.items():
+        if choice is not None and tuple(space.config(choice).layers) not in known:
+            config = space.config(choice, model_fp)
+            avg_bits, kv_bytes = objective.sizes(choice)
+            point = Point(f"additive {b:g}", "additive", config, avg_bits, kv_bytes, measure(config),
+                          predicted_loss(profile.loss, choice))
+            known[tuple(config.layers)] = point
+            points.append(point)
+        additive_points[b] = None if choice is None else known[tuple(space.config(choice).layers)]
+    uniform = _uniform_points(profile, model_fp, tokens, dtype, measure)
+    timings["measure_additive_uniform"] = time.perf_counter() - t
+
+    front = pareto_front(points, settings.size)
+    picks = [_pick(b, points, uniform, additive_points[b], settings) for b in settings.budgets]
+    t = time.perf_counter()
+    if validation_ids is not None:
+        _validate(model, validation_ids, front, uniform, picks, settings.reference_check)
+    timings["validation"] = time.perf_counter() - t
+
+    provenance = {
+        **(meta or {}), "study": settings.study_name, "storage": storage, "seed": settings.seed,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "optuna": optuna.__version__, "python": platform.python_version()},
+    }
+    files = {}
+    for pick in picks:
+        if pick.best is None:
+            continue
+        p = pick.best
+        config = KVConfig(p.config.layers, model=model_fp, name=f"kvtuner-{pick.budget:g}bits", meta={
+            **provenance, "budget_avg_bits": pick.budget, "avg_bits": p.avg_bits, "kv_bytes": p.kv_bytes,
+            "source": p.name, "objective": settings.objective, "loss_calibration": p.loss,
+            "kl_heldout": p.heldout, "kl_heldout_reference": p.heldout_reference, "predicted_kl": p.predicted,
+        })
+        pick.path = str(config.save(budget_file(out_dir, pick.budget)))
+        files[f"config_{float(pick.budget)}"] = pick.path
+    files["front_png"] = str(front_figure(points, front, uniform, picks, settings.size, out_dir / "front.png"))
+    files["search_json"] = str(out_dir / "search.json")
+    all_trials = study.get_trials(deepcopy=False)
+    result = SearchResult(
+        space=space, sizes=sizes, points=points, front=front, uniform=uniform, budgets=picks,
+        correlation=_correlation(points), timings=timings,
+        study={"name": settings.study_name, "storage": storage, "trials": len(all_trials), "seeded": queued,
+               "complete": sum(t.state == optuna.trial.TrialState.COMPLETE for t in all_trials),
+               "measured": len(points), "sampler": settings.sampler, "meta": provenance},
+        files=files,
+    )
+    write_atomic(out_dir / "search.json", json.dumps(result.to_dict(), indent=1) + "\n")
+    return result

@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+from kvtuner.config import KVConfig, LayerSpec
+from kvtuner.evaluate import Evaluator
+from kvtuner.profile import BlockwiseEvaluator, ProfileSettings, decode_faithful_attention, profile_layers
+from kvtuner.profile.blockwise import block_mask, quantized_history
+
+G = 16  # tiny_llama has head_dim 16, so groups of 16
+
+
+def test_block_mask_small():
+    mask = block_mask(0, 5, history=4, window=2).int().tolist()
+    history = [row[:4] for row in mask]
+    own = [row[4:] for row in mask]
+    assert history == [[0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert own == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]]
+
+
+def dense_reference(q, k, v, spec, scaling):
+    """Token by token: query t sees quantized keys of earlier windows, full-precision keys of its own."""
+    kq, vq = quantized_history(k, v, spec)
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    for t in range(q.shape[-2]):
+        start = (t // spec.window) * spec.window
+        keys = torch.cat([kq[..., :start, :], k[..., start : t + 1, :]], dim=-2).repeat_interleave(group, 1)
+        values = torch.cat([vq[..., :start, :], v[..., start : t + 1, :]], dim=-2).repeat_interleave(group, 1)
+        weights = torch.softmax((q[..., t : t + 1, :] @ keys.transpose(-1, -2)) * scaling, dim=-1)
+        out[..., t : t + 1, :] = weights @ values
+    return out
+
+
+@pytest.mark.parametrize("spec", [
+    LayerSpec("kivi", 4, 2, G, 32),
+    LayerSpec("kivi", 2, 2, G, 64),
+    LayerSpec("per_token", 4, 4, G, 0),
+    LayerSpec("fp8", 8, 8, G, 16),
+], ids=lambda s: f"{s.label}-r{s.residual_length}")
+@pytest.mark.parametrize("length", [63, 300])
+def test_attention_matches_token_by_token_reference(spec, length):
+    g = torch.Generator().manual_seed(length)
+    q, k, v = (torch.randn(1, h, length, 16, generator=g) for h in (4, 2, 2))
+    got = decode_faithful_attention(q, k, v, spec, 0.25)
+    torch.testing.assert_close(got, dense_reference(q, k, v, spec, 0.25), rtol=1e-5, atol=1e-5)
+
+
+def ids(length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def single_layer(num_layers: int, layer: int, spec: LayerSpec) -> KVConfig:
+    return KVConfig([spec if i == layer else LayerSpec("fp16") for i in range(num_layers)])
+
+
+def test_single_layer_profile_equals_evaluator(tiny_llama):
+    """The profile's KL is Evaluator's KL for the same single-layer config (the decode-faithful number)."""
+    tokens = ids(160)
+    settings = ProfileSettings(pairs=("KV8", "K4V2", "K2V2"), methods=("kivi", "per_token", "fp8"), group_size=G,
+                               split_bits=None)
+    profile = profile_layers(tiny_llama, tokens, settings)
+    evaluator = Evaluator(tiny_llama, tokens)
+    assert profile.loss.shape == (3, 7)  # 3 kivi + 3 per_token + fp8:KV8
+    for layer in range(profile.num_layers):
+        for c, spec in enumerate(profile.candidates):
+            expected = evaluator.evaluate(single_layer(profile.num_layers, layer, spec)).kl
+            assert profile.loss[layer, c] == pytest.approx(expected, rel=1e-4, abs=1e-9), (layer, spec.label)
+
+
+def test_whole_config_kl_close_to_evaluator(tiny_llama):
+    tokens = ids(128, seed=1)
+    fast, reference = BlockwiseEvaluator(tiny_llama, tokens), Evaluator(tiny_llama, tokens)
+    for pair in ("K4V2", "K2V2"):
+        config = KVConfig.uniform(pair, 3, group_size=G)
+        assert fast.kl(config) == pytest.approx(reference.evaluate(config).kl, rel=1e-3)
+
+
+def test_model_is_left_as_found(tiny_llama):
+    before = tiny_llama.config._attn_implementation
+    BlockwiseEvaluator(tiny_llama, ids(64), capture=True).kl_single(1, LayerSpec("kivi", 2, 2, G, 32))
+    assert tiny_llama.config._attn_implementation == before
+
+
+@pytest.mark.slow
+def test_default_model_profile_equals_evaluator(default_model, wikitext):
+    from kvtuner.evaluate import token_windows
+
+    model, tokenizer = default_model
+    tokens = token_windows(wikitext, tokenizer, 128)
+    fast, reference = BlockwiseEvaluator(model, tokens, capture=True), Evaluator(model, tokens)
+    for layer, spec in ((3, LayerSpec("kivi", 2, 2)), (29, LayerSpec("per_token", 4, 4))):
+        expected = reference.evaluate(single_layer(30, layer, spec)).kl
+        assert fast.kl_single(layer, spec) == pytest.approx(expected, rel=1e-4)

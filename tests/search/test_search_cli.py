@@ -1,0 +1,74 @@
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from kvtuner.config import KVConfig
+from kvtuner.search.commands import profile_command, search_command
+
+app = typer.Typer()
+app.command("profile")(profile_command)
+app.command("search")(search_command)
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, list(map(str, args)))
+
+
+@pytest.mark.parametrize("args,message", [
+    (("search", "--budgets", "1.5"), "error: budget 1.5 bits is below the smallest pair KV2 (2 bits)"),
+    (("search", "--budgets", "3,x"), "error: --budgets takes numbers separated by commas, not '3,x'"),
+    (("search", "--pairs", "KV8,K5V2"), "error: unknown pair 'K5V2': unsupported k_bits=5"),
+    (("profile", "--pairs", "K4V9"), "error: unknown pair 'K4V9'"),
+    (("profile", "--methods", "awq"), "error: unknown method 'awq'"),
+    (("search", "--sampler", "random"), "error: unknown sampler 'random'; use nsga2 or tpe"),
+    (("search", "--objective", "gsm8k"), "error: --objective gsm8k needs --gsm8k-data"),
+])
+def test_bad_arguments_fail_fast_with_one_line(args, message):
+    result = run(*args, "--model", "no/such-model")  # flags are checked before any model is looked up
+    assert result.exit_code == 2
+    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1
+
+
+def test_missing_and_empty_data(tmp_path):
+    result = run("search", "--data", tmp_path / "none.txt", "--model", "no/such-model")
+    assert result.exit_code == 2 and result.stderr == f"error: {tmp_path / 'none.txt'}: no such data file\n"
+    (tmp_path / "empty.txt").write_text("  \n")
+    result = run("profile", "--data", tmp_path / "empty.txt", "--model", "no/such-model")
+    assert result.exit_code == 2 and result.stderr == f"error: {tmp_path / 'empty.txt'}: the data file is empty\n"
+
+
+def test_profile_then_search_on_generated_text(tiny_model_dir, tmp_path):
+    common = ("--model", tiny_model_dir, "--tokens", 64, "--group-size", 16, "--out", tmp_path)
+    result = run("profile", *common, "--pairs", "KV8,K4V2,K2V2", "--json")
+    assert result.exit_code == 0, result.output
+    profile = json.loads(result.stdout)
+    assert len(profile["loss"]) == 3 and len(profile["k_only"]) == 3
+    assert (tmp_path / "calibration_generated.txt").stat().st_size > 0
+    assert (tmp_path / "heatmap.png").is_file() and (tmp_path / "kv_split.png").is_file()
+
+    result = run("search", *common, "--pairs", "KV8,K4V2,K2V2", "--groups", 2, "--trials", 6,
+                 "--budgets", "3.0,4.0")
+    assert result.exit_code == 0, result.output
+    assert "Pareto front" in result.stdout and "best config per budget" in result.stdout
+    assert KVConfig.load(tmp_path / "config_4.0.json").avg_bits <= 4.0
+    # the profile was reused: same file, same data
+    assert json.loads((tmp_path / "profile.json").read_text())["seconds"] == profile["seconds"]
+
+    result = run("search", *common, "--pairs", "KV8,K4V2,K2V2", "--groups", 2, "--trials", 6)
+    assert result.exit_code == 2 and "already exists" in result.stderr and "--resume" in result.stderr
+
+
+def test_gsm8k_objective_runs(tiny_model_dir, tmp_path):
+    problems = tmp_path / "gsm8k.jsonl"
+    problems.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"}) + "\n"
+                                for i in range(6)))
+    result = run("search", "--model", tiny_model_dir, "--tokens", 64, "--group-size", 16, "--out", tmp_path,
+                 "--pairs", "KV8,K2V2", "--split-bits", 0, "--groups", 1, "--trials", 2, "--budgets", "8",
+                 "--objective", "gsm8k", "--gsm8k-data", problems, "--gsm8k-problems", 2,
+                 "--gsm8k-max-new-tokens", 4, "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert all(0.0 <= p["loss"] <= 1.0 for p in out["points"])  # error rates, not KL
