@@ -28,6 +28,15 @@ def _seeded(model_cls, config):
     return model_cls(config).eval()
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: with two threads on two shared cores, thread hand-offs cost more than the math."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     return _seeded(LlamaForCausalLM, LlamaConfig(**TINY))

@@ -13,12 +13,8 @@ PAIRS = ("KV8", "K8V4", "K4V8", "K4V4", "K4V2", "K2V4", "K2V2")
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: with two threads on two shared cores, thread hand-offs cost more than the math."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
