@@ -10,7 +10,9 @@ One query token per sequence; every figure is measured in the same run as its ba
 ``bytes_read`` is what each path must read (query, stored cache bytes); ``gbps`` is that over the
 median time, set against a device-to-device copy (bytes read + written) timed in the same run.
 Inputs are random (times do not depend on values; zeros could flatter them); ``do_bench`` flushes
-L2 before every repetition. Writes ``attention_<gpu>.json`` and a plot to ``--out``.
+L2 before every repetition. Writes ``attention_<gpu>.json`` and a plot to ``--out``. ``--graph``
+times CUDA-graph replays instead (each call after an L2 flush, the flush's own time taken off):
+GPU time without the host's launch overhead, which bounds eager calls below ~8k tokens a batch.
 
     PYTHONPATH=src python benchmarks/bench_attention.py --out benchmarks/results
 """
@@ -35,6 +37,7 @@ from kvtuner.quant import QuantSpec
 H_Q, H_KV, D, GROUP, RESIDUAL = 32, 8, 128, 32, 32
 KV = {"K8V8": (8, 8), "K8V4": (8, 4), "K4V4": (4, 4), "K4V2": (4, 2), "K2V2": (2, 2)}
 QUANTO_BITS = {"K4V4": 4, "K2V2": 2}
+SWEEP = [dict(), dict(maxnreg=128), dict(maxnreg=None), dict(num_stages=2), dict(inline_asm=False)]  # {}: defaults
 
 
 def gpu_name() -> str:
@@ -43,6 +46,34 @@ def gpu_name() -> str:
 
 def median_ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def graph_ms(fn, calls: int = 20, replays: int = 15) -> float:
+    """Median GPU time of one ``fn()`` from CUDA-graph replays of ``calls`` x (L2 flush, fn), less the flushes."""
+    flush = torch.empty(2**28, dtype=torch.int8, device="cuda")
+
+    def replay_ms(body) -> float:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            body()  # compile and allocate outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                body()
+        times = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2] / calls
+
+    both = replay_ms(lambda: (flush.zero_(), fn()))
+    return both - replay_ms(flush.zero_)
 
 
 def copy_gbps(nbytes: int = 2**30) -> float:
@@ -169,20 +200,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768, 65536, 131072])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--points", nargs="+", metavar="B:T", help="(batch, context) points instead of batches x contexts")
     ap.add_argument("--kv", nargs="+", default=list(KV), choices=list(KV))
+    ap.add_argument("--tune", type=json.loads, default={}, help="launch options for every kernel call, as JSON")
     ap.add_argument("--no-quanto", action="store_true")
     ap.add_argument("--quanto-ext", action="store_true", help="use quanto's JIT-built CUDA extension (else its torch unpack)")
-    ap.add_argument("--sweep", action="store_true", help="time num_warps x num_stages variants of the kernel")
+    ap.add_argument("--sweep", action="store_true", help="time launch variants of the kernel (PTX or Triton decoding, "
+                    "registers, warps, stages); writes attention_<gpu>_sweep.json")
+    ap.add_argument("--graph", action="store_true", help="time CUDA-graph replays (GPU time, no launch overhead); "
+                    "writes attention_<gpu>_graph.json")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--plot", type=Path, default=Path("runs"))
     args = ap.parse_args()
 
     torch.manual_seed(0)
+    if args.graph:
+        global median_ms
+        median_ms = graph_ms
     with_quanto = not args.no_quanto
     if with_quanto and not args.quanto_ext:
         use_quanto_torch_unpack()
-    tunables = ([dict(groups_per_step=g, num_warps=w, num_stages=s) for g in (2, 4) for w in (4, 8) for s in (2, 3)]
-                if args.sweep else [{}])
+    tunables = [{**args.tune, **t} for t in SWEEP] if args.sweep else [args.tune]
     gpu = gpu_name()
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
     q = torch.randn(2, H_Q, D, device="cuda", dtype=torch.bfloat16)
@@ -192,19 +230,22 @@ def main() -> None:
     print(f"device-to-device copy: {copy:.0f} GB/s (read + write)")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, copy_gbps=copy)
-    (args.out / f"attention_{gpu}_meta.json").write_text(json.dumps(meta, indent=1))
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, copy_gbps=copy,
+                tune=args.tune)
+    name = f"attention_{gpu}{'_sweep' if args.sweep else ''}{'_graph' if args.graph else ''}"
+    (args.out / f"{name}_meta.json").write_text(json.dumps(meta, indent=1))
     rows = []
-    for batch in args.batches:
-        for context in args.contexts:
-            t0 = time.time()
-            try:
-                rows += bench_point(batch, context, args.kv, with_quanto, tunables)
-            except torch.OutOfMemoryError:
-                print(f"B={batch} T={context}: bf16 cache does not fit, skipped")
-            torch.cuda.empty_cache()
-            (args.out / f"attention_{gpu}.json").write_text(json.dumps(rows, indent=1))  # kept if a later point dies
-            print(f"B={batch} T={context} done in {time.time() - t0:.1f}s", flush=True)
+    points = ([tuple(map(int, p.split(":"))) for p in args.points] if args.points
+              else [(b, t) for b in args.batches for t in args.contexts])
+    for batch, context in points:
+        t0 = time.time()
+        try:
+            rows += bench_point(batch, context, args.kv, with_quanto, tunables)
+        except torch.OutOfMemoryError:
+            print(f"B={batch} T={context}: bf16 cache does not fit, skipped")
+        torch.cuda.empty_cache()
+        (args.out / f"{name}.json").write_text(json.dumps(rows, indent=1))  # kept if a later point dies
+        print(f"B={batch} T={context} done in {time.time() - t0:.1f}s", flush=True)
 
     base = {(r["batch"], r["context"]): r["ms"] for r in rows if r["impl"] == "sdpa_fp16"}
     print(f"\n{'impl':10} {'kv':5} {'B':>3} {'T':>7} {'ms':>8} {'GB/s':>6} {'%copy':>5} {'x sdpa':>6}  tune")
@@ -212,7 +253,7 @@ def main() -> None:
         print(f"{r['impl']:10} {r['kv']:5} {r['batch']:>3} {r['context']:>7} {r['ms']:8.3f} {r['gbps']:6.0f} "
               f"{100 * r['gbps'] / copy:5.0f} {base[r['batch'], r['context']] / r['ms']:6.2f}  {r.get('tune', '')}")
     args.plot.mkdir(parents=True, exist_ok=True)
-    plot(rows, args.plot / f"attention_{gpu}.png", copy)
+    plot(rows, args.plot / f"{name}.png", copy)
 
 
 if __name__ == "__main__":

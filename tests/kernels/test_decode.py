@@ -4,6 +4,8 @@ Runs the kernels compiled on CUDA, else in Triton's interpreter on the CPU. The 
 attends to exactly the dequantized history plus residual, so the error left is the kernel's
 own rounding (fp16 dot operands, output in the query dtype): relative RMS under 2e-3 for fp16
 inputs, 6e-3 for bf16 (the interpreter truncates fp32 to bf16 where the GPU rounds: ~3.5e-3).
+On CUDA the codes are decoded by PTX (``lop3``/``prmt``); the interpreter runs the same integer
+arithmetic in Triton, and a GPU test runs that path too.
 """
 
 import itertools
@@ -60,12 +62,12 @@ def make_case(k_bits, v_bits, ratio, n_hist, n_res, dtype=torch.float16, batch=2
     )
 
 
-def rel_err(case, num_splits=None):
+def rel_err(case, **launch):
     args = {k: v for k, v in case.items() if k not in ("key_spec", "value_spec")}
-    if num_splits is None:
+    if not launch:
         out = kernels.decode_attention(**case, backend="triton")
     else:
-        out = kd.decode_attention_triton(**args, num_splits=num_splits)
+        out = kd.decode_attention_triton(**args, **launch)
     ref = decode_attention_reference(**{**args, "query": args["query"].double()}, compute_dtype=torch.float64)
     assert out.shape == ref.shape and out.dtype == case["query"].dtype
     assert torch.isfinite(out).all()
@@ -88,9 +90,12 @@ def test_three_and_one_bit(k_bits, v_bits):
     assert rel_err(make_case(k_bits, v_bits, 4, 64, 13)) < TOL[torch.float16]
 
 
-def test_bf16_many_splits_and_empty_ones():
-    case = make_case(4, 2, 4, 16 * 42, 5, dtype=torch.bfloat16, batch=1, group=16)
-    for splits in (1, 3, 7):  # 42 key groups, 4 a step: a short last step; 7 splits of 2 steps leave one empty
+@pytest.mark.parametrize("group", [32, 16])
+def test_bf16_many_splits_and_empty_ones(group):
+    """672 tokens, 128 a step: 6 steps, the last short; 4 splits of 2 steps leave one empty. Group 16
+    stacks 32 rows (8 value groups a token), which the launcher runs one step a program."""
+    case = make_case(4, 2, 4, 672, 5, dtype=torch.bfloat16, batch=1, group=group)
+    for splits in (1, 4, 6):
         assert rel_err(case, num_splits=splits) < TOL[torch.bfloat16]
 
 
@@ -106,6 +111,24 @@ def test_unsupported_layout_raises_when_forced_and_falls_back_on_auto():
         kernels.decode_attention(**case, backend="triton")
     case["qkeys"] = quantize(torch.randn(2, 2, 32, 128).to(DEVICE, torch.float16), case["key_spec"])
     assert kernels.decode_attention(**case).isfinite().all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("k_bits,v_bits", PAIRS + [(3, 3), (1, 2)])
+def test_triton_decoding_path_on_gpu(k_bits, v_bits):
+    """The pure-Triton decoding (the interpreter's) compiled for the GPU, beside the PTX default."""
+    case = make_case(k_bits, v_bits, 4, 32 * 9, 7, seed=k_bits * 10 + v_bits + 1)
+    assert rel_err(case, inline_asm=False) < TOL[torch.float16]
+    assert rel_err(case, inline_asm=True) < TOL[torch.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("launch", [dict(num_warps=8), dict(num_stages=3), dict(maxnreg=None)])
+def test_launch_tunables_on_gpu(launch):
+    case = make_case(4, 2, 4, 32 * 41, 32, dtype=torch.bfloat16, batch=2, h_kv=8, seed=3)
+    assert rel_err(case, **launch) < TOL[torch.bfloat16]
 
 
 @pytest.mark.gpu

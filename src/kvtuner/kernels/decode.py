@@ -1,39 +1,52 @@
 """Split-K decode attention that reads the packed KV cache directly (flash-decoding on KIVI storage).
 
 One query token per sequence attends to the quantized history plus the full-precision residual.
-Decoding is bandwidth bound, so the kernel reads the packed words, scales and zeros once and
-never writes dequantized K/V to memory:
+The kernel reads the packed words, scales and zeros once and never writes dequantized K/V to
+memory. Decoding moves few bytes a token, so what limits it is the instructions spent per packed
+code; the layout below keeps every code in the thread that loaded it and leaves the scales to
+the tensor cores, at about one integer instruction per two codes:
 
 * grid ``(B * H_kv, num_splits + 1)``: each program owns one KV head and all ``R = H_q / H_kv``
-  query heads that share it (GQA: the packed bytes are read once for the whole group). Programs
-  ``0 .. num_splits-1`` cover slices of the history, the last one the residual. Splitting the
-  context keeps the GPU full at batch 1; a small reduce kernel merges the partial softmaxes by
-  their log-sum-exp.
-* keys are grouped per channel (a scale and zero per ``G`` tokens per channel), so for a token
-  of group g, ``q . k[t] = (q * s_g) . c[t] + q . z_g``: the scales fold into the query once per
-  group and the zero term is one dot per group (MixPE), so the key product runs on the integer
-  codes and dequantization comes after the group dot product.
-* a step covers ``NG`` key groups at once. The ``R`` query rows are stacked once per group,
-  row ``(g, r)`` holding ``q_r * s_g``, into the ``M = 16`` rows of a tensor-core tile (for
-  Llama's GQA of 4: 4 groups of 4 rows, instead of 4 rows padded to 16). One dot against the
-  step's codes gives every row all ``NG * G`` scores, of which row ``(g, r)`` keeps those of
-  group g; the softmax statistics are shared across the g-copies of a query head and the rows
-  are summed at the end.
-* values are grouped per token (a scale and zero per ``G_V`` channels), dequantized in
-  registers, then multiplied by the probabilities on the tensor cores.
+  query heads that share it (GQA: the packed bytes are read once for the group). Programs
+  ``0 .. num_splits-1`` cover slices of the history, the last one the residual; a small reduce
+  kernel merges the partial softmaxes by their log-sum-exp.
+* a step covers ``NG`` key groups of ``G_K`` tokens, dealt to ``W`` (= ``num_warps``) slices:
+  slice w takes tokens ``w * TPG .. w * TPG + TPG - 1`` of every group (``TPG = G_K / W``). The
+  dots are batched over the slices, one warp each, so every softmax reduction stays in a warp and
+  each slice keeps its own running max, merged once at the end.
+* keys (grouped per channel, a scale and zero per ``G_K`` tokens): ``q . k = (q * s_g) . c + q . z_g``.
+  The ``R`` query rows are stacked once per group, row ``(g, r)`` holding ``q_r * s_g`` in fp16;
+  one dot against the raw codes scores every row against a step's tokens, and row ``(g, r)``
+  keeps the tokens of group g (MixPE: the scale is applied to the query once per group). The
+  zero term per row comes from two small dots.
+* values (grouped per token, a scale and zero per ``G_V`` channels): the rows are stacked the
+  other way, row ``(v, r)`` holding ``p_r(t) * s_v(t)`` in fp16, and multiply the raw codes; row
+  ``(v, r)`` keeps the output channels of value group v. The zero terms ``sum_t p_r(t) z_v(t)``,
+  the softmax sum and ``sum_t p_r(t) s_v(t)`` come from small dots (8 columns each), so that no
+  code is ever dequantized and no row sum is reduced across threads.
 
-Codes are unpacked from the int32 layout of :mod:`kvtuner.quant.packing` (3-bit: a 2-bit plane
-then a 1-bit plane) by repeated halving: each word splits into its low and high half fields and
-the halves are interleaved, so after ``log2(32 / bits)`` rounds the codes lie in channel order
-without any shuffle between threads. Each code becomes the fp16 number 1024 + c by one OR (no
-int-to-float conversion); keys take the 1024 off in the zero term, values before their scale.
-Dot operands are fp16 whatever the model dtype: fp16 keeps 3 more mantissa bits than bf16,
-codes up to 255 are exact, and scaled queries, probabilities and dequantized values stay far
-inside its range (Triton's interpreter also cannot run bf16 dots). Accumulation is fp32 and
-the softmax runs in base 2 with ``log2(e)`` folded into the query scale.
+Codes become fp16 without an int-to-float conversion: for ``b``-bit codes, one ``lop3`` per
+32-bit register computes ``(x & mask) | 0x64006400``, two fp16 numbers ``1024 + m * c`` (one per
+16-bit half, ``m = 2^(b * j)`` for the code at bit ``b * j`` of its byte; codes < 1024 / m stay
+exact). Both halves of a register then feed the tensor cores as one operand pair: two channels
+of one token for keys (whose dot runs over channels), two tokens of one channel for values
+(whose dot runs over tokens; a ``prmt`` first pairs the half-words of two tokens). The channels
+therefore enter the dots in a permuted order (:func:`_key_order`, :func:`_value_order`), chosen
+so that each thread's codes land in its own mma operand registers; the query rows, scales and
+the output follow the same permutation. The multiplier ``m`` is divided out of the query (keys)
+or the output columns (values), and the ``1024`` offsets cancel exactly against fp32 dots of the
+same fp16 operands. 3-bit codes (a 2-bit plane and a 1-bit plane) are first rebuilt as 4-bit
+words. With ``inline_asm`` the ``lop3``/``prmt`` are PTX; otherwise the same integer arithmetic
+in Triton (Triton's interpreter cannot run PTX; results are bit-identical).
+
+Dot operands are fp16 whatever the model dtype: fp16 keeps 3 more mantissa bits than bf16, and
+scaled queries, probabilities and codes stay far inside its range. Accumulation is fp32 and the
+softmax runs in base 2 with ``log2(e)`` folded into the query scale.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -45,55 +58,286 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _unpack_plane(row_ptrs, mask, D: tl.constexpr, BITS: tl.constexpr):
-    """[N, D] int32 codes of one power-of-two plane; ``row_ptrs`` [N, 1] point at each row's word 0."""
-    x = tl.load(row_ptrs + tl.arange(0, D * BITS // 32)[None, :], mask=mask, other=0)
-    for level in tl.static_range(5):  # field widths 16, 8, 4, 2, 1 down to BITS
-        if (16 >> level) >= BITS:
-            low_bits = (1 << (16 >> level)) - 1
-            x = tl.interleave(x & low_bits, (x >> (16 >> level)) & low_bits)
-    return x
-
-
-@triton.jit
-def _unpack_codes(row_ptrs, mask, D: tl.constexpr, BITS: tl.constexpr):
-    """[N, D] fp16 codes plus 1024: a code c < 1024 OR-ed into the bits of fp16 1024 is exactly
-    1024 + c, so no int-to-float conversion (a slow unit) is needed; callers take the 1024 off."""
-    if BITS == 3:
-        codes = _unpack_plane(row_ptrs, mask, D, 2) | (_unpack_plane(row_ptrs + D // 16, mask, D, 1) << 2)
+def _merge_halves(a, b, half, ASM: tl.constexpr):
+    """Half-word ``half`` (0: bits 0-15, 1: bits 16-31) of ``a`` in bits 0-15 and of ``b`` in 16-31: one ``prmt``."""
+    if ASM:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, 0x5410 + half * 0x2222],
+                                         dtype=tl.int32, is_pure=True, pack=1)
     else:
-        codes = _unpack_plane(row_ptrs, mask, D, BITS)
-    return (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        return ((a >> (16 * half)) & 0xFFFF) | ((b >> (16 * half)) << 16)
 
 
 @triton.jit
-def _per_channel(ptrs, mask, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr):
-    """[N, D] per-token group parameters (one per G channels) laid out like :func:`_unpack_codes`:
-    loaded once per packed word, then doubled by the same interleaving rounds."""
-    P: tl.constexpr = 2 if BITS == 3 else BITS  # the plane whose word count sets the layout
-    CPW: tl.constexpr = 32 // P
-    x = tl.load(ptrs + (tl.arange(0, D // CPW) * CPW // G)[None, :], mask=mask, other=0.0).to(tl.float16)
-    for level in tl.static_range(5):
-        if (16 >> level) >= P:
-            x = tl.interleave(x, x)
+def _lop3_magic(x, mask, ASM: tl.constexpr):
+    """``(x & mask) | 0x64006400`` on int32: one ``lop3`` with ``ASM``."""
+    if ASM:
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, 0x64006400, 0xea;", "=r,r,r", [x, mask],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return (x & mask) | 0x64006400
+
+
+@triton.jit
+def _pair_codes(x, BITS: tl.constexpr, ASM: tl.constexpr):
+    """x [A, B] int32 whose 16-bit halves hold ``P = 16 // BITS`` codes each -> [A, B, P, 2] fp16:
+    element ``[a, b, p, h] = 1024 + m_p * (code p of half h)``, ``m_p = 2^(BITS * (p % (8 // BITS)))``.
+
+    The halves of ``((x >> shift_p) & mask_p) | 0x64006400`` are the pair; they stay in one
+    register (the compiler folds the split and re-join)."""
+    CPB: tl.constexpr = 8 // BITS
+    p = tl.arange(0, 16 // BITS)[None, None, :]
+    mask = tl.full([1, 1, 16 // BITS], ((1 << BITS) - 1) * 0x10001, tl.int32) << (BITS * (p % CPB))
+    y = _lop3_magic(x[:, :, None] >> ((p // CPB) * 8), mask, ASM)
+    lo = y.to(tl.int16).to(tl.float16, bitcast=True)
+    hi = (y >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    return tl.join(lo, hi)
+
+
+@triton.jit
+def _multiplier(d, BITS: tl.constexpr):
+    """The ``m`` of :func:`_pair_codes` for channel index tensor ``d`` (fp32)."""
+    P: tl.constexpr = 16 // BITS
+    return ((d * 0 + 1) << (BITS * ((d % P) % (8 // BITS)))).to(tl.float32)
+
+
+@triton.jit
+def _spread(x, FROM: tl.constexpr):
+    """Fields of ``FROM`` (1 or 2) bits in the low bits of x (8 fields) moved to bit 4i each."""
+    if FROM == 2:
+        x = (x | (x << 8)) & 0x00FF00FF
+        x = (x | (x << 4)) & 0x0F0F0F0F
+        x = (x | (x << 2)) & 0x33333333
+    else:
+        x = (x | (x << 12)) & 0x000F000F
+        x = (x | (x << 6)) & 0x03030303
+        x = (x | (x << 3)) & 0x11111111
     return x
 
 
 @triton.jit
-def _across_groups(x, NG: tl.constexpr, R_P: tl.constexpr, MAX: tl.constexpr):
-    """Max or sum of a stacked [NG * R_P] vector over its NG copies, broadcast back to every copy."""
-    x2 = tl.reshape(x, (NG, R_P))
-    y = tl.max(x2, 0) if MAX else tl.sum(x2, 0)
-    return tl.reshape(tl.broadcast_to(y[None, :], (NG, R_P)), (NG * R_P,))
+def _load_words(row_ptrs, valid, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    """[N, D * b // 32] int32 packed words of N token rows (``row_ptrs`` [N] point at word 0), b = BITS,
+    except that 3-bit codes come back as 4-bit words rebuilt from their 2-bit and 1-bit planes.
+
+    Words are loaded as [runs, N, 4, words a lane]: 4 lanes share a token, each loading up to 16
+    contiguous bytes, the arrangement the key dot consumes without moving data between threads."""
+    if BITS == 3:
+        v = tl.arange(0, D // 8)[None, :]
+        w2 = tl.load(row_ptrs[:, None] + v // 2, mask=valid[:, None], other=0)
+        w1 = tl.load(row_ptrs[:, None] + D // 16 + v // 4, mask=valid[:, None], other=0)
+        return _spread((w2 >> (16 * (v % 2))) & 0xFFFF, 2) | (_spread((w1 >> (8 * (v % 4))) & 0xFF, 1) << 2)
+    else:
+        NW: tl.constexpr = D * BITS // 32
+        QUAD: tl.constexpr = 4 if NW >= 4 else NW
+        WPL: tl.constexpr = 4 if NW >= 16 else NW // QUAD
+        RUNS: tl.constexpr = NW // (QUAD * WPL)
+        run = tl.arange(0, RUNS)[:, None, None]
+        quad = tl.arange(0, QUAD)[None, :, None]
+        lane_word = tl.arange(0, WPL)[None, None, :]
+        word = (run * QUAD + quad) * WPL + lane_word
+        x = tl.load(row_ptrs[None, :, None, None] + word[:, None, :, :], mask=valid[None, :, None, None], other=0)
+        return tl.reshape(tl.permute(x, (1, 0, 2, 3)), (N, NW))
 
 
 @triton.jit
-def _softmax_step(s, m_i, l_i, acc, NG: tl.constexpr, R_P: tl.constexpr):
-    """Online softmax in base 2 over stacked rows: fold scores ``s`` [M, N] into max, sum and output."""
-    m_new = tl.maximum(m_i, _across_groups(tl.max(s, 1), NG, R_P, True))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    return p, m_new, l_i * alpha + _across_groups(tl.sum(p, 1), NG, R_P, False), acc * alpha[:, None]
+def _key_order(x, A: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    """Permute the channels (last axis) of x [A, D] into the order key codes enter the dot.
+
+    Channel ``d = word * 2P + h * P + p`` (P codes a 16-bit half); with ``word = (run * QUAD + quad)
+    * WPL + wl`` as loaded by :func:`_load_words`, the order is (run, wl, p // 2, quad, p % 2, h):
+    each mma operand register holds a (h = 0, 1) pair, the 4 lanes sharing a token own the quads."""
+    NW: tl.constexpr = D * BITS // 32
+    P: tl.constexpr = 16 // BITS
+    QUAD: tl.constexpr = 4 if NW >= 4 else NW
+    WPL: tl.constexpr = 4 if NW >= 16 else NW // QUAD
+    RUNS: tl.constexpr = NW // (QUAD * WPL)
+    x = tl.reshape(x, (A, RUNS, QUAD, WPL, 2, P // 2, 2))
+    return tl.reshape(tl.permute(x, (0, 1, 3, 5, 2, 6, 4)), (A, D))
+
+
+@triton.jit
+def _value_order(x, A: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    """Permute the channels of x [A, D] into the order value codes enter the dot: channel
+    ``d = (w_hi * W_LO + w_lo) * 2P + half * P + p`` goes to ``((w_hi * 2 + half) * P + p) * W_LO + w_lo``,
+    so that the 8 lane groups of an mma operand each own whole words."""
+    NW: tl.constexpr = D * BITS // 32
+    P: tl.constexpr = 16 // BITS
+    W_LO: tl.constexpr = 8 if NW >= 8 else NW
+    x = tl.reshape(x, (A, NW // W_LO, W_LO, 2, P))
+    return tl.reshape(tl.permute(x, (0, 1, 3, 4, 2)), (A, D))
+
+
+@triton.jit
+def _key_codes(words, A: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+    """[A, D] fp16 codes in key order from their words [A, D * BITS // 32]."""
+    c = tl.permute(_pair_codes(words, BITS, ASM), (0, 1, 3, 2))  # (word, h, p): channel order
+    return _key_order(tl.reshape(c, (A, D)), A, D, BITS)
+
+
+@triton.jit
+def _value_codes(a, b, A: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+    """[D, 2A] fp16 codes, channels in value order (rows) by token rows (columns), from the words
+    [A, D * BITS // 32] of token rows ``a`` and ``b`` interleaved (a0, b0, a1, b1, ...): rows 2i
+    and 2i + 1 share each operand register, so their half-words are paired before decoding.
+    Channel-major, so that the caller's transpose is the last step before the dot."""
+    NW: tl.constexpr = D * BITS // 32
+    P: tl.constexpr = 16 // BITS
+    W_LO: tl.constexpr = 8 if NW >= 8 else NW
+    half = tl.arange(0, 2)[None, None, :]
+    halves = _merge_halves(a[:, :, None], b[:, :, None], half, ASM)  # [A, NW, 2]
+    c = _pair_codes(tl.reshape(halves, (A, 2 * NW)), BITS, ASM)  # [A, (word, half), p, row a/b]
+    c = tl.reshape(c, (A, NW // W_LO, W_LO, 2, P, 2))
+    return tl.reshape(tl.permute(c, (1, 3, 4, 2, 0, 5)), (D, 2 * A))  # see _value_order
+
+
+@triton.jit
+def _across_groups(x, W: tl.constexpr, NG_M: tl.constexpr, R_P: tl.constexpr):
+    """Max of stacked rows x [W, NG_M * R_P] over their NG_M copies, broadcast back to every copy."""
+    y = tl.max(tl.reshape(x, (W, NG_M, R_P)), 1)
+    return tl.reshape(tl.broadcast_to(y[:, None, :], (W, NG_M, R_P)), (W, NG_M * R_P))
+
+
+@triton.jit
+def _history(
+    Q, KW, KS, KZ, VW, VS, VZ, b, h, offs_r, qk_scale,
+    sq_b, sq_h, skw_b, skw_h, skw_t, sks_b, sks_h, sks_g, svw_b, svw_h, svw_t, svs_b, svs_h, svs_t,
+    n_hist, step_lo, step_hi,
+    R: tl.constexpr, R_P: tl.constexpr, M: tl.constexpr, NG: tl.constexpr, NGV: tl.constexpr, NZ: tl.constexpr,
+    D: tl.constexpr, G_K: tl.constexpr, G_V: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+    W: tl.constexpr, ASM: tl.constexpr,
+):
+    """Softmax state of one program's history steps: unnormalized output [R_P, D] with its columns in
+    value order, softmax sum [R_P] and max [R_P] (base 2), and the channel of each output column."""
+    NG_M: tl.constexpr = M // R_P  # row copies: key group g (scores) or value group v (output)
+    KB: tl.constexpr = 4 if K_BITS == 3 else K_BITS  # 3-bit codes are decoded as 4-bit words
+    VB: tl.constexpr = 4 if V_BITS == 3 else V_BITS
+    N: tl.constexpr = NG * G_K  # tokens a step
+    NS: tl.constexpr = N // W  # tokens a slice
+    TPG: tl.constexpr = G_K // W  # tokens of each group in a slice
+    offs_d = tl.arange(0, D)
+    # query rows (g, r) = q_r * log2(e) / sqrt(D) in fp16 and key order, divided by the code multipliers
+    q = tl.load(Q + b * sq_b + (h * R + offs_r)[:, None] * sq_h + offs_d[None, :],
+                mask=(offs_r < R)[:, None], other=0.0).to(tl.float32) * qk_scale
+    q = _key_order((q / _multiplier(offs_d, KB)[None, :]).to(tl.float16), R_P, D, KB)
+    q = tl.reshape(tl.broadcast_to(q[None, :, :], (M // R_P, R_P, D)), (M, D))
+    m_key = _key_order(_multiplier(offs_d, KB)[None, :], 1, D, KB).to(tl.float16)  # [1, D]
+    # token of slice w, position n. Keys are scored in row order (n // 8, w, n % 8): coalesced
+    # loads and the score tile's columns then sit one slice per warp
+    rho = tl.arange(0, N)
+    w_rho = (rho // 8) % W
+    n_rho = (rho // (8 * W)) * 8 + rho % 8
+    tok_rho = (n_rho // TPG) * G_K + w_rho * TPG + n_rho % TPG
+    n_s = tl.arange(0, NS)
+    tok_s = (n_s // TPG)[None, :] * G_K + tl.arange(0, W)[:, None] * TPG + (n_s % TPG)[None, :]  # [W, NS]
+    n_a = 2 * tl.arange(0, NS // 2)  # values: rows (2i, 2i + 1) of a slice share operand registers
+    tok_a = tl.reshape((n_a // TPG)[None, :] * G_K + tl.arange(0, W)[:, None] * TPG + (n_a % TPG)[None, :], (N // 2,))
+    rows = tl.arange(0, M)
+    g_row = rows // R_P
+    own = g_row[:, None] == (n_s // TPG)[None, :]  # [M, NS]: row (g, r) scores group g's tokens
+    g_copy = tl.arange(0, NG_M)
+    cols_z = tl.arange(0, NZ)
+    cols_s = tl.arange(0, 8)
+    ones_k = tl.full([D, 8], 1.0, tl.float16)  # dot(qs, ones_k): row sums of qs, exact in fp32
+    ones_p = tl.broadcast_to(tl.where(cols_s == 0, 1.0, 0.0).to(tl.float16)[None, None, :], (W, NS, 8))
+    ones_pv = tl.broadcast_to(tl.where(cols_s == 1, 1.0, 0.0).to(tl.float16)[None, None, :], (W, NS, 8))
+
+    m_i = tl.full([W, M], float("-inf"), tl.float32)
+    acc = tl.zeros([W, M, D], tl.float32)
+    ez = tl.zeros([W, M, NZ], tl.float32)  # row (v, r), column c < NGV: sum_t p_r(t) z_c(t)
+    es = tl.zeros([W, M, 8], tl.float32)  # column 0: sum_t p_r(t); column 1: sum_t p_r(t) s_v(t)
+    for step in range(step_lo, step_hi):
+        t0 = step * N
+        # keys: row (g, r) = q_r * s_g / m (fp16, key order) against codes 1024 + m c. The zero term
+        # q_r . z_g - 1024 * sum(q_r * s_g / m) comes from two small fp32 dots of the same fp16 values
+        group = step * NG + g_copy
+        g_ok = ((g_copy < NG) & (group * G_K < n_hist))[:, None]
+        sz = b * sks_b + h * sks_h + group[:, None] * sks_g + offs_d[None, :]
+        kz = _key_order(tl.load(KZ + sz, mask=g_ok, other=0.0).to(tl.float16), NG_M, D, KB) * m_key
+        g_rows = step * NG + g_row
+        ks = tl.load(KS + b * sks_b + h * sks_h + g_rows[:, None] * sks_g + offs_d[None, :],
+                     mask=((g_row < NG) & (g_rows * G_K < n_hist))[:, None], other=0.0).to(tl.float16)
+        qs = q * _key_order(ks, M, D, KB)
+        zero = tl.dot(q, tl.trans(kz))  # [M, NG_M]: q_r . z_g' for every group g'; row (g, r) keeps g' = g
+        zero = tl.sum(tl.where(g_copy[None, :] == g_row[:, None], zero, 0.0), 1)
+        zero -= 1024.0 * tl.max(tl.dot(qs, ones_k), 1)
+        kw = _load_words(KW + b * skw_b + h * skw_h + (t0 + tok_rho) * skw_t, t0 + tok_rho < n_hist, N, D, K_BITS)
+        s = tl.dot(qs, tl.trans(_key_codes(kw, N, D, KB, ASM))) + zero[:, None]
+        s = tl.reshape(tl.permute(tl.reshape(s, (M, N // (8 * W), W, 8)), (2, 0, 1, 3)), (W, M, NS))
+        valid = t0 + tok_s < n_hist
+        s = tl.where(own[None, :, :] & valid[:, None, :], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, _across_groups(tl.max(s, 2), W, NG_M, R_P))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a slice may have no valid token yet
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, :, None])
+        m_i = m_new
+        # values: rows (v, r) = p_r(t) * s_v(t), the p_r(t) gathered from the row of t's key group
+        p = tl.sum(tl.reshape(p, (W, NG_M, R_P, NS)), 1)
+        p = tl.reshape(tl.broadcast_to(p[:, None, :, :], (W, NG_M, R_P, NS)), (W, M, NS)).to(tl.float16)
+        tv = b * svs_b + h * svs_h + (t0 + tok_s) * svs_t  # [W, NS]
+        vs = tl.load(VS + tv[:, None, :] + g_copy[None, :, None],
+                     mask=(g_copy < NGV)[None, :, None] & valid[:, None, :], other=0.0).to(tl.float16)
+        pv = p * tl.reshape(tl.broadcast_to(vs[:, :, None, :], (W, NG_M, R_P, NS)), (W, M, NS))
+        vz = tl.load(VZ + tv[:, :, None] + cols_z[None, None, :],
+                     mask=(cols_z < NGV)[None, None, :] & valid[:, :, None], other=0.0).to(tl.float16)
+        v_rows = VW + b * svw_b + h * svw_h + (t0 + tok_a) * svw_t
+        va = _load_words(v_rows, t0 + tok_a < n_hist, N // 2, D, V_BITS)
+        vb = _load_words(v_rows + svw_t, t0 + tok_a + 1 < n_hist, N // 2, D, V_BITS)
+        vc = tl.permute(tl.reshape(_value_codes(va, vb, N // 2, D, VB, ASM), (D, W, NS)), (1, 2, 0))
+        acc = tl.dot(pv, vc, acc * alpha[:, :, None])
+        ez = tl.dot(p, vz, ez * alpha[:, :, None])
+        es = tl.dot(pv, ones_pv, tl.dot(p, ones_p, es * alpha[:, :, None]))
+
+    # merge the slices, then read each output column from the rows of its value group:
+    # out = (acc - 1024 * sum pv) / m + sum p z, normalized by the softmax sum
+    m = tl.max(m_i, 0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    wgt = tl.exp2(m_i - m_use[None, :])
+    acc = tl.sum(acc * wgt[:, :, None], 0)
+    ez = tl.sum(ez * wgt[:, :, None], 0)
+    es = tl.sum(es * wgt[:, :, None], 0)
+    d_of_col = tl.reshape(_value_order(offs_d[None, :], 1, D, VB), (D,))
+    g_col = d_of_col // G_V
+    e_zero = tl.sum(tl.where(cols_z[None, :] == g_row[:, None], ez, 0.0), 1)
+    e_sum = tl.sum(tl.where(cols_s[None, :] == 0, es, 0.0), 1)
+    e_pv = tl.sum(tl.where(cols_s[None, :] == 1, es, 0.0), 1)
+    out = (acc - 1024.0 * e_pv[:, None]) / _multiplier(d_of_col, VB)[None, :] + e_zero[:, None]
+    out = tl.where(g_row[:, None] == g_col[None, :], out, 0.0)
+    out = tl.sum(tl.reshape(out, (NG_M, R_P, D)), 0)
+    l = tl.max(tl.reshape(e_sum, (NG_M, R_P)), 0)
+    m = tl.max(tl.reshape(m, (NG_M, R_P)), 0)
+    return out, l, m, d_of_col
+
+
+@triton.jit
+def _residual(
+    Q, KR, VR, b, h, offs_r, qk_scale, sq_b, sq_h, skr_b, skr_h, skr_t, svr_b, svr_h, svr_t, n_res,
+    R: tl.constexpr, R_P: tl.constexpr, D: tl.constexpr, NR: tl.constexpr,
+):
+    """Softmax state over the full-precision residual: (out [R_P, D], sum [R_P], max [R_P])."""
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + b * sq_b + (h * R + offs_r)[:, None] * sq_h + offs_d[None, :],
+                mask=(offs_r < R)[:, None], other=0.0).to(tl.float32) * qk_scale
+    q = q.to(tl.float16)
+    m_i = tl.full([R_P], float("-inf"), tl.float32)
+    l_i = tl.zeros([R_P], tl.float32)
+    acc = tl.zeros([R_P, D], tl.float32)
+    for t0 in range(0, n_res, NR):
+        offs_t = t0 + tl.arange(0, NR)
+        valid = offs_t < n_res
+        k = tl.load(KR + b * skr_b + h * skr_h + offs_t[:, None] * skr_t + offs_d[None, :],
+                    mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k.to(tl.float16)))
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+        v = tl.load(VR + b * svr_b + h * svr_h + offs_t[:, None] * svr_t + offs_d[None, :],
+                    mask=valid[:, None], other=0.0)
+        acc = tl.dot(p.to(tl.float16), v.to(tl.float16), acc * alpha[:, None])
+    return acc, l_i, m_i
 
 
 # Lengths change every step: specializing on them (== 1, % 16) would recompile mid-generation.
@@ -108,93 +352,75 @@ def _decode_split_kernel(
     skr_b, skr_h, skr_t,
     svr_b, svr_h, svr_t,
     n_hist, n_res, steps_per_split, num_splits, qk_scale,
-    H_KV: tl.constexpr, R: tl.constexpr, R_P: tl.constexpr, NG: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-    G_K: tl.constexpr, G_V: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+    H_KV: tl.constexpr, R: tl.constexpr, R_P: tl.constexpr, M: tl.constexpr, NG: tl.constexpr,
+    NGV: tl.constexpr, NZ: tl.constexpr, D: tl.constexpr, G_K: tl.constexpr, G_V: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, W: tl.constexpr, NR: tl.constexpr, ASM: tl.constexpr,
 ):
-    NG_M: tl.constexpr = M // R_P  # row groups; rows (g, r) with g >= NG stay idle
-    N: tl.constexpr = NG * G_K  # tokens a step
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bh // H_KV).to(tl.int64)  # batch offsets of a long cache overflow int32
     h = pid_bh % H_KV
-    rows = tl.arange(0, M)
-    r = rows % R_P
-    g_row = rows // R_P
-    cols = tl.arange(0, N)
-    own = g_row[:, None] == (cols // G_K)[None, :]  # row (g, r) scores the tokens of group g
-    offs_d = tl.arange(0, D)
-    q = tl.load(Q + b * sq_b + (h * R + r)[:, None] * sq_h + offs_d[None, :], mask=(r < R)[:, None], other=0.0)
-    q = q.to(tl.float32) * qk_scale
-
-    m_i = tl.full([M], float("-inf"), tl.float32)
-    l_i = tl.zeros([M], tl.float32)
-    acc = tl.zeros([M, D], tl.float32)
-    if split < num_splits:
-        n_steps = tl.cdiv(n_hist, N)
-        for step in range(split * steps_per_split, tl.minimum((split + 1) * steps_per_split, n_steps)):
-            offs_t = step * N + cols
-            valid = offs_t < n_hist
-            group = step * NG + g_row
-            sz = b * sks_b + h * sks_h + group[:, None] * sks_g + offs_d[None, :]
-            g_ok = ((g_row < NG) & (group * G_K < n_hist))[:, None]
-            qs = (q * tl.load(KS + sz, mask=g_ok, other=0.0).to(tl.float32)).to(tl.float16)
-            # the codes carry +1024 (see _unpack_codes): take 1024 * sum(q * s) back off each row
-            kz = tl.load(KZ + sz, mask=g_ok, other=0.0).to(tl.float32)
-            zero_term = tl.sum(q * kz - 1024.0 * qs.to(tl.float32), 1)
-            kc = _unpack_codes(KW + b * skw_b + h * skw_h + offs_t[:, None] * skw_t, valid[:, None], D, K_BITS)
-            s = tl.dot(qs, tl.trans(kc)) + zero_term[:, None]
-            s = tl.where(own & valid[None, :], s, float("-inf"))
-            p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, NG_M, R_P)
-
-            vc = _unpack_codes(VW + b * svw_b + h * svw_h + offs_t[:, None] * svw_t, valid[:, None], D, V_BITS)
-            vsz = b * svs_b + h * svs_h + offs_t[:, None] * svs_t
-            vs = _per_channel(VS + vsz, valid[:, None], D, G_V, V_BITS)
-            vz = _per_channel(VZ + vsz, valid[:, None], D, G_V, V_BITS)
-            acc += tl.dot(p.to(tl.float16), (vc - 1024.0) * vs + vz)
-    else:
-        for t0 in range(0, n_res, N):
-            offs_t = t0 + cols
-            valid = offs_t < n_res
-            k = tl.load(KR + b * skr_b + h * skr_h + offs_t[:, None] * skr_t + offs_d[None, :],
-                        mask=valid[:, None], other=0.0)
-            s = tl.dot(q.to(tl.float16), tl.trans(k.to(tl.float16)))
-            s = tl.where(own & valid[None, :], s, float("-inf"))
-            p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, NG_M, R_P)
-            v = tl.load(VR + b * svr_b + h * svr_h + offs_t[:, None] * svr_t + offs_d[None, :],
-                        mask=valid[:, None], other=0.0)
-            acc += tl.dot(p.to(tl.float16), v.to(tl.float16))
-
-    # fold the NG_M row copies of each query head: their outputs add, their max and sum are shared
-    acc = tl.sum(tl.reshape(acc, (NG_M, R_P, D)), 0)
-    m = tl.max(tl.reshape(m_i, (NG_M, R_P)), 0)
-    l = tl.max(tl.reshape(l_i, (NG_M, R_P)), 0)
-    has = l > 0
-    out = acc / tl.where(has, l, 1.0)[:, None]
-    lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))
     offs_r = tl.arange(0, R_P)
     part = ((b * H_KV + h) * R + offs_r) * (num_splits + 1) + split
+    if split < num_splits:
+        step_lo = split * steps_per_split
+        step_hi = tl.minimum(step_lo + steps_per_split, tl.cdiv(n_hist, NG * G_K))
+        out, l, m, col = _history(
+            Q, KW, KS, KZ, VW, VS, VZ, b, h, offs_r, qk_scale,
+            sq_b, sq_h, skw_b, skw_h, skw_t, sks_b, sks_h, sks_g, svw_b, svw_h, svw_t, svs_b, svs_h, svs_t,
+            n_hist, step_lo, step_hi, R, R_P, M, NG, NGV, NZ, D, G_K, G_V, K_BITS, V_BITS, W, ASM,
+        )
+    else:
+        out, l, m = _residual(Q, KR, VR, b, h, offs_r, qk_scale, sq_b, sq_h, skr_b, skr_h, skr_t,
+                              svr_b, svr_h, svr_t, n_res, R, R_P, D, NR)
+        col = tl.arange(0, D)
+    has = l > 0
+    lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))
+    out = out / tl.where(has, l, 1.0)[:, None]
     tl.store(LSE_part + part, lse, mask=offs_r < R)
-    tl.store(O_part + part[:, None] * D + offs_d[None, :], out, mask=(offs_r < R)[:, None])
+    tl.store(O_part + part[:, None] * D + col[None, :], out, mask=(offs_r < R)[:, None])
 
 
 @triton.jit(do_not_specialize=["n_parts"])
 def _decode_reduce_kernel(O_part, LSE_part, Out, n_parts, D: tl.constexpr, PARTS: tl.constexpr):
-    """Merge one query head's partial outputs, weighting each by exp2(its lse - max lse)."""
+    """Merge one query head's partial outputs, weighting each by exp2(its lse - max lse), PARTS at a time."""
     row = tl.program_id(0)
-    offs_p = tl.arange(0, PARTS)
     offs_d = tl.arange(0, D)
-    valid = offs_p < n_parts
-    lse = tl.load(LSE_part + row * n_parts + offs_p, mask=valid, other=float("-inf"))
-    w = tl.exp2(lse - tl.max(lse, 0))
-    o = tl.load(O_part + (row * n_parts + offs_p)[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
-    out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
-    tl.store(Out + row * D + offs_d, out.to(Out.dtype.element_ty))
+    m = float("-inf")
+    l = 0.0
+    acc = tl.zeros([D], tl.float32)
+    for p0 in range(0, n_parts, PARTS):
+        offs_p = p0 + tl.arange(0, PARTS)
+        valid = offs_p < n_parts
+        lse = tl.load(LSE_part + row * n_parts + offs_p, mask=valid, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # every part so far empty
+        w = tl.exp2(lse - m_use)
+        o = tl.load(O_part + (row * n_parts + offs_p)[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
+        alpha = tl.exp2(m - m_use)
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        l = l * alpha + tl.sum(w, 0)
+        m = m_new
+    tl.store(Out + row * D + offs_d, (acc / l).to(Out.dtype.element_ty))
 
 
-def default_num_splits(n_steps: int, programs: int, device: torch.device) -> int:
-    """History splits per KV head: enough programs for ~4 per SM, at least 2 steps each."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(triton.cdiv(4 * sms, programs), triton.cdiv(n_steps, 2)))
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def default_num_splits(n_steps: int, programs: int, device: torch.device, ctas_per_sm: int = 3) -> int:
+    """History splits per KV head: the fewest that fill whole waves of resident programs to >= 90%
+    (``ctas_per_sm`` at a time on each SM), keeping at least 4 steps a split.
+
+    Few programs (small batch): many short splits fill the GPU. Many programs: 1-3 long splits,
+    each costing a partial result and its merge, just enough that the last wave is not mostly idle."""
+    slots = ctas_per_sm * _sm_count(device)
+    most = max(1, n_steps // 4)
+    for splits in range(1, most + 1):
+        if 10 * programs * splits >= 9 * -(-programs * splits // slots) * slots:
+            return splits
+    return most
 
 
 def decode_attention_triton(
@@ -205,33 +431,30 @@ def decode_attention_triton(
     values: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
-    groups_per_step: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int = 3,
+    maxnreg: int | None = 168,
+    inline_asm: bool | None = None,
 ) -> torch.Tensor:
     """Launcher; same arguments and result as :func:`~kvtuner.kernels.reference.decode_attention_reference`.
 
-    num_splits: history slices per KV head (default :func:`default_num_splits`); groups_per_step:
-    key groups a step, at most one per copy of the query rows (default: up to 128 tokens);
-    num_warps and num_stages are launch tunables that benchmarks sweep.
+    num_splits: history slices per KV head (default :func:`default_num_splits`); num_warps (also
+    the token slices of a step), num_stages and maxnreg (registers a thread; 168 fits 3 programs
+    of 4 warps on an SM) are launch tunables; inline_asm: decode codes with PTX ``lop3``/``prmt``
+    (default on CUDA tensors; Triton's interpreter cannot run PTX).
     """
     b, h_q, d = query.shape
     h_kv, n_res = keys.shape[1], keys.shape[2]
     r = h_q // h_kv
     r_p = triton.next_power_of_2(r)
-    m = max(16, r_p)
     tensors = [query, keys, values]
     if qkeys is None:  # no history programs run; typed placeholders still have to compile
-        n_hist, g_k, g_v, k_bits, v_bits, ng = 0, 16, d, 2, 2, 1
+        n_hist, g_k, g_v, k_bits, v_bits = 0, 16 * num_warps, d, 4, 4
         kw = vw = torch.empty(1, device=query.device, dtype=torch.int32)
         ks = kz = vs = vz = torch.empty(1, device=query.device, dtype=torch.float16)
         hist_strides = (0,) * 12
-        splits = 0
     else:
         g_k = qkeys.spec.group_len(qkeys.shape)
-        ng = groups_per_step or max(1, min(m // r_p, 128 // g_k))
-        if ng > m // r_p:
-            raise ValueError(f"groups_per_step {ng} exceeds the {m // r_p} copies of the query rows")
         g_v = qvalues.spec.group_len(qvalues.shape)
         k_bits, v_bits = qkeys.spec.bits, qvalues.spec.bits
         n_hist = qkeys.num_tokens
@@ -241,11 +464,20 @@ def decode_attention_triton(
         if kz.stride() != ks.stride() or vz.stride() != vs.stride():
             raise ValueError("scale and zero must share strides")
         hist_strides = (*kw.stride()[:3], *ks.stride()[:3], *vw.stride()[:3], *vs.stride()[:3])
-        n_steps = triton.cdiv(n_hist, ng * g_k)
-        splits = min(num_splits or default_num_splits(n_steps, b * h_kv, query.device), n_steps)
     if any(t.stride(-1) != 1 for t in tensors):
         raise ValueError("every input must be contiguous in its last dimension")
-    steps_per_split = triton.cdiv(triton.cdiv(n_hist, ng * g_k), splits) if splits else 0
+    ngv = d // g_v
+    m = max(16, r_p * ngv)  # stacked rows: r_p query heads times key (or value) groups
+    ng = min(m // r_p, max(1, 128 // g_k))  # key groups a step
+    if g_k < 2 * num_warps or ng * g_k < 16 * num_warps:
+        raise ValueError(f"key groups of {g_k} tokens are too short for {num_warps} warps")
+    n_steps = -(-n_hist // (ng * g_k))
+    on_gpu = query.is_cuda
+    ctas = 65536 // (32 * num_warps * (maxnreg or 255)) if on_gpu else 3
+    splits = min(num_splits or default_num_splits(n_steps, b * h_kv, query.device, max(1, ctas)), n_steps)
+    if m > 16:  # more than 16 stacked rows: one step a program (their multi-step loop failed on an H100)
+        splits = n_steps
+    steps_per_split = -(-n_steps // splits) if splits else 0
     n_parts = splits + 1
     o_part = torch.empty((b * h_q, n_parts, d), device=query.device, dtype=torch.float32)
     lse_part = torch.empty((b * h_q, n_parts), device=query.device, dtype=torch.float32)
@@ -253,9 +485,12 @@ def decode_attention_triton(
         query, kw, ks, kz, vw, vs, vz, keys, values, o_part, lse_part,
         query.stride(0), query.stride(1), *hist_strides, *keys.stride()[:3], *values.stride()[:3],
         n_hist, n_res, steps_per_split, splits, scale * LOG2E,
-        H_KV=h_kv, R=r, R_P=r_p, NG=ng, M=m, D=d, G_K=g_k, G_V=g_v, K_BITS=k_bits, V_BITS=v_bits,
-        num_warps=num_warps, num_stages=num_stages,
+        H_KV=h_kv, R=r, R_P=r_p, M=m, NG=ng, NGV=ngv, NZ=max(8, triton.next_power_of_2(ngv)), D=d,
+        G_K=g_k, G_V=g_v, K_BITS=k_bits, V_BITS=v_bits, W=num_warps, NR=32,
+        ASM=on_gpu if inline_asm is None else inline_asm,
+        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if on_gpu and maxnreg else {}),
     )
     out = torch.empty((b, h_q, d), device=query.device, dtype=query.dtype)
-    _decode_reduce_kernel[(b * h_q,)](o_part, lse_part, out, n_parts, D=d, PARTS=triton.next_power_of_2(n_parts))
+    parts = min(64, triton.next_power_of_2(n_parts))
+    _decode_reduce_kernel[(b * h_q,)](o_part, lse_part, out, n_parts, D=d, PARTS=parts)
     return out
