@@ -8,6 +8,7 @@ dicts later; ``crop`` takes an absolute length (legacy, positive) or tokens to r
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 from transformers import PretrainedConfig
@@ -53,5 +54,10 @@ def tokens_to_keep(current_length: int, crop_arg: int) -> int:
 
 def cache_kwargs(model, cache: Cache) -> dict:
     """Keyword that passes ``cache`` to ``model`` / ``model.generate``: ``cache`` in newer 5.x, ``past_key_values`` before."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: cache}
+    return {_cache_kwarg_name(type(model)): cache}
+
+
+@functools.cache
+def _cache_kwarg_name(model_class: type) -> str:
+    # inspected once per model class: evaluation calls this for every chunk
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
