@@ -99,6 +99,15 @@ def test_bf16_many_splits_and_empty_ones(group):
         assert rel_err(case, num_splits=splits) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("n_hist,group", [(256, 32), (416, 32), (448, 64)])
+def test_whole_steps_and_the_partial_last_step(n_hist, group):
+    """Whole 128-token steps are read unmasked; a partial last step is read as the history's last 128
+    tokens, the ones an earlier step saw masked out (group 64: 2 value groups, fewer than the row copies)."""
+    case = make_case(2, 4, 4, n_hist, 3, batch=1, group=group)
+    for splits in (1, 2, 3):
+        assert rel_err(case, num_splits=splits) < TOL[torch.float16]
+
+
 def test_residual_only_and_head_dim_64():
     assert rel_err(make_case(4, 4, 4, 0, 9)) < TOL[torch.float16]  # before the first flush
     assert rel_err(make_case(2, 4, 8, 96, 32, d=64)) < TOL[torch.float16]

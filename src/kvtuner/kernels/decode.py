@@ -115,16 +115,21 @@ def _spread(x, FROM: tl.constexpr):
 
 
 @triton.jit
-def _load_words(row_ptrs, valid, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+def _load_words(row_ptrs, valid, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, MASKED: tl.constexpr):
     """[N, D * b // 32] int32 packed words of N token rows (``row_ptrs`` [N] point at word 0), b = BITS,
     except that 3-bit codes come back as 4-bit words rebuilt from their 2-bit and 1-bit planes.
+    Rows where ``valid`` is false read as 0 when ``MASKED`` (otherwise every row is read).
 
     Words are loaded as [runs, N, 4, words a lane]: 4 lanes share a token, each loading up to 16
     contiguous bytes, the arrangement the key dot consumes without moving data between threads."""
     if BITS == 3:
         v = tl.arange(0, D // 8)[None, :]
-        w2 = tl.load(row_ptrs[:, None] + v // 2, mask=valid[:, None], other=0)
-        w1 = tl.load(row_ptrs[:, None] + D // 16 + v // 4, mask=valid[:, None], other=0)
+        if MASKED:
+            w2 = tl.load(row_ptrs[:, None] + v // 2, mask=valid[:, None], other=0)
+            w1 = tl.load(row_ptrs[:, None] + D // 16 + v // 4, mask=valid[:, None], other=0)
+        else:
+            w2 = tl.load(row_ptrs[:, None] + v // 2)
+            w1 = tl.load(row_ptrs[:, None] + D // 16 + v // 4)
         return _spread((w2 >> (16 * (v % 2))) & 0xFFFF, 2) | (_spread((w1 >> (8 * (v % 4))) & 0xFF, 1) << 2)
     else:
         NW: tl.constexpr = D * BITS // 32
@@ -135,7 +140,10 @@ def _load_words(row_ptrs, valid, N: tl.constexpr, D: tl.constexpr, BITS: tl.cons
         quad = tl.arange(0, QUAD)[None, :, None]
         lane_word = tl.arange(0, WPL)[None, None, :]
         word = (run * QUAD + quad) * WPL + lane_word
-        x = tl.load(row_ptrs[None, :, None, None] + word[:, None, :, :], mask=valid[None, :, None, None], other=0)
+        if MASKED:
+            x = tl.load(row_ptrs[None, :, None, None] + word[:, None, :, :], mask=valid[None, :, None, None], other=0)
+        else:
+            x = tl.load(row_ptrs[None, :, None, None] + word[:, None, :, :])
         return tl.reshape(tl.permute(x, (1, 0, 2, 3)), (N, NW))
 
 
@@ -198,16 +206,43 @@ def _across_groups(x, W: tl.constexpr, NG_M: tl.constexpr, R_P: tl.constexpr):
 
 
 @triton.jit
-def _history(
-    Q, KW, KS, KZ, VW, VS, VZ, b, h, offs_r, qk_scale,
-    sq_b, sq_h, skw_b, skw_h, skw_t, sks_b, sks_h, sks_g, svw_b, svw_h, svw_t, svs_b, svs_h, svs_t,
-    n_hist, step_lo, step_hi,
-    R: tl.constexpr, R_P: tl.constexpr, M: tl.constexpr, NG: tl.constexpr, NGV: tl.constexpr, NZ: tl.constexpr,
-    D: tl.constexpr, G_K: tl.constexpr, G_V: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
-    W: tl.constexpr, ASM: tl.constexpr,
+def _value_scales(VS, VZ, b, h, t0, n_hist, svs_b, svs_h, svs_t, NG_M: tl.constexpr, NGV: tl.constexpr,
+                  N: tl.constexpr, W: tl.constexpr, G_K: tl.constexpr, SHORT: tl.constexpr):
+    """Value scales [W, NG_M, NS] (row copy v: s_v(t), 0 past the value groups) and zeros [W, NS, NGV] of
+    the step at ``t0``, tokens in slice order. Loaded a step ahead by the caller: they are few small
+    loads that otherwise stall the step on their latency."""
+    NS: tl.constexpr = N // W
+    TPG: tl.constexpr = G_K // W
+    n_s = tl.arange(0, NS)
+    tok_s = (n_s // TPG)[None, :] * G_K + tl.arange(0, W)[:, None] * TPG + (n_s % TPG)[None, :]  # [W, NS]
+    g_copy = tl.arange(0, NG_M)
+    cols_v = tl.arange(0, NGV)
+    tv = b * svs_b + h * svs_h + (t0 + tok_s) * svs_t
+    if SHORT:
+        in_hist = t0 + tok_s < n_hist
+        vz = tl.load(VZ + tv[:, :, None] + cols_v[None, None, :], mask=in_hist[:, :, None], other=0.0)
+        vs = tl.load(VS + tv[:, None, :] + g_copy[None, :, None],
+                     mask=(g_copy < NGV)[None, :, None] & in_hist[:, None, :], other=0.0)
+    else:
+        vz = tl.load(VZ + tv[:, :, None] + cols_v[None, None, :])
+        if NG_M == NGV:  # loaded token-major like vz (vector loads), then transposed in registers
+            vs = tl.permute(tl.load(VS + tv[:, :, None] + cols_v[None, None, :]), (0, 2, 1))
+        else:
+            vs = tl.load(VS + tv[:, None, :] + g_copy[None, :, None], mask=(g_copy < NGV)[None, :, None], other=0.0)
+    return vs.to(tl.float16), vz.to(tl.float16)
+
+
+@triton.jit
+def _history_step(
+    acc, ez, es, m_i, t0, t_lo, qk, m_key, vs, vz, KW, KS, KZ, VW, b, h,
+    skw_b, skw_h, skw_t, sks_b, sks_h, sks_g, svw_b, svw_h, svw_t, n_hist,
+    R_P: tl.constexpr, M: tl.constexpr, NG: tl.constexpr, D: tl.constexpr, G_K: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, W: tl.constexpr, ASM: tl.constexpr, SHORT: tl.constexpr,
 ):
-    """Softmax state of one program's history steps: unnormalized output [R_P, D] with its columns in
-    value order, softmax sum [R_P] and max [R_P] (base 2), and the channel of each output column."""
+    """The softmax state (acc, ez, es, m_i) updated with the ``NG * G_K`` tokens from ``t0`` (a multiple of
+    ``G_K``), of which those before ``t_lo`` were seen by the step before (the history's partial last step
+    is moved back to end at ``n_hist``). Loads are not masked, which keeps predicates and the index
+    registers they need out of the loop, except with ``SHORT``: a history shorter than one step."""
     NG_M: tl.constexpr = M // R_P  # row copies: key group g (scores) or value group v (output)
     KB: tl.constexpr = 4 if K_BITS == 3 else K_BITS  # 3-bit codes are decoded as 4-bit words
     VB: tl.constexpr = 4 if V_BITS == 3 else V_BITS
@@ -215,81 +250,122 @@ def _history(
     NS: tl.constexpr = N // W  # tokens a slice
     TPG: tl.constexpr = G_K // W  # tokens of each group in a slice
     offs_d = tl.arange(0, D)
-    # query rows (g, r) = q_r * log2(e) / sqrt(D) in fp16 and key order, divided by the code multipliers
-    q = tl.load(Q + b * sq_b + (h * R + offs_r)[:, None] * sq_h + offs_d[None, :],
-                mask=(offs_r < R)[:, None], other=0.0).to(tl.float32) * qk_scale
-    q = _key_order((q / _multiplier(offs_d, KB)[None, :]).to(tl.float16), R_P, D, KB)
-    q = tl.reshape(tl.broadcast_to(q[None, :, :], (M // R_P, R_P, D)), (M, D))
-    m_key = _key_order(_multiplier(offs_d, KB)[None, :], 1, D, KB).to(tl.float16)  # [1, D]
+    rows = tl.arange(0, M)
+    g_row = rows // R_P
+    g_copy = tl.arange(0, NG_M)
+    cols_s = tl.arange(0, 8)
     # token of slice w, position n. Keys are scored in row order (n // 8, w, n % 8): coalesced
     # loads and the score tile's columns then sit one slice per warp
     rho = tl.arange(0, N)
-    w_rho = (rho // 8) % W
     n_rho = (rho // (8 * W)) * 8 + rho % 8
-    tok_rho = (n_rho // TPG) * G_K + w_rho * TPG + n_rho % TPG
+    tok_rho = (n_rho // TPG) * G_K + ((rho // 8) % W) * TPG + n_rho % TPG
     n_s = tl.arange(0, NS)
     tok_s = (n_s // TPG)[None, :] * G_K + tl.arange(0, W)[:, None] * TPG + (n_s % TPG)[None, :]  # [W, NS]
     n_a = 2 * tl.arange(0, NS // 2)  # values: rows (2i, 2i + 1) of a slice share operand registers
     tok_a = tl.reshape((n_a // TPG)[None, :] * G_K + tl.arange(0, W)[:, None] * TPG + (n_a % TPG)[None, :], (N // 2,))
-    rows = tl.arange(0, M)
-    g_row = rows // R_P
-    own = g_row[:, None] == (n_s // TPG)[None, :]  # [M, NS]: row (g, r) scores group g's tokens
-    g_copy = tl.arange(0, NG_M)
-    cols_z = tl.arange(0, NZ)
-    cols_s = tl.arange(0, 8)
-    ones_k = tl.full([D, 8], 1.0, tl.float16)  # dot(qs, ones_k): row sums of qs, exact in fp32
+    own = (g_row[:, None] == (n_s // TPG)[None, :])[None, :, :]  # [1, M, NS]: row (g, r) scores group g's tokens
+
+    # keys: row (g, r) = q_r * s_g / m (fp16, key order) against codes 1024 + m c. The zero term
+    # q_r . z_g - 1024 * sum(q_r * s_g / m) comes from two small fp32 dots of the same fp16 values
+    group0 = t0 // G_K
+    k_off = b * sks_b + h * sks_h + offs_d[None, :]
+    group_ok = g_copy < NG
+    row_ok = g_row < NG
+    if SHORT:
+        group_ok = group_ok & ((group0 + g_copy) * G_K < n_hist)
+        row_ok = row_ok & ((group0 + g_row) * G_K < n_hist)
+    kz = tl.load(KZ + k_off + (group0 + g_copy)[:, None] * sks_g, mask=group_ok[:, None], other=0.0)
+    kz = _key_order(kz.to(tl.float16), NG_M, D, KB) * m_key
+    ks = tl.load(KS + k_off + (group0 + g_row)[:, None] * sks_g, mask=row_ok[:, None], other=0.0)
+    qs = qk * _key_order(ks.to(tl.float16), M, D, KB)
+    zero = tl.dot(qk, tl.trans(kz))  # [M, NG_M]: q_r . z_g' for every group g'; row (g, r) keeps g' = g
+    zero = tl.sum(tl.where(g_copy[None, :] == g_row[:, None], zero, 0.0), 1)
+    zero -= 1024.0 * tl.max(tl.dot(qs, tl.full([D, 8], 1.0, tl.float16)), 1)
+    k_rows = KW + b * skw_b + h * skw_h + (t0 + tok_rho) * skw_t
+    kw = _load_words(k_rows, t0 + tok_rho < n_hist, N, D, K_BITS, SHORT)
+    s = tl.dot(qs, tl.trans(_key_codes(kw, N, D, KB, ASM))) + zero[:, None]
+    s = tl.reshape(tl.permute(tl.reshape(s, (M, N // (8 * W), W, 8)), (2, 0, 1, 3)), (W, M, NS))
+    s = tl.where(own, s, float("-inf"))
+    if SHORT:
+        s = tl.where((t0 + tok_s < n_hist)[:, None, :], s, float("-inf"))
+    if t_lo > t0:  # a moved last step: once per history, so a branch, not a mask in every step
+        s = tl.where((t0 + tok_s >= t_lo)[:, None, :], s, float("-inf"))
+
+    m_new = tl.maximum(m_i, _across_groups(tl.max(s, 2), W, NG_M, R_P))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row may have no valid token yet
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, :, None])
+    # values: rows (v, r) = p_r(t) * s_v(t), the p_r(t) gathered from the row of t's key group
+    p = tl.sum(tl.reshape(p, (W, NG_M, R_P, NS)), 1)
+    p = tl.reshape(tl.broadcast_to(p[:, None, :, :], (W, NG_M, R_P, NS)), (W, M, NS)).to(tl.float16)
+    pv = p * tl.reshape(tl.broadcast_to(vs[:, :, None, :], (W, NG_M, R_P, NS)), (W, M, NS))
+    v_rows = VW + b * svw_b + h * svw_h + (t0 + tok_a) * svw_t
+    va = _load_words(v_rows, t0 + tok_a < n_hist, N // 2, D, V_BITS, SHORT)
+    vb = _load_words(v_rows + svw_t, t0 + tok_a + 1 < n_hist, N // 2, D, V_BITS, SHORT)
+    vc = tl.permute(tl.reshape(_value_codes(va, vb, N // 2, D, VB, ASM), (D, W, NS)), (1, 2, 0))
+    acc = tl.dot(pv, vc, acc * alpha[:, :, None])
+    ez = tl.dot(p, vz, ez * alpha[:, :, None])
     ones_p = tl.broadcast_to(tl.where(cols_s == 0, 1.0, 0.0).to(tl.float16)[None, None, :], (W, NS, 8))
     ones_pv = tl.broadcast_to(tl.where(cols_s == 1, 1.0, 0.0).to(tl.float16)[None, None, :], (W, NS, 8))
+    es = tl.dot(pv, ones_pv, tl.dot(p, ones_p, es * alpha[:, :, None]))  # column 0: sum p; 1: sum p s
+    return acc, ez, es, m_new
+
+
+@triton.jit
+def _history(
+    Q, KW, KS, KZ, VW, VS, VZ, b, h, offs_r, qk_scale,
+    sq_b, sq_h, skw_b, skw_h, skw_t, sks_b, sks_h, sks_g, svw_b, svw_h, svw_t, svs_b, svs_h, svs_t,
+    n_hist, step_lo, step_hi,
+    R: tl.constexpr, R_P: tl.constexpr, M: tl.constexpr, NG: tl.constexpr, NGV: tl.constexpr,
+    D: tl.constexpr, G_K: tl.constexpr, G_V: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+    W: tl.constexpr, ASM: tl.constexpr, SHORT: tl.constexpr,
+):
+    """Softmax state of one program's history steps: unnormalized output [R_P, D] with its columns in
+    value order, softmax sum [R_P] and max [R_P] (base 2), and the channel of each output column.
+    ``SHORT``: the history is shorter than one step (a single masked step)."""
+    NG_M: tl.constexpr = M // R_P
+    KB: tl.constexpr = 4 if K_BITS == 3 else K_BITS
+    VB: tl.constexpr = 4 if V_BITS == 3 else V_BITS
+    N: tl.constexpr = NG * G_K
+    offs_d = tl.arange(0, D)
+    # query rows (g, r) = q_r * log2(e) / sqrt(D) in fp16 and key order, divided by the code multipliers
+    q = tl.load(Q + b * sq_b + (h * R + offs_r)[:, None] * sq_h + offs_d[None, :],
+                mask=(offs_r < R)[:, None], other=0.0).to(tl.float32) * qk_scale
+    q = _key_order((q / _multiplier(offs_d, KB)[None, :]).to(tl.float16), R_P, D, KB)
+    q = tl.reshape(tl.broadcast_to(q[None, :, :], (NG_M, R_P, D)), (M, D))
+    m_key = _key_order(_multiplier(offs_d, KB)[None, :], 1, D, KB).to(tl.float16)  # [1, D]
 
     m_i = tl.full([W, M], float("-inf"), tl.float32)
     acc = tl.zeros([W, M, D], tl.float32)
-    ez = tl.zeros([W, M, NZ], tl.float32)  # row (v, r), column c < NGV: sum_t p_r(t) z_c(t)
+    ez = tl.zeros([W, M, NGV], tl.float32)  # row (v, r), column c: sum_t p_r(t) z_c(t)
     es = tl.zeros([W, M, 8], tl.float32)  # column 0: sum_t p_r(t); column 1: sum_t p_r(t) s_v(t)
-    for step in range(step_lo, step_hi):
-        t0 = step * N
-        # keys: row (g, r) = q_r * s_g / m (fp16, key order) against codes 1024 + m c. The zero term
-        # q_r . z_g - 1024 * sum(q_r * s_g / m) comes from two small fp32 dots of the same fp16 values
-        group = step * NG + g_copy
-        g_ok = ((g_copy < NG) & (group * G_K < n_hist))[:, None]
-        sz = b * sks_b + h * sks_h + group[:, None] * sks_g + offs_d[None, :]
-        kz = _key_order(tl.load(KZ + sz, mask=g_ok, other=0.0).to(tl.float16), NG_M, D, KB) * m_key
-        g_rows = step * NG + g_row
-        ks = tl.load(KS + b * sks_b + h * sks_h + g_rows[:, None] * sks_g + offs_d[None, :],
-                     mask=((g_row < NG) & (g_rows * G_K < n_hist))[:, None], other=0.0).to(tl.float16)
-        qs = q * _key_order(ks, M, D, KB)
-        zero = tl.dot(q, tl.trans(kz))  # [M, NG_M]: q_r . z_g' for every group g'; row (g, r) keeps g' = g
-        zero = tl.sum(tl.where(g_copy[None, :] == g_row[:, None], zero, 0.0), 1)
-        zero -= 1024.0 * tl.max(tl.dot(qs, ones_k), 1)
-        kw = _load_words(KW + b * skw_b + h * skw_h + (t0 + tok_rho) * skw_t, t0 + tok_rho < n_hist, N, D, K_BITS)
-        s = tl.dot(qs, tl.trans(_key_codes(kw, N, D, KB, ASM))) + zero[:, None]
-        s = tl.reshape(tl.permute(tl.reshape(s, (M, N // (8 * W), W, 8)), (2, 0, 1, 3)), (W, M, NS))
-        valid = t0 + tok_s < n_hist
-        s = tl.where(own[None, :, :] & valid[:, None, :], s, float("-inf"))
-
-        m_new = tl.maximum(m_i, _across_groups(tl.max(s, 2), W, NG_M, R_P))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a slice may have no valid token yet
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, :, None])
-        m_i = m_new
-        # values: rows (v, r) = p_r(t) * s_v(t), the p_r(t) gathered from the row of t's key group
-        p = tl.sum(tl.reshape(p, (W, NG_M, R_P, NS)), 1)
-        p = tl.reshape(tl.broadcast_to(p[:, None, :, :], (W, NG_M, R_P, NS)), (W, M, NS)).to(tl.float16)
-        tv = b * svs_b + h * svs_h + (t0 + tok_s) * svs_t  # [W, NS]
-        vs = tl.load(VS + tv[:, None, :] + g_copy[None, :, None],
-                     mask=(g_copy < NGV)[None, :, None] & valid[:, None, :], other=0.0).to(tl.float16)
-        pv = p * tl.reshape(tl.broadcast_to(vs[:, :, None, :], (W, NG_M, R_P, NS)), (W, M, NS))
-        vz = tl.load(VZ + tv[:, :, None] + cols_z[None, None, :],
-                     mask=(cols_z < NGV)[None, None, :] & valid[:, :, None], other=0.0).to(tl.float16)
-        v_rows = VW + b * svw_b + h * svw_h + (t0 + tok_a) * svw_t
-        va = _load_words(v_rows, t0 + tok_a < n_hist, N // 2, D, V_BITS)
-        vb = _load_words(v_rows + svw_t, t0 + tok_a + 1 < n_hist, N // 2, D, V_BITS)
-        vc = tl.permute(tl.reshape(_value_codes(va, vb, N // 2, D, VB, ASM), (D, W, NS)), (1, 2, 0))
-        acc = tl.dot(pv, vc, acc * alpha[:, :, None])
-        ez = tl.dot(p, vz, ez * alpha[:, :, None])
-        es = tl.dot(pv, ones_pv, tl.dot(p, ones_p, es * alpha[:, :, None]))
+    if SHORT:
+        vs, vz = _value_scales(VS, VZ, b, h, 0, n_hist, svs_b, svs_h, svs_t, NG_M, NGV, N, W, G_K, True)
+        acc, ez, es, m_i = _history_step(
+            acc, ez, es, m_i, 0, 0, q, m_key, vs, vz, KW, KS, KZ, VW, b, h,
+            skw_b, skw_h, skw_t, sks_b, sks_h, sks_g, svw_b, svw_h, svw_t, n_hist,
+            R_P, M, NG, D, G_K, K_BITS, V_BITS, W, ASM, True,
+        )
+    else:
+        last = n_hist - N  # a partial last step is read as the history's last N tokens
+        vs, vz = _value_scales(VS, VZ, b, h, tl.minimum(step_lo * N, last), n_hist, svs_b, svs_h, svs_t,
+                               NG_M, NGV, N, W, G_K, False)
+        for step in range(step_lo, step_hi):
+            vs_next, vz_next = _value_scales(VS, VZ, b, h, tl.minimum((step + 1) * N, last), n_hist,
+                                             svs_b, svs_h, svs_t, NG_M, NGV, N, W, G_K, False)
+            acc, ez, es, m_i = _history_step(
+                acc, ez, es, m_i, tl.minimum(step * N, last), step * N, q, m_key, vs, vz, KW, KS, KZ, VW, b, h,
+                skw_b, skw_h, skw_t, sks_b, sks_h, sks_g, svw_b, svw_h, svw_t, n_hist,
+                R_P, M, NG, D, G_K, K_BITS, V_BITS, W, ASM, False,
+            )
+            vs, vz = vs_next, vz_next
 
     # merge the slices, then read each output column from the rows of its value group:
     # out = (acc - 1024 * sum pv) / m + sum p z, normalized by the softmax sum
+    rows = tl.arange(0, M)
+    g_row = rows // R_P
+    cols_v = tl.arange(0, NGV)
+    cols_s = tl.arange(0, 8)
     m = tl.max(m_i, 0)
     m_use = tl.where(m == float("-inf"), 0.0, m)
     wgt = tl.exp2(m_i - m_use[None, :])
@@ -298,7 +374,7 @@ def _history(
     es = tl.sum(es * wgt[:, :, None], 0)
     d_of_col = tl.reshape(_value_order(offs_d[None, :], 1, D, VB), (D,))
     g_col = d_of_col // G_V
-    e_zero = tl.sum(tl.where(cols_z[None, :] == g_row[:, None], ez, 0.0), 1)
+    e_zero = tl.sum(tl.where(cols_v[None, :] == g_row[:, None], ez, 0.0), 1)
     e_sum = tl.sum(tl.where(cols_s[None, :] == 0, es, 0.0), 1)
     e_pv = tl.sum(tl.where(cols_s[None, :] == 1, es, 0.0), 1)
     out = (acc - 1024.0 * e_pv[:, None]) / _multiplier(d_of_col, VB)[None, :] + e_zero[:, None]
@@ -345,16 +421,17 @@ def _residual(
 def _decode_split_kernel(
     Q, KW, KS, KZ, VW, VS, VZ, KR, VR, O_part, LSE_part,
     sq_b, sq_h,
-    skw_b, skw_h, skw_t,
-    sks_b, sks_h, sks_g,
-    svw_b, svw_h, svw_t,
-    svs_b, svs_h, svs_t,
+    skw_b, skw_h, skw_t: tl.constexpr,  # token strides are compile-time: a stride of 8 or 4 elements
+    sks_b, sks_h, sks_g: tl.constexpr,  # not known to divide 16 would stop vector loads
+    svw_b, svw_h, svw_t: tl.constexpr,
+    svs_b, svs_h, svs_t: tl.constexpr,
     skr_b, skr_h, skr_t,
     svr_b, svr_h, svr_t,
     n_hist, n_res, steps_per_split, num_splits, qk_scale,
     H_KV: tl.constexpr, R: tl.constexpr, R_P: tl.constexpr, M: tl.constexpr, NG: tl.constexpr,
-    NGV: tl.constexpr, NZ: tl.constexpr, D: tl.constexpr, G_K: tl.constexpr, G_V: tl.constexpr,
+    NGV: tl.constexpr, D: tl.constexpr, G_K: tl.constexpr, G_V: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, W: tl.constexpr, NR: tl.constexpr, ASM: tl.constexpr,
+    SHORT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -368,7 +445,7 @@ def _decode_split_kernel(
         out, l, m, col = _history(
             Q, KW, KS, KZ, VW, VS, VZ, b, h, offs_r, qk_scale,
             sq_b, sq_h, skw_b, skw_h, skw_t, sks_b, sks_h, sks_g, svw_b, svw_h, svw_t, svs_b, svs_h, svs_t,
-            n_hist, step_lo, step_hi, R, R_P, M, NG, NGV, NZ, D, G_K, G_V, K_BITS, V_BITS, W, ASM,
+            n_hist, step_lo, step_hi, R, R_P, M, NG, NGV, D, G_K, G_V, K_BITS, V_BITS, W, ASM, SHORT,
         )
     else:
         out, l, m = _residual(Q, KR, VR, b, h, offs_r, qk_scale, sq_b, sq_h, skr_b, skr_h, skr_t,
@@ -432,7 +509,7 @@ def decode_attention_triton(
     scale: float,
     num_splits: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 3,
+    num_stages: int = 2,
     maxnreg: int | None = 168,
     inline_asm: bool | None = None,
 ) -> torch.Tensor:
@@ -485,9 +562,9 @@ def decode_attention_triton(
         query, kw, ks, kz, vw, vs, vz, keys, values, o_part, lse_part,
         query.stride(0), query.stride(1), *hist_strides, *keys.stride()[:3], *values.stride()[:3],
         n_hist, n_res, steps_per_split, splits, scale * LOG2E,
-        H_KV=h_kv, R=r, R_P=r_p, M=m, NG=ng, NGV=ngv, NZ=max(8, triton.next_power_of_2(ngv)), D=d,
+        H_KV=h_kv, R=r, R_P=r_p, M=m, NG=ng, NGV=ngv, D=d,
         G_K=g_k, G_V=g_v, K_BITS=k_bits, V_BITS=v_bits, W=num_warps, NR=32,
-        ASM=on_gpu if inline_asm is None else inline_asm,
+        ASM=on_gpu if inline_asm is None else inline_asm, SHORT=n_hist < ng * g_k,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if on_gpu and maxnreg else {}),
     )
     out = torch.empty((b, h_q, d), device=query.device, dtype=query.dtype)
