@@ -27,21 +27,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float16: 2e-3, torch.bfloat16: 6e-3}
 
 
-class _Poisoned:
-    """Stands in for ``torch`` inside the launcher: fresh buffers start as NaN (floats) or all ones (ints)."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*args, **kwargs):
-        t = torch.empty(*args, **kwargs)
-        return t.fill_(float("nan") if t.is_floating_point() else -1)
-
-
 @pytest.fixture(autouse=True)
-def poisoned(monkeypatch):
-    monkeypatch.setattr(kd, "torch", _Poisoned())
+def poisoned(poison_torch):
+    poison_torch(kd)
 
 
 def make_case(k_bits, v_bits, ratio, n_hist, n_res, dtype=torch.float16, batch=2, h_kv=2, d=128, group=32, seed=0):

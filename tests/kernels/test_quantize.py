@@ -19,25 +19,9 @@ from kvtuner.quant import QuantSpec, quantize  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class _Poisoned:
-    """Stands in for ``torch`` inside the launcher: fresh outputs are NaN (floats) or all ones (ints)."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*args, **kwargs):
-        t = torch.empty(*args, **kwargs)
-        return t.fill_(float("nan") if t.is_floating_point() else -1)
-
-    @staticmethod
-    def empty_like(x):
-        return _Poisoned.empty(x.shape, dtype=x.dtype, device=x.device)
-
-
 @pytest.fixture(autouse=True)
-def poisoned(monkeypatch):
-    monkeypatch.setattr(kq, "torch", _Poisoned())
+def poisoned(poison_torch):
+    poison_torch(kq)
 
 
 def assert_same(a, b):

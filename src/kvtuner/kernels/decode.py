@@ -206,6 +206,12 @@ def _across_groups(x, W: tl.constexpr, NG_M: tl.constexpr, R_P: tl.constexpr):
 
 
 @triton.jit
+def _slice_tokens(n, W: tl.constexpr, TPG: tl.constexpr, G_K: tl.constexpr):
+    """[W, len(n)]: step-relative token of position n in slice w (slice w holds tokens w * TPG .. of every group)."""
+    return (n // TPG)[None, :] * G_K + tl.arange(0, W)[:, None] * TPG + (n % TPG)[None, :]
+
+
+@triton.jit
 def _value_scales(VS, VZ, b, h, t0, n_hist, svs_b, svs_h, svs_t, NG_M: tl.constexpr, NGV: tl.constexpr,
                   N: tl.constexpr, W: tl.constexpr, G_K: tl.constexpr, SHORT: tl.constexpr):
     """Value scales [W, NG_M, NS] (row copy v: s_v(t), 0 past the value groups) and zeros [W, NS, NGV] of
@@ -213,8 +219,7 @@ def _value_scales(VS, VZ, b, h, t0, n_hist, svs_b, svs_h, svs_t, NG_M: tl.conste
     loads that otherwise stall the step on their latency."""
     NS: tl.constexpr = N // W
     TPG: tl.constexpr = G_K // W
-    n_s = tl.arange(0, NS)
-    tok_s = (n_s // TPG)[None, :] * G_K + tl.arange(0, W)[:, None] * TPG + (n_s % TPG)[None, :]  # [W, NS]
+    tok_s = _slice_tokens(tl.arange(0, NS), W, TPG, G_K)  # [W, NS]
     g_copy = tl.arange(0, NG_M)
     cols_v = tl.arange(0, NGV)
     tv = b * svs_b + h * svs_h + (t0 + tok_s) * svs_t
@@ -260,9 +265,9 @@ def _history_step(
     n_rho = (rho // (8 * W)) * 8 + rho % 8
     tok_rho = (n_rho // TPG) * G_K + ((rho // 8) % W) * TPG + n_rho % TPG
     n_s = tl.arange(0, NS)
-    tok_s = (n_s // TPG)[None, :] * G_K + tl.arange(0, W)[:, None] * TPG + (n_s % TPG)[None, :]  # [W, NS]
-    n_a = 2 * tl.arange(0, NS // 2)  # values: rows (2i, 2i + 1) of a slice share operand registers
-    tok_a = tl.reshape((n_a // TPG)[None, :] * G_K + tl.arange(0, W)[:, None] * TPG + (n_a % TPG)[None, :], (N // 2,))
+    tok_s = _slice_tokens(n_s, W, TPG, G_K)  # [W, NS]
+    # values: rows (2i, 2i + 1) of a slice share operand registers
+    tok_a = tl.reshape(_slice_tokens(2 * tl.arange(0, NS // 2), W, TPG, G_K), (N // 2,))
     own = (g_row[:, None] == (n_s // TPG)[None, :])[None, :, :]  # [1, M, NS]: row (g, r) scores group g's tokens
 
     # keys: row (g, r) = q_r * s_g / m (fp16, key order) against codes 1024 + m c. The zero term
@@ -339,26 +344,19 @@ def _history(
     acc = tl.zeros([W, M, D], tl.float32)
     ez = tl.zeros([W, M, NGV], tl.float32)  # row (v, r), column c: sum_t p_r(t) z_c(t)
     es = tl.zeros([W, M, 8], tl.float32)  # column 0: sum_t p_r(t); column 1: sum_t p_r(t) s_v(t)
-    if SHORT:
-        vs, vz = _value_scales(VS, VZ, b, h, 0, n_hist, svs_b, svs_h, svs_t, NG_M, NGV, N, W, G_K, True)
+    # a partial last step is read as the history's last N tokens (SHORT: the one step, masked, from 0)
+    last = tl.maximum(n_hist - N, 0)
+    vs, vz = _value_scales(VS, VZ, b, h, tl.minimum(step_lo * N, last), n_hist, svs_b, svs_h, svs_t,
+                           NG_M, NGV, N, W, G_K, SHORT)
+    for step in range(step_lo, step_hi):
+        vs_next, vz_next = _value_scales(VS, VZ, b, h, tl.minimum((step + 1) * N, last), n_hist,
+                                         svs_b, svs_h, svs_t, NG_M, NGV, N, W, G_K, SHORT)
         acc, ez, es, m_i = _history_step(
-            acc, ez, es, m_i, 0, 0, q, m_key, vs, vz, KW, KS, KZ, VW, b, h,
+            acc, ez, es, m_i, tl.minimum(step * N, last), step * N, q, m_key, vs, vz, KW, KS, KZ, VW, b, h,
             skw_b, skw_h, skw_t, sks_b, sks_h, sks_g, svw_b, svw_h, svw_t, n_hist,
-            R_P, M, NG, D, G_K, K_BITS, V_BITS, W, ASM, True,
+            R_P, M, NG, D, G_K, K_BITS, V_BITS, W, ASM, SHORT,
         )
-    else:
-        last = n_hist - N  # a partial last step is read as the history's last N tokens
-        vs, vz = _value_scales(VS, VZ, b, h, tl.minimum(step_lo * N, last), n_hist, svs_b, svs_h, svs_t,
-                               NG_M, NGV, N, W, G_K, False)
-        for step in range(step_lo, step_hi):
-            vs_next, vz_next = _value_scales(VS, VZ, b, h, tl.minimum((step + 1) * N, last), n_hist,
-                                             svs_b, svs_h, svs_t, NG_M, NGV, N, W, G_K, False)
-            acc, ez, es, m_i = _history_step(
-                acc, ez, es, m_i, tl.minimum(step * N, last), step * N, q, m_key, vs, vz, KW, KS, KZ, VW, b, h,
-                skw_b, skw_h, skw_t, sks_b, sks_h, sks_g, svw_b, svw_h, svw_t, n_hist,
-                R_P, M, NG, D, G_K, K_BITS, V_BITS, W, ASM, False,
-            )
-            vs, vz = vs_next, vz_next
+        vs, vz = vs_next, vz_next
 
     # merge the slices, then read each output column from the rows of its value group:
     # out = (acc - 1024 * sum pv) / m + sum p z, normalized by the softmax sum
