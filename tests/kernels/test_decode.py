@@ -133,3 +133,20 @@ def test_launch_tunables_on_gpu(launch):
 def test_long_context_on_gpu():
     case = make_case(4, 4, 4, 32 * 512, 32, dtype=torch.bfloat16, batch=3, h_kv=8, seed=7)
     assert rel_err(case) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("k_bits,v_bits", [(4, 4), (2, 2), (8, 8)])
+def test_diffuse_attention_over_a_long_history_in_one_split_on_gpu(k_bits, v_bits):
+    """32k tokens of unit-variance keys (no outlier): near-uniform attention, a small output, and 256
+    steps accumulated in one program. The tensor cores' truncating fp32 accumulation made this 30-90%
+    wrong while value codes carried their 1024 offset into the accumulator."""
+    g = torch.Generator().manual_seed(11)
+    k, v = (torch.randn(1, 2, 32768, 128, generator=g).to(DEVICE, torch.bfloat16) for _ in range(2))
+    case = dict(query=torch.randn(1, 8, 128, generator=g).to(DEVICE, torch.bfloat16),
+                qkeys=quantize(k[:, :, :-32], QuantSpec(k_bits, 32, "channel")),
+                qvalues=quantize(v[:, :, :-32], QuantSpec(v_bits, 32, "token")),
+                keys=k[:, :, -32:], values=v[:, :, -32:], scale=128**-0.5)
+    assert rel_err(case, num_splits=1) < TOL[torch.bfloat16]
+

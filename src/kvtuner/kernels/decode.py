@@ -21,9 +21,9 @@ the tensor cores, at about one integer instruction per two codes:
   zero term per row comes from two small dots.
 * values (grouped per token, a scale and zero per ``G_V`` channels): the rows are stacked the
   other way, row ``(v, r)`` holding ``p_r(t) * s_v(t)`` in fp16, and multiply the raw codes; row
-  ``(v, r)`` keeps the output channels of value group v. The zero terms ``sum_t p_r(t) z_v(t)``,
-  the softmax sum and ``sum_t p_r(t) s_v(t)`` come from small dots (8 columns each), so that no
-  code is ever dequantized and no row sum is reduced across threads.
+  ``(v, r)`` keeps the output channels of value group v. The zero terms ``sum_t p_r(t) z_v(t)``
+  and the softmax sum come from small dots (8 columns each), so that no code is ever
+  dequantized and no row sum is reduced across threads.
 
 Codes become fp16 without an int-to-float conversion: for ``b``-bit codes, one ``lop3`` per
 32-bit register computes ``(x & mask) | 0x64006400``, two fp16 numbers ``1024 + m * c`` (one per
@@ -34,8 +34,12 @@ of one token for keys (whose dot runs over channels), two tokens of one channel 
 therefore enter the dots in a permuted order (:func:`_key_order`, :func:`_value_order`), chosen
 so that each thread's codes land in its own mma operand registers; the query rows, scales and
 the output follow the same permutation. The multiplier ``m`` is divided out of the query (keys)
-or the output columns (values), and the ``1024`` offsets cancel exactly against fp32 dots of the
-same fp16 operands. 3-bit codes (a 2-bit plane and a 1-bit plane) are first rebuilt as 4-bit
+or the output columns (values). For keys the ``1024`` offsets cancel exactly against an fp32 dot of
+the same fp16 operands within each step. Value codes are centred first (one ``sub.f16x2``:
+``m * (c - 2^(b-1))``, exact, the zeros moved by ``2^(b-1) * s``): their dot accumulates across the
+whole history in the tensor cores' fp32 accumulator, which truncates, and a ``1024 * sum p s`` riding
+along (about 100x the output) made diffuse attention over 32k tokens in one split 30-90% wrong on an
+H100. 3-bit codes (a 2-bit plane and a 1-bit plane) are first rebuilt as 4-bit
 words. With ``inline_asm`` the ``lop3``/``prmt`` are PTX; otherwise the same integer arithmetic
 in Triton (Triton's interpreter cannot run PTX; results are bit-identical).
 
@@ -78,9 +82,21 @@ def _lop3_magic(x, mask, ASM: tl.constexpr):
 
 
 @triton.jit
-def _pair_codes(x, BITS: tl.constexpr, ASM: tl.constexpr):
+def _sub_halves(y, k, ASM: tl.constexpr):
+    """Both fp16 halves of int32 ``y`` less those of ``k``: one ``sub.f16x2`` with ``ASM``."""
+    if ASM:
+        return tl.inline_asm_elementwise("sub.f16x2 $0, $1, $2;", "=r,r,r", [y, k], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        lo = y.to(tl.int16).to(tl.float16, bitcast=True) - k.to(tl.int16).to(tl.float16, bitcast=True)
+        hi = (y >> 16).to(tl.int16).to(tl.float16, bitcast=True) - (k >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+        return (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+
+@triton.jit
+def _pair_codes(x, BITS: tl.constexpr, ASM: tl.constexpr, CENTER: tl.constexpr):
     """x [A, B] int32 whose 16-bit halves hold ``P = 16 // BITS`` codes each -> [A, B, P, 2] fp16:
-    element ``[a, b, p, h] = 1024 + m_p * (code p of half h)``, ``m_p = 2^(BITS * (p % (8 // BITS)))``.
+    element ``[a, b, p, h] = O + m_p * (code p of half h)``, ``m_p = 2^(BITS * (p % (8 // BITS)))``,
+    with offset ``O = 1024``, or ``O = -m_p * CENTER`` (codes centred, exact).
 
     The halves of ``((x >> shift_p) & mask_p) | 0x64006400`` are the pair; they stay in one
     register (the compiler folds the split and re-join)."""
@@ -88,6 +104,8 @@ def _pair_codes(x, BITS: tl.constexpr, ASM: tl.constexpr):
     p = tl.arange(0, 16 // BITS)[None, None, :]
     mask = tl.full([1, 1, 16 // BITS], ((1 << BITS) - 1) * 0x10001, tl.int32) << (BITS * (p % CPB))
     y = _lop3_magic(x[:, :, None] >> ((p // CPB) * 8), mask, ASM)
+    if CENTER:  # less fp16 1024 + m_p * CENTER from both halves (0x6400 + m_p * CENTER: integers below 2048)
+        y = _sub_halves(y, (0x6400 + (CENTER << (BITS * (p % CPB)))) * 0x10001, ASM)
     lo = y.to(tl.int16).to(tl.float16, bitcast=True)
     hi = (y >> 16).to(tl.int16).to(tl.float16, bitcast=True)
     return tl.join(lo, hi)
@@ -178,12 +196,13 @@ def _value_order(x, A: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
 @triton.jit
 def _key_codes(words, A: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
     """[A, D] fp16 codes in key order from their words [A, D * BITS // 32]."""
-    c = tl.permute(_pair_codes(words, BITS, ASM), (0, 1, 3, 2))  # (word, h, p): channel order
+    c = tl.permute(_pair_codes(words, BITS, ASM, 0), (0, 1, 3, 2))  # (word, h, p): channel order
     return _key_order(tl.reshape(c, (A, D)), A, D, BITS)
 
 
 @triton.jit
-def _value_codes(a, b, A: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+def _value_codes(a, b, A: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr,
+                 CENTER: tl.constexpr):
     """[D, 2A] fp16 codes, channels in value order (rows) by token rows (columns), from the words
     [A, D * BITS // 32] of token rows ``a`` and ``b`` interleaved (a0, b0, a1, b1, ...): rows 2i
     and 2i + 1 share each operand register, so their half-words are paired before decoding.
@@ -193,7 +212,7 @@ def _value_codes(a, b, A: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, ASM
     W_LO: tl.constexpr = 8 if NW >= 8 else NW
     half = tl.arange(0, 2)[None, None, :]
     halves = _merge_halves(a[:, :, None], b[:, :, None], half, ASM)  # [A, NW, 2]
-    c = _pair_codes(tl.reshape(halves, (A, 2 * NW)), BITS, ASM)  # [A, (word, half), p, row a/b]
+    c = _pair_codes(tl.reshape(halves, (A, 2 * NW)), BITS, ASM, CENTER)  # [A, (word, half), p, row a/b]
     c = tl.reshape(c, (A, NW // W_LO, W_LO, 2, P, 2))
     return tl.reshape(tl.permute(c, (1, 3, 4, 2, 0, 5)), (D, 2 * A))  # see _value_order
 
@@ -213,27 +232,31 @@ def _slice_tokens(n, W: tl.constexpr, TPG: tl.constexpr, G_K: tl.constexpr):
 
 @triton.jit
 def _value_scales(VS, VZ, b, h, t0, n_hist, svs_b, svs_h, svs_t, NG_M: tl.constexpr, NGV: tl.constexpr,
-                  N: tl.constexpr, W: tl.constexpr, G_K: tl.constexpr, SHORT: tl.constexpr):
-    """Value scales [W, NG_M, NS] (row copy v: s_v(t), 0 past the value groups) and zeros [W, NS, NGV] of
-    the step at ``t0``, tokens in slice order. Loaded a step ahead by the caller: they are few small
-    loads that otherwise stall the step on their latency."""
+                  N: tl.constexpr, W: tl.constexpr, G_K: tl.constexpr, CENTER: tl.constexpr, SHORT: tl.constexpr):
+    """Value scales [W, NG_M, NS] (row copy v: s_v(t), 0 past the value groups) and zeros of the centred
+    codes ``z + CENTER * s`` [W, NS, NGV] of the step at ``t0``, tokens in slice order. Loaded a step ahead
+    by the caller: they are few small loads that otherwise stall the step on their latency."""
     NS: tl.constexpr = N // W
     TPG: tl.constexpr = G_K // W
     tok_s = _slice_tokens(tl.arange(0, NS), W, TPG, G_K)  # [W, NS]
     g_copy = tl.arange(0, NG_M)
     cols_v = tl.arange(0, NGV)
     tv = b * svs_b + h * svs_h + (t0 + tok_s) * svs_t
+    in_hist = t0 + tok_s < n_hist
     if SHORT:
-        in_hist = t0 + tok_s < n_hist
         vz = tl.load(VZ + tv[:, :, None] + cols_v[None, None, :], mask=in_hist[:, :, None], other=0.0)
-        vs = tl.load(VS + tv[:, None, :] + g_copy[None, :, None],
-                     mask=(g_copy < NGV)[None, :, None] & in_hist[:, None, :], other=0.0)
-    else:
+        vs_t = tl.load(VS + tv[:, :, None] + cols_v[None, None, :], mask=in_hist[:, :, None], other=0.0)
+    else:  # token-major: vector loads
         vz = tl.load(VZ + tv[:, :, None] + cols_v[None, None, :])
-        if NG_M == NGV:  # loaded token-major like vz (vector loads), then transposed in registers
-            vs = tl.permute(tl.load(VS + tv[:, :, None] + cols_v[None, None, :]), (0, 2, 1))
-        else:
-            vs = tl.load(VS + tv[:, None, :] + g_copy[None, :, None], mask=(g_copy < NGV)[None, :, None], other=0.0)
+        vs_t = tl.load(VS + tv[:, :, None] + cols_v[None, None, :])
+    if NG_M == NGV:  # transposed in registers
+        vs = tl.permute(vs_t, (0, 2, 1))
+    else:
+        ok = (g_copy < NGV)[None, :, None]
+        if SHORT:
+            ok = ok & in_hist[:, None, :]
+        vs = tl.load(VS + tv[:, None, :] + g_copy[None, :, None], mask=ok, other=0.0)
+    vz = vz.to(tl.float32) + CENTER * vs_t.to(tl.float32)
     return vs.to(tl.float16), vz.to(tl.float16)
 
 
@@ -307,12 +330,11 @@ def _history_step(
     v_rows = VW + b * svw_b + h * svw_h + (t0 + tok_a) * svw_t
     va = _load_words(v_rows, t0 + tok_a < n_hist, N // 2, D, V_BITS, SHORT)
     vb = _load_words(v_rows + svw_t, t0 + tok_a + 1 < n_hist, N // 2, D, V_BITS, SHORT)
-    vc = tl.permute(tl.reshape(_value_codes(va, vb, N // 2, D, VB, ASM), (D, W, NS)), (1, 2, 0))
+    vc = tl.permute(tl.reshape(_value_codes(va, vb, N // 2, D, VB, ASM, 1 << (V_BITS - 1)), (D, W, NS)), (1, 2, 0))
     acc = tl.dot(pv, vc, acc * alpha[:, :, None])
     ez = tl.dot(p, vz, ez * alpha[:, :, None])
     ones_p = tl.broadcast_to(tl.where(cols_s == 0, 1.0, 0.0).to(tl.float16)[None, None, :], (W, NS, 8))
-    ones_pv = tl.broadcast_to(tl.where(cols_s == 1, 1.0, 0.0).to(tl.float16)[None, None, :], (W, NS, 8))
-    es = tl.dot(pv, ones_pv, tl.dot(p, ones_p, es * alpha[:, :, None]))  # column 0: sum p; 1: sum p s
+    es = tl.dot(p, ones_p, es * alpha[:, :, None])  # column 0: sum p
     return acc, ez, es, m_new
 
 
@@ -343,14 +365,14 @@ def _history(
     m_i = tl.full([W, M], float("-inf"), tl.float32)
     acc = tl.zeros([W, M, D], tl.float32)
     ez = tl.zeros([W, M, NGV], tl.float32)  # row (v, r), column c: sum_t p_r(t) z_c(t)
-    es = tl.zeros([W, M, 8], tl.float32)  # column 0: sum_t p_r(t); column 1: sum_t p_r(t) s_v(t)
+    es = tl.zeros([W, M, 8], tl.float32)  # column 0: sum_t p_r(t)
     # a partial last step is read as the history's last N tokens (SHORT: the one step, masked, from 0)
     last = tl.maximum(n_hist - N, 0)
     vs, vz = _value_scales(VS, VZ, b, h, tl.minimum(step_lo * N, last), n_hist, svs_b, svs_h, svs_t,
-                           NG_M, NGV, N, W, G_K, SHORT)
+                           NG_M, NGV, N, W, G_K, 1 << (V_BITS - 1), SHORT)
     for step in range(step_lo, step_hi):
         vs_next, vz_next = _value_scales(VS, VZ, b, h, tl.minimum((step + 1) * N, last), n_hist,
-                                         svs_b, svs_h, svs_t, NG_M, NGV, N, W, G_K, SHORT)
+                                         svs_b, svs_h, svs_t, NG_M, NGV, N, W, G_K, 1 << (V_BITS - 1), SHORT)
         acc, ez, es, m_i = _history_step(
             acc, ez, es, m_i, tl.minimum(step * N, last), step * N, q, m_key, vs, vz, KW, KS, KZ, VW, b, h,
             skw_b, skw_h, skw_t, sks_b, sks_h, sks_g, svw_b, svw_h, svw_t, n_hist,
@@ -359,7 +381,7 @@ def _history(
         vs, vz = vs_next, vz_next
 
     # merge the slices, then read each output column from the rows of its value group:
-    # out = (acc - 1024 * sum pv) / m + sum p z, normalized by the softmax sum
+    # out = acc / m + sum p (z + CENTER s) (the codes were centred), normalized by the softmax sum
     rows = tl.arange(0, M)
     g_row = rows // R_P
     cols_v = tl.arange(0, NGV)
@@ -374,8 +396,7 @@ def _history(
     g_col = d_of_col // G_V
     e_zero = tl.sum(tl.where(cols_v[None, :] == g_row[:, None], ez, 0.0), 1)
     e_sum = tl.sum(tl.where(cols_s[None, :] == 0, es, 0.0), 1)
-    e_pv = tl.sum(tl.where(cols_s[None, :] == 1, es, 0.0), 1)
-    out = (acc - 1024.0 * e_pv[:, None]) / _multiplier(d_of_col, VB)[None, :] + e_zero[:, None]
+    out = acc / _multiplier(d_of_col, VB)[None, :] + e_zero[:, None]
     out = tl.where(g_row[:, None] == g_col[None, :], out, 0.0)
     out = tl.sum(tl.reshape(out, (NG_M, R_P, D)), 0)
     l = tl.max(tl.reshape(e_sum, (NG_M, R_P)), 0)
