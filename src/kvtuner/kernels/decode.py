@@ -354,6 +354,7 @@ def _history(
     KB: tl.constexpr = 4 if K_BITS == 3 else K_BITS
     VB: tl.constexpr = 4 if V_BITS == 3 else V_BITS
     N: tl.constexpr = NG * G_K
+    CENTER: tl.constexpr = 1 << (V_BITS - 1)  # value codes enter their dot as c - CENTER
     offs_d = tl.arange(0, D)
     # query rows (g, r) = q_r * log2(e) / sqrt(D) in fp16 and key order, divided by the code multipliers
     q = tl.load(Q + b * sq_b + (h * R + offs_r)[:, None] * sq_h + offs_d[None, :],
@@ -369,10 +370,10 @@ def _history(
     # a partial last step is read as the history's last N tokens (SHORT: the one step, masked, from 0)
     last = tl.maximum(n_hist - N, 0)
     vs, vz = _value_scales(VS, VZ, b, h, tl.minimum(step_lo * N, last), n_hist, svs_b, svs_h, svs_t,
-                           NG_M, NGV, N, W, G_K, 1 << (V_BITS - 1), SHORT)
+                           NG_M, NGV, N, W, G_K, CENTER, SHORT)
     for step in range(step_lo, step_hi):
         vs_next, vz_next = _value_scales(VS, VZ, b, h, tl.minimum((step + 1) * N, last), n_hist,
-                                         svs_b, svs_h, svs_t, NG_M, NGV, N, W, G_K, 1 << (V_BITS - 1), SHORT)
+                                         svs_b, svs_h, svs_t, NG_M, NGV, N, W, G_K, CENTER, SHORT)
         acc, ez, es, m_i = _history_step(
             acc, ez, es, m_i, tl.minimum(step * N, last), step * N, q, m_key, vs, vz, KW, KS, KZ, VW, b, h,
             skw_b, skw_h, skw_t, sks_b, sks_h, sks_g, svw_b, svw_h, svw_t, n_hist,
@@ -381,7 +382,7 @@ def _history(
         vs, vz = vs_next, vz_next
 
     # merge the slices, then read each output column from the rows of its value group:
-    # out = acc / m + sum p (z + CENTER s) (the codes were centred), normalized by the softmax sum
+    # out = acc / m + sum p (z + CENTER s), normalized by the softmax sum
     rows = tl.arange(0, M)
     g_row = rows // R_P
     cols_v = tl.arange(0, NGV)
