@@ -35,9 +35,10 @@ from kvtuner.kernels.reference import decode_attention_reference
 from kvtuner.quant import QuantSpec
 
 H_Q, H_KV, D, GROUP, RESIDUAL = 32, 8, 128, 32, 32
-KV = {"K8V8": (8, 8), "K8V4": (8, 4), "K4V4": (4, 4), "K4V2": (4, 2), "K2V2": (2, 2)}
+KV = {f"K{k}V{v}": (k, v) for k in (8, 4, 2) for v in (8, 4, 2)}
+HEADLINE_KV = ["K8V8", "K8V4", "K4V4", "K4V2", "K2V2"]
 QUANTO_BITS = {"K4V4": 4, "K2V2": 2}
-SWEEP = [dict(), dict(maxnreg=128), dict(maxnreg=None), dict(num_stages=2), dict(inline_asm=False)]  # {}: defaults
+SWEEP = [dict(), dict(num_warps=4), dict(num_warps=2), dict(num_stages=3), dict(inline_asm=False)]  # {}: defaults
 
 
 def gpu_name() -> str:
@@ -201,7 +202,7 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768, 65536, 131072])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--points", nargs="+", metavar="B:T", help="(batch, context) points instead of batches x contexts")
-    ap.add_argument("--kv", nargs="+", default=list(KV), choices=list(KV))
+    ap.add_argument("--kv", nargs="+", default=HEADLINE_KV, choices=list(KV))
     ap.add_argument("--tune", type=json.loads, default={}, help="launch options for every kernel call, as JSON")
     ap.add_argument("--no-quanto", action="store_true")
     ap.add_argument("--quanto-ext", action="store_true", help="use quanto's JIT-built CUDA extension (else its torch unpack)")

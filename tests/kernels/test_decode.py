@@ -122,10 +122,25 @@ def test_triton_decoding_path_on_gpu(k_bits, v_bits):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("launch", [dict(num_warps=8), dict(num_stages=3), dict(maxnreg=None)])
+@pytest.mark.parametrize("launch", [dict(num_warps=8), dict(num_warps=2, maxnreg=None), dict(num_stages=3), dict(maxnreg=None)])
 def test_launch_tunables_on_gpu(launch):
     case = make_case(4, 2, 4, 32 * 41, 32, dtype=torch.bfloat16, batch=2, h_kv=8, seed=3)
     assert rel_err(case, **launch) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("num_warps", [2, 4])
+def test_scores_that_keep_growing_rescale_the_softmax_state(num_warps):
+    """Keys whose norm ramps up 12x along the history: each 128-token step raises the rows' max score by
+    more than 8 (log2 units), so one program rescales its accumulators by 2^-8 or less again and again."""
+    case = make_case(4, 4, 4, 32 * 16, 5, seed=5)
+    ramp = torch.linspace(0.5, 6.0, 32 * 16, device=DEVICE)[None, None, :, None]
+    keys = case["qkeys"].dequantize() * ramp
+    query = case["query"] * 2
+    log2_scores = torch.einsum("bhrd,bhtd->bhrt", query.float().view(2, 2, 4, 128), keys) * 128**-0.5 * kd.LOG2E
+    step_max = log2_scores.view(2, 2, 4, 4, 128).amax(-1)
+    assert (step_max.diff(dim=-1) > 8).float().mean() > 0.8  # the premise
+    case = {**case, "qkeys": quantize(keys.to(query.dtype), case["key_spec"]), "query": query}
+    assert rel_err(case, num_splits=1, num_warps=num_warps) < TOL[torch.float16]
 
 
 @pytest.mark.gpu

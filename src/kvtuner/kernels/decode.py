@@ -51,6 +51,7 @@ softmax runs in base 2 with ``log2(e)`` folded into the query scale.
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 import torch
 import triton
@@ -520,6 +521,18 @@ def default_num_splits(n_steps: int, programs: int, device: torch.device, ctas_p
     return most
 
 
+def default_num_warps(k_bits: int, v_bits: int) -> int:
+    """Warps a program (token slices a step) for a bit pair: 4 for 4-bit keys (3-bit ones decode as 4)
+    with values of 3 bits or more, else 2.
+
+    Two slices of 64 tokens spend ~20% fewer instructions a token than four of 32 (the step's fixed
+    work, scaling the query and rescaling the accumulators, is shared by twice the tokens) but need
+    255 registers, so 8 warps fit an SM instead of 12. On an H100 at batch 16 and 64 (NOTES_kernels.md,
+    round 5) that trade wins by 6-24% for every measured pair except K4V4 and K4V8, where 4 warps are
+    3-18% faster."""
+    return 4 if k_bits in (3, 4) and v_bits >= 3 else 2
+
+
 def decode_attention_triton(
     query: torch.Tensor,
     qkeys: QuantizedTensor | None,
@@ -528,16 +541,17 @@ def decode_attention_triton(
     values: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int = 2,
-    maxnreg: int | None = 168,
+    maxnreg: int | None | Literal["auto"] = "auto",
     inline_asm: bool | None = None,
 ) -> torch.Tensor:
     """Launcher; same arguments and result as :func:`~kvtuner.kernels.reference.decode_attention_reference`.
 
     num_splits: history slices per KV head (default :func:`default_num_splits`); num_warps (also
-    the token slices of a step), num_stages and maxnreg (registers a thread; 168 fits 3 programs
-    of 4 warps on an SM) are launch tunables; inline_asm: decode codes with PTX ``lop3``/``prmt``
+    the token slices of a step; default :func:`default_num_warps`), num_stages and maxnreg
+    (registers a thread, None for no cap; "auto": 168 for 4 warps, which fits 3 programs an SM,
+    else no cap) are launch tunables; inline_asm: decode codes with PTX ``lop3``/``prmt``
     (default on CUDA tensors; Triton's interpreter cannot run PTX).
     """
     b, h_q, d = query.shape
@@ -546,7 +560,7 @@ def decode_attention_triton(
     r_p = triton.next_power_of_2(r)
     tensors = [query, keys, values]
     if qkeys is None:  # no history programs run; typed placeholders still have to compile
-        n_hist, g_k, g_v, k_bits, v_bits = 0, 16 * num_warps, d, 4, 4
+        n_hist, g_k, g_v, k_bits, v_bits = 0, 16 * (num_warps or 4), d, 4, 4
         kw = vw = torch.empty(1, device=query.device, dtype=torch.int32)
         ks = kz = vs = vz = torch.empty(1, device=query.device, dtype=torch.float16)
         hist_strides = (0,) * 12
@@ -561,6 +575,9 @@ def decode_attention_triton(
         if kz.stride() != ks.stride() or vz.stride() != vs.stride():
             raise ValueError("scale and zero must share strides")
         hist_strides = (*kw.stride()[:3], *ks.stride()[:3], *vw.stride()[:3], *vs.stride()[:3])
+    num_warps = num_warps or default_num_warps(k_bits, v_bits)
+    if maxnreg == "auto":
+        maxnreg = 168 if num_warps == 4 else None
     if any(t.stride(-1) != 1 for t in tensors):
         raise ValueError("every input must be contiguous in its last dimension")
     ngv = d // g_v
