@@ -527,9 +527,9 @@ def default_num_warps(k_bits: int, v_bits: int) -> int:
 
     Two slices of 64 tokens spend ~20% fewer instructions a token than four of 32 (the step's fixed
     work, scaling the query and rescaling the accumulators, is shared by twice the tokens) but need
-    255 registers, so 8 warps fit an SM instead of 12. On an H100 at batch 16 and 64 (NOTES_kernels.md,
-    round 5) that trade wins by 6-24% for every measured pair except K4V4 and K4V8, where 4 warps are
-    3-18% faster."""
+    255 registers, so 8 warps fit an SM instead of 12. On an H100 at batch 16 and 64 and 32k tokens
+    (``benchmarks/results/attention_h100_sweep.json``) that trade wins by 5-25% for every pair of 2, 4
+    and 8 bits except K4V4 and K4V8, where 4 warps are 2-18% faster."""
     return 4 if k_bits in (3, 4) and v_bits >= 3 else 2
 
 
