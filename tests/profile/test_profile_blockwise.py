@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -54,17 +56,22 @@ def single_layer(num_layers: int, layer: int, spec: LayerSpec) -> KVConfig:
 
 
 def test_single_layer_profile_equals_evaluator(tiny_llama):
-    """The profile's KL is Evaluator's KL for the same single-layer config (the decode-faithful number)."""
+    """The profile's KL is Evaluator's KL for the same single-layer config (the decode-faithful number).
+
+    In float64: the one-pass and the chunked paths add in different orders, and in float32 that alone
+    moves a KL of 2e-5 by up to 1e-3 relative (and KV8's 1e-8 KLs by their whole size) on some CPUs.
+    In float64 they agree to ~1e-7 relative; what is left is the float32 log-softmax both paths share."""
+    model = copy.deepcopy(tiny_llama).double()
     tokens = ids(160)
     settings = ProfileSettings(pairs=("KV8", "K4V2", "K2V2"), methods=("kivi", "per_token", "fp8"), group_size=G,
                                split_bits=None)
-    profile = profile_layers(tiny_llama, tokens, settings)
-    evaluator = Evaluator(tiny_llama, tokens)
+    profile = profile_layers(model, tokens, settings)
+    evaluator = Evaluator(model, tokens)
     assert profile.loss.shape == (3, 7)  # 3 kivi + 3 per_token + fp8:KV8
     for layer in range(profile.num_layers):
         for c, spec in enumerate(profile.candidates):
             expected = evaluator.evaluate(single_layer(profile.num_layers, layer, spec)).kl
-            assert profile.loss[layer, c] == pytest.approx(expected, rel=1e-4, abs=1e-9), (layer, spec.label)
+            assert profile.loss[layer, c] == pytest.approx(expected, rel=1e-5, abs=1e-12), (layer, spec.label)
 
 
 def test_whole_config_kl_close_to_evaluator(tiny_llama):
@@ -90,4 +97,5 @@ def test_default_model_profile_equals_evaluator(default_model, wikitext):
     fast, reference = BlockwiseEvaluator(model, tokens, capture=True), Evaluator(model, tokens)
     for layer, spec in ((3, LayerSpec("kivi", 2, 2)), (29, LayerSpec("per_token", 4, 4))):
         expected = reference.evaluate(single_layer(30, layer, spec)).kl
-        assert fast.kl_single(layer, spec) == pytest.approx(expected, rel=1e-4)
+        # float32 model: the two paths' summation orders alone differ by ~2e-4 relative (see the float64 test above)
+        assert fast.kl_single(layer, spec) == pytest.approx(expected, rel=1e-3)
