@@ -179,19 +179,25 @@ def use_quanto_torch_unpack() -> None:
 
 
 def plot(rows, path: Path, copy: float) -> None:
+    """Top row: effective bandwidth against the copy's; bottom row: speed-up over bf16 SDPA (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 4), squeeze=False)
-    for ax, b in zip(axes[0], batches):
+    base = {(r["batch"], r["context"]): r["ms"] for r in rows if r["impl"] == "sdpa_fp16" and "tune" not in r}
+    fig, axes = plt.subplots(2, len(batches), figsize=(4.5 * len(batches), 7.5), squeeze=False, sharex=True)
+    for col, b in enumerate(batches):
+        bw, speed = axes[0][col], axes[1][col]
         for key in sorted({(r["impl"], r["kv"]) for r in rows if r["batch"] == b and "tune" not in r}):
-            pts = sorted((r["context"], r["gbps"]) for r in rows if (r["impl"], r["kv"]) == key and r["batch"] == b)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} {key[1]}")
-        ax.axhline(copy, color="k", ls="--", lw=0.8, label="d2d copy")
-        ax.set(xscale="log", title=f"batch {b}", xlabel="context (tokens)", ylabel="effective GB/s")
+            pts = sorted((r["context"], r["gbps"], base[b, r["context"]] / r["ms"]) for r in rows
+                         if (r["impl"], r["kv"]) == key and r["batch"] == b and "tune" not in r)
+            for ax, i in ((bw, 1), (speed, 2)):
+                ax.plot([p[0] for p in pts], [p[i] for p in pts], marker="o", label=f"{key[0]} {key[1]}")
+        bw.axhline(copy, color="k", ls="--", lw=0.8, label="d2d copy")
+        bw.set(xscale="log", title=f"batch {b}", ylabel="effective GB/s")
+        speed.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="x bf16 SDPA")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

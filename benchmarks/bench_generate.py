@@ -127,7 +127,7 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
     ap.add_argument("--kv", nargs="+", default=["fp16", "K8V8", "K4V4", "mixed3.25", "quanto"])
     ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--max-batch", type=int, default=512)
+    ap.add_argument("--max-batch", type=int, default=1024)
     ap.add_argument("--reserve-gib", type=float, default=8.0, help="memory kept free for activations and logits")
     ap.add_argument("--quanto-ext", action="store_true", help="use quanto's JIT-built CUDA extension (else torch unpack)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
