@@ -529,7 +529,9 @@ def default_num_warps(k_bits: int, v_bits: int) -> int:
     work, scaling the query and rescaling the accumulators, is shared by twice the tokens) but need
     255 registers, so 8 warps fit an SM instead of 12. On an H100 at batch 16 and 64 and 32k tokens
     (``benchmarks/results/attention_h100_sweep.json``) that trade wins by 5-25% for every pair of 2, 4
-    and 8 bits except K4V4 and K4V8, where 4 warps are 2-18% faster."""
+    and 8 bits except K4V4 and K4V8, where 4 warps are 2-18% faster; on an H200
+    (``attention_h200_sweep.json``) 2 warps win by 6-28% for the same pairs, and 4 stay ahead for K4V8
+    (5-9%) and, at batch 16, K4V4 (9%; at batch 64 the two are within run-to-run noise)."""
     return 4 if k_bits in (3, 4) and v_bits >= 3 else 2
 
 
