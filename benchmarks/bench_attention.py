@@ -219,6 +219,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--plot", type=Path, default=Path("runs"))
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU")
 
     torch.manual_seed(0)
     if args.graph:

@@ -132,6 +132,13 @@ def main() -> None:
     ap.add_argument("--quanto-ext", action="store_true", help="use quanto's JIT-built CUDA extension (else torch unpack)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
+    for name in set(args.kv) - {"fp16", "quanto"}:
+        try:
+            kv_config(name)
+        except ValueError as err:
+            ap.error(f"--kv {name}: {err}")
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU")
 
     if "quanto" in args.kv and not args.quanto_ext:
         from bench_attention import use_quanto_torch_unpack

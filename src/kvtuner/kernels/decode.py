@@ -535,6 +535,19 @@ def default_num_warps(k_bits: int, v_bits: int) -> int:
     return 4 if k_bits in (3, 4) and v_bits >= 3 else 2
 
 
+def default_maxnreg(num_warps: int) -> int | None:
+    """Register cap a thread: 168 for 4 warps (3 programs an SM instead of 2, measured 12-14% faster), else none."""
+    return 168 if num_warps == 4 else None
+
+
+def stacking(r_p: int, head_dim: int, key_group: int, value_group: int) -> tuple[int, int, int]:
+    """(value groups a token, stacked rows M, key groups a step NG): the rows stack ``r_p`` query heads once
+    per key (or value) group, at least the 16 rows an mma tile has; a step covers up to 128 tokens."""
+    ngv = head_dim // value_group
+    m = max(16, r_p * ngv)
+    return ngv, m, min(m // r_p, max(1, 128 // key_group))
+
+
 def decode_attention_triton(
     query: torch.Tensor,
     qkeys: QuantizedTensor | None,
@@ -579,12 +592,10 @@ def decode_attention_triton(
         hist_strides = (*kw.stride()[:3], *ks.stride()[:3], *vw.stride()[:3], *vs.stride()[:3])
     num_warps = num_warps or default_num_warps(k_bits, v_bits)
     if maxnreg == "auto":
-        maxnreg = 168 if num_warps == 4 else None
+        maxnreg = default_maxnreg(num_warps)
     if any(t.stride(-1) != 1 for t in tensors):
         raise ValueError("every input must be contiguous in its last dimension")
-    ngv = d // g_v
-    m = max(16, r_p * ngv)  # stacked rows: r_p query heads times key (or value) groups
-    ng = min(m // r_p, max(1, 128 // g_k))  # key groups a step
+    ngv, m, ng = stacking(r_p, d, g_k, g_v)
     if g_k < 2 * num_warps or ng * g_k < 16 * num_warps:
         raise ValueError(f"key groups of {g_k} tokens are too short for {num_warps} warps")
     n_steps = -(-n_hist // (ng * g_k))
