@@ -29,6 +29,7 @@ from kvtuner import KVConfig, LayerSpec, MixedPrecisionCache
 from kvtuner.cache import cache_kwargs
 from kvtuner.cache.attention import use_packed_attention
 from kvtuner.kernels import quantize
+from kvtuner.method import StoredKV, StoredSide
 
 LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
@@ -75,11 +76,10 @@ def fill(cache, batch: int, context: int) -> None:
             parts = []
             for start in range(0, batch, chunk):
                 b = min(chunk, batch - start)
-                parts.append((quantize(rand(b), layer.key_spec), quantize(rand(b), layer.value_spec)))
+                parts.append((quantize(rand(b), layer.method.key_spec), quantize(rand(b), layer.method.value_spec)))
             empty = torch.empty(batch, H_KV, 0, D, device="cuda", dtype=torch.bfloat16)
             layer.lazy_initialization(empty, empty)
-            layer.qkeys = batch_cat([p[0] for p in parts])
-            layer.qvalues = batch_cat([p[1] for p in parts])
+            layer.history = StoredKV(StoredSide(batch_cat([p[0] for p in parts])), StoredSide(batch_cat([p[1] for p in parts])))
             layer.cumulative_length = context
         else:  # DynamicCache and quanto: their own update stores (quanto: quantizes) the first call
             cache.update(rand(batch), rand(batch), i)

@@ -3,7 +3,7 @@ import json
 import pytest
 import yaml
 
-from kvtuner.config import KVConfig, KVConfigError, LayerSpec, ModelFingerprint, parse_shorthand
+from kvtuner.config import KVConfig, KVConfigError, LayerSpec, ModelFingerprint, parse_label, parse_shorthand
 
 FP = ModelFingerprint("llama", 4, 2, 64)
 
@@ -102,3 +102,47 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         KVConfig.uniform("KV4", 2).save(path)
     assert path.read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["c.json"]
+
+
+@pytest.mark.parametrize("label", ["K4V2", "per_token:KV8", "KV3+sink1+prerope+nuq+ds1", "K2V4+sink4", "KV3+ds0.5",
+                                   "per_token:KV4+nuq"])
+def test_labels_parse_back_to_the_same_spec(label):
+    spec = parse_label(label)
+    assert spec.label == label and parse_label(spec.label) == spec
+
+
+def test_label_options():
+    spec = parse_label("KV3+sink+prerope+nuq+ds", group_size=16, residual_length=64)
+    assert (spec.sink, spec.pre_rope, spec.codebook, spec.outliers) == (1, True, True, 0.01)
+    assert (spec.group_size, spec.residual_length) == (16, 64)
+    with pytest.raises(KVConfigError, match="unknown option 'foo'"):
+        parse_label("KV3+foo")
+    with pytest.raises(KVConfigError, match="codebook levels are fitted for 2, 3 or 4 bits"):
+        parse_label("KV8+nuq")
+    with pytest.raises(KVConfigError, match="integer methods"):
+        parse_label("fp8:KV8+ds1")
+    with pytest.raises(KVConfigError, match="outliers must be a fraction"):
+        LayerSpec("kivi", 4, 4, outliers=0.7)
+
+
+def test_options_round_trip_through_json(tmp_path):
+    cfg = KVConfig([parse_label("KV3+sink1+prerope+nuq+ds1"), LayerSpec("fp16")], calibration="cal.json")
+    path = cfg.save(tmp_path / "c.json")
+    loaded = KVConfig.load(path)
+    assert loaded.layers == cfg.layers
+    assert loaded.calibration == str(tmp_path / "cal.json")  # relative to the config's folder
+
+
+@pytest.mark.parametrize("spec", [LayerSpec("per_token", 4, 4, 64, 0), LayerSpec("fp8", 8, 8, 16, 16),
+                                  LayerSpec("kivi", 4, 2, 16, 64), parse_label("KV3+sink2+prerope")])
+def test_yaml_export_keeps_method_group_and_residual(tmp_path, spec):
+    """Review bug: per_token and fp8 configs reloaded from YAML as KIVI with the default group and residual."""
+    cfg = KVConfig([spec, LayerSpec("fp16")])
+    loaded = KVConfig.load(cfg.save(tmp_path / "c.yaml"))
+    assert loaded.layers == cfg.layers
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text())[0]["nbits_key"] == spec.k_bits  # KVTuner still reads it
+
+
+def test_yaml_cannot_carry_a_calibration_file(tmp_path):
+    with pytest.raises(KVConfigError, match="save as .json"):
+        KVConfig([LayerSpec("kivi", 4, 4)], calibration="cal.json").save(tmp_path / "c.yaml")

@@ -21,6 +21,8 @@ SCHEMA_VERSION = 1
 METHODS = ("kivi", "per_token", "fp8", "fp16")
 INT_BITS = (1, 2, 3, 4, 8, 16)
 FP8_BITS = (8, 16)
+CODEBOOK_BITS = (2, 3, 4)
+SPEC_FIELDS = ("method", "k_bits", "v_bits", "group_size", "residual_length", "sink", "pre_rope", "codebook", "outliers")
 
 
 class KVConfigError(ValueError):
@@ -38,6 +40,13 @@ class LayerSpec:
     residual_length: recent tokens kept in full precision; when the window fills it is
     quantized in one go (for ``kivi`` it must be a multiple of ``group_size``, since keys are
     grouped along tokens).
+
+    KVQuant's options (Hooper et al., 2024), composable, all off by default
+    (:mod:`kvtuner.method` says what each stores):
+    sink: the first ``sink`` tokens of the sequence stay full precision (attention sinks).
+    pre_rope: keys are quantized before the rotary embedding and re-rotated on read.
+    codebook: integer codes index calibrated non-uniform levels inside each group (NUQ; 2-4 bits).
+    outliers: fraction of elements (e.g. 0.01) outside calibrated thresholds kept sparse in fp16.
     """
 
     method: str = "kivi"
@@ -45,6 +54,10 @@ class LayerSpec:
     v_bits: int = 16
     group_size: int = 32
     residual_length: int = 32
+    sink: int = 0
+    pre_rope: bool = False
+    codebook: bool = False
+    outliers: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -64,6 +77,23 @@ class LayerSpec:
                 f"residual_length {self.residual_length} is not a multiple of group_size {self.group_size} "
                 "(KIVI quantizes keys in groups of group_size tokens)"
             )
+        if not isinstance(self.sink, int) or isinstance(self.sink, bool) or self.sink < 0:
+            raise KVConfigError(f"sink must be a non-negative integer, not {self.sink!r}")
+        for name in ("pre_rope", "codebook"):
+            if not isinstance(getattr(self, name), bool):
+                raise KVConfigError(f"{name} must be true or false, not {getattr(self, name)!r}")
+        if isinstance(self.outliers, bool) or not isinstance(self.outliers, (int, float)) or not 0 <= self.outliers < 0.5:
+            raise KVConfigError(f"outliers must be a fraction in [0, 0.5), not {self.outliers!r}")
+        object.__setattr__(self, "outliers", float(self.outliers))
+        if self.codebook or self.outliers:
+            if self.method not in ("kivi", "per_token"):
+                raise KVConfigError(f"codebooks and outliers apply to integer methods (kivi, per_token), not {self.method!r}")
+        if self.codebook:
+            for side, bits in (("k_bits", self.k_bits), ("v_bits", self.v_bits)):
+                if bits not in CODEBOOK_BITS + (16,):
+                    raise KVConfigError(f"codebook levels are fitted for 2, 3 or 4 bits, not {side}={bits}")
+        if self.method == "fp16" and (self.sink or self.pre_rope):
+            raise KVConfigError("an fp16 layer stores everything in full precision; sink and pre_rope do not apply")
 
     @property
     def is_quantized(self) -> bool:
@@ -81,10 +111,20 @@ class LayerSpec:
 
     @property
     def label(self) -> str:
+        """``[method:]PAIR[+option...]``, e.g. ``KV3+sink1+prerope+nuq+ds1`` (readable by :func:`parse_label`)."""
         if not self.is_quantized:
             return "fp16"
         pair = f"KV{self.k_bits}" if self.k_bits == self.v_bits else f"K{self.k_bits}V{self.v_bits}"
-        return pair if self.method == "kivi" else f"{self.method}:{pair}"
+        options = [f"sink{self.sink}"] * bool(self.sink) + ["prerope"] * self.pre_rope + ["nuq"] * self.codebook
+        if self.outliers:
+            options.append(f"ds{100 * self.outliers:g}")
+        text = "+".join([pair, *options])
+        return text if self.method == "kivi" else f"{self.method}:{text}"
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The KVQuant options that differ from their defaults."""
+        return {k: getattr(self, k) for k in ("sink", "pre_rope", "codebook", "outliers") if getattr(self, k)}
 
 
 @dataclass(frozen=True)
@@ -98,6 +138,39 @@ class ModelFingerprint:
 
 
 _SHORTHAND = re.compile(r"^(?:KV(?P<kv>\d+)|K(?P<k>\d+)V(?P<v>\d+))$", re.IGNORECASE)
+
+
+_OPTION = re.compile(r"^(?:sink(?P<sink>\d*)|(?P<prerope>prerope)|(?P<nuq>nuq)|ds(?P<ds>\d*\.?\d*))$", re.IGNORECASE)
+
+
+def parse_label(text: str, group_size: int = 32, residual_length: int = 32, method: str = "kivi") -> LayerSpec:
+    """A layer spec from ``[method:]PAIR[+option...]``: ``K4V2``, ``per_token:KV8``, ``KV3+sink+prerope+nuq+ds1``.
+
+    Options: ``sink`` / ``sinkN`` (N full-precision first tokens, default 1), ``prerope``, ``nuq``,
+    ``ds`` / ``dsP`` (dense-and-sparse, P percent outliers, default 1).
+    """
+    if ":" in text:
+        method, text = (part.strip() for part in text.split(":", 1))
+    pair, *options = (part.strip() for part in text.split("+"))
+    k_bits, v_bits = parse_shorthand(pair)
+    kwargs: dict[str, Any] = {}
+    for option in options:
+        m = _OPTION.match(option)
+        if not m:
+            raise KVConfigError(f"unknown option {option!r} in {text!r}; use sink[N], prerope, nuq or ds[P]")
+        if m["sink"] is not None:
+            kwargs["sink"] = int(m["sink"] or 1)
+        elif m["prerope"]:
+            kwargs["pre_rope"] = True
+        elif m["nuq"]:
+            kwargs["codebook"] = True
+        else:
+            kwargs["outliers"] = float(m["ds"] or 1) / 100
+    if (k_bits, v_bits) == (16, 16):
+        if kwargs:
+            raise KVConfigError(f"{text!r}: options need a quantized pair")
+        method = "fp16"
+    return LayerSpec(method, k_bits, v_bits, group_size, residual_length, **kwargs)
 
 
 def parse_shorthand(text: str) -> tuple[int, int]:
@@ -121,6 +194,7 @@ class KVConfig:
     name: str = ""
     version: int = SCHEMA_VERSION
     meta: dict[str, Any] = field(default_factory=dict)
+    calibration: str | None = None  # calibration file (NUQ levels, outlier thresholds), relative to the config's folder
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -131,6 +205,8 @@ class KVConfig:
             raise KVConfigError(
                 f"config has {len(self.layers)} layers but its model fingerprint says {self.model.num_layers}"
             )
+        if self.calibration is not None and not isinstance(self.calibration, str):
+            raise KVConfigError(f"'calibration' must be a file path, not {self.calibration!r}")
 
     # --- construction -------------------------------------------------------------------
     @classmethod
@@ -142,15 +218,17 @@ class KVConfig:
         group_size: int = 32,
         residual_length: int = 32,
         model: ModelFingerprint | None = None,
+        calibration: str | None = None,
     ) -> "KVConfig":
-        k_bits, v_bits = parse_shorthand(kv) if isinstance(kv, str) else kv
-        if (k_bits, v_bits) == (16, 16):
-            method = "fp16"
-        elif method == "fp16":
-            raise KVConfigError(f"method 'fp16' stores 16 bits; it cannot give K{k_bits}V{v_bits}")
-        spec = LayerSpec(method, k_bits, v_bits, group_size, residual_length)
-        name = spec.label if isinstance(kv, tuple) or method != "kivi" else kv
-        return cls([spec] * num_layers, model=model, name=name)
+        """Every layer alike; ``kv`` a label (``K4V2``, ``KV3+sink+prerope``, see :func:`parse_label`) or a bit pair."""
+        if method == "fp16" and kv not in ("fp16", (16, 16)):
+            raise KVConfigError(f"method 'fp16' stores 16 bits; it cannot give {kv}")
+        if isinstance(kv, str):
+            spec = parse_label(kv, group_size, residual_length, method)
+        else:
+            spec = LayerSpec("fp16" if tuple(kv) == (16, 16) else method, *kv, group_size, residual_length)
+        name = spec.label if isinstance(kv, tuple) or method != "kivi" or "+" in kv else kv
+        return cls([spec] * num_layers, model=model, name=name, calibration=calibration)
 
     # --- facts ----------------------------------------------------------------------------
     @property
@@ -161,6 +239,13 @@ class KVConfig:
     def avg_bits(self) -> float:
         """Nominal bits averaged over layers and over K and V."""
         return sum(s.avg_bits for s in self.layers) / len(self.layers)
+
+    def calibration_path(self, base: str | os.PathLike | None = None) -> Path | None:
+        """The calibration file, a relative path taken from ``base`` (the config's folder)."""
+        if self.calibration is None:
+            return None
+        path = Path(self.calibration)
+        return path if path.is_absolute() or base is None else Path(base) / path
 
     def check_model(self, fingerprint: ModelFingerprint) -> None:
         """Raise ``KVConfigError`` if this config cannot serve a model with ``fingerprint``."""
@@ -188,6 +273,7 @@ class KVConfig:
             "model": asdict(self.model) if self.model else None,
             "avg_bits": round(self.avg_bits, 4),
             "layers": [asdict(s) for s in self.layers],
+            "calibration": self.calibration,
             "meta": self.meta,
         }
 
@@ -201,7 +287,7 @@ class KVConfig:
         for i, item in enumerate(data["layers"]):
             if not isinstance(item, dict):
                 raise KVConfigError(f"{source}: layer {i} must be an object")
-            unknown = set(item) - {"method", "k_bits", "v_bits", "group_size", "residual_length"}
+            unknown = set(item) - set(SPEC_FIELDS)
             if unknown:
                 raise KVConfigError(f"{source}: layer {i} has unknown field(s) {', '.join(sorted(unknown))}")
             try:
@@ -216,7 +302,7 @@ class KVConfig:
                 raise KVConfigError(f"{source}: malformed 'model' fingerprint {model!r}") from None
         try:
             return cls(layers, model=model, name=data.get("name", ""), version=data.get("version", SCHEMA_VERSION),
-                       meta=data.get("meta") or {})
+                       meta=data.get("meta") or {}, calibration=data.get("calibration"))
         except KVConfigError as e:
             raise KVConfigError(f"{source}: {e}") from None
 
@@ -232,8 +318,21 @@ class KVConfig:
         return cls.from_dict(data, source)
 
     # --- KVTuner YAML presets ---------------------------------------------------------------
-    def to_kvtuner_dict(self) -> dict[int, dict[str, int]]:
-        return {i: {"nbits_key": s.k_bits, "nbits_value": s.v_bits} for i, s in enumerate(self.layers)}
+    def to_kvtuner_dict(self) -> dict[int, dict[str, Any]]:
+        """KVTuner's per-layer preset: ``nbits_key`` / ``nbits_value``, which KVTuner reads, plus every other
+        field that differs from the defaults (method, group size, residual, options), which it ignores and
+        :meth:`from_kvtuner_dict` reads back, so nothing is lost."""
+        defaults = LayerSpec()
+        preset = {}
+        for i, spec in enumerate(self.layers):
+            entry: dict[str, Any] = {"nbits_key": spec.k_bits, "nbits_value": spec.v_bits}
+            for name in SPEC_FIELDS[3:]:
+                if getattr(spec, name) != getattr(defaults, name):
+                    entry[name] = getattr(spec, name)
+            if spec.method not in ("kivi", "fp16"):
+                entry["method"] = spec.method
+            preset[i] = entry
+        return preset
 
     @classmethod
     def from_kvtuner_dict(
@@ -253,9 +352,14 @@ class KVConfig:
             if not isinstance(entry, dict) or not {"nbits_key", "nbits_value"} <= set(entry):
                 raise KVConfigError(f"{source}: layer {i} needs nbits_key and nbits_value")
             k, v = entry["nbits_key"], entry["nbits_value"]
-            layer_method = "fp16" if (k, v) == (16, 16) else method
+            extra = {name: entry[name] for name in SPEC_FIELDS if name in entry}
+            unknown = set(entry) - set(SPEC_FIELDS) - {"nbits_key", "nbits_value"}
+            if unknown:
+                raise KVConfigError(f"{source}: layer {i} has unknown field(s) {', '.join(sorted(unknown))}")
+            fields = {"method": "fp16" if (k, v) == (16, 16) else method, "group_size": group_size,
+                      "residual_length": residual_length, **extra}
             try:
-                layers.append(LayerSpec(layer_method, k, v, group_size, residual_length))
+                layers.append(LayerSpec(k_bits=k, v_bits=v, **fields))
             except KVConfigError as e:
                 raise KVConfigError(f"{source}: layer {i}: {e}") from None
         return cls(layers, name=Path(source).stem)
@@ -265,6 +369,8 @@ class KVConfig:
         """Write JSON (or a KVTuner YAML preset for .yaml/.yml) atomically: never a half-written file."""
         path = Path(path)
         if path.suffix in (".yaml", ".yml"):
+            if self.calibration is not None:
+                raise KVConfigError("a KVTuner YAML preset cannot reference a calibration file; save as .json")
             text = yaml.safe_dump(self.to_kvtuner_dict(), sort_keys=False)
         else:
             text = self.to_json() + "\n"
@@ -287,9 +393,15 @@ class KVConfig:
             except yaml.YAMLError as e:
                 raise KVConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
             if isinstance(data, dict) and "layers" in data:
-                return cls.from_dict(data, str(path))
+                return cls.from_dict(data, str(path))._resolve_calibration(path)
             return cls.from_kvtuner_dict(data, str(path), **preset_kwargs)
-        return cls.from_json(text, str(path))
+        return cls.from_json(text, str(path))._resolve_calibration(path)
+
+    def _resolve_calibration(self, path: Path) -> "KVConfig":
+        """A calibration path relative to the config file, made usable from any working directory."""
+        resolved = self.calibration_path(path.parent)
+        self.calibration = None if resolved is None else str(resolved)
+        return self
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -4,6 +4,7 @@ from transformers import DynamicCache, MistralConfig
 
 from kvtuner import KVConfig, KVConfigError, LayerSpec, MixedPrecisionCache
 from kvtuner.cache import MixedPrecisionLayer, cache_kwargs
+from kvtuner.method import KVMethod
 from kvtuner.quant import packed_width
 
 N_LAYERS = 3
@@ -44,7 +45,8 @@ def test_kv8_stays_close_to_full_precision(tiny_model):
     assert not torch.equal(got, ref)  # the history really was quantized
 
 
-@pytest.mark.parametrize("kv,method", [("K4V2", "kivi"), ("KV2", "kivi"), ("K3V4", "kivi"), ("KV4", "per_token"), ("KV8", "fp8")])
+@pytest.mark.parametrize("kv,method", [("K4V2", "kivi"), ("KV2", "kivi"), ("K3V4", "kivi"), ("KV4", "per_token"), ("KV8", "fp8"),
+                                       ("KV2+sink1+prerope", "kivi"), ("K4V2+sink3", "per_token")])
 def test_generate_greedy_sampling_beam(tiny_llama, kv, method):
     x = ids(1, 30)
     cfg = uniform(kv, method=method)
@@ -56,7 +58,7 @@ def test_generate_greedy_sampling_beam(tiny_llama, kv, method):
     cache = MixedPrecisionCache(cfg, tiny_llama.config)
     out = gen(tiny_llama, cache, {"input_ids": x}, num_beams=3, num_return_sequences=2)
     assert out.shape == (2, 42)
-    assert cache.layers[0].qkeys.shape[0] == 3  # one history per beam, reordered in place
+    assert cache.layers[0].history.keys.codes.shape[0] == 3  # one history per beam, reordered in place
 
 
 def test_beam_search_16_bit_matches_dynamic_cache(tiny_llama):
@@ -80,7 +82,7 @@ def test_batch_with_left_padding_matches_unpadded_rows(tiny_llama):
 
 def test_residual_window_rule():
     """Prefill keeps only the tail in full precision; decode flushes whole windows."""
-    layer = MixedPrecisionLayer(LayerSpec("kivi", 4, 2, group_size=8, residual_length=16))
+    layer = MixedPrecisionLayer(KVMethod(LayerSpec("kivi", 4, 2, group_size=8, residual_length=16)))
     k = torch.randn(2, 3, 37, 16)
     keys, values = layer.update(k, k.clone())
     assert torch.equal(keys, k)  # the prompt attends to itself in full precision
@@ -93,7 +95,7 @@ def test_residual_window_rule():
 
 def test_nbytes_are_real_and_exact():
     b, h, d, g = 2, 3, 64, 32
-    layer = MixedPrecisionLayer(LayerSpec("kivi", 4, 2, group_size=g, residual_length=32))
+    layer = MixedPrecisionLayer(KVMethod(LayerSpec("kivi", 4, 2, group_size=g, residual_length=32)))
     x = torch.randn(b, h, 70, d)
     layer.update(x, x)
     q_tokens, r_tokens = 64, 6

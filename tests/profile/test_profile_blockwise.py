@@ -6,7 +6,8 @@ import torch
 from kvtuner.config import KVConfig, LayerSpec
 from kvtuner.evaluate import Evaluator
 from kvtuner.profile import BlockwiseEvaluator, ProfileSettings, decode_faithful_attention, profile_layers
-from kvtuner.profile.blockwise import block_mask, quantized_history
+from kvtuner.method import KVMethod
+from kvtuner.profile.blockwise import block_mask
 
 G = 16  # tiny_llama has head_dim 16, so groups of 16
 
@@ -21,7 +22,7 @@ def test_block_mask_small():
 
 def dense_reference(q, k, v, spec, scaling):
     """Token by token: query t sees quantized keys of earlier windows, full-precision keys of its own."""
-    kq, vq = quantized_history(k, v, spec)
+    kq, vq = KVMethod(spec).roundtrip(k, v)
     group = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
     for t in range(q.shape[-2]):
@@ -43,7 +44,7 @@ def dense_reference(q, k, v, spec, scaling):
 def test_attention_matches_token_by_token_reference(spec, length):
     g = torch.Generator().manual_seed(length)
     q, k, v = (torch.randn(1, h, length, 16, generator=g) for h in (4, 2, 2))
-    got = decode_faithful_attention(q, k, v, spec, 0.25)
+    got = decode_faithful_attention(q, k, v, KVMethod(spec), 0.25)
     torch.testing.assert_close(got, dense_reference(q, k, v, spec, 0.25), rtol=1e-5, atol=1e-5)
 
 

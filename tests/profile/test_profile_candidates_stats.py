@@ -6,6 +6,7 @@ import torch
 
 from kvtuner.config import KVConfigError, LayerSpec, parse_shorthand
 from kvtuner.profile import DEFAULT_PAIRS, Profile, candidate_specs
+from kvtuner.method import KVMethod
 from kvtuner.profile.stats import attention_concentration, channel_outlier_ratio, output_error
 
 
@@ -38,7 +39,7 @@ def test_bad_candidates(pairs, methods, message):
 def test_output_error_grows_as_bits_shrink():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, 128, 32, generator=g) for h in (4, 2, 2))
-    errors = [output_error(q, k, v, LayerSpec("kivi", b, b), 32**-0.5) for b in (8, 4, 2)]
+    errors = [output_error(q, k, v, KVMethod(LayerSpec("kivi", b, b)), 32**-0.5) for b in (8, 4, 2)]
     assert 0 < errors[0] < errors[1] < errors[2] < 1
 
 

@@ -12,7 +12,9 @@ one-token update it returns only its residual (new token included) and leaves th
 token attends to in ``pending_history``, taken before the flush so that the step is exactly the
 reference's. The registered function finds the layer by ``module.layer_idx``, takes that
 history and runs the kernel. Prefill, unquantized layers and padded batches (an explicit mask)
-go to SDPA on full-precision K/V, as before.
+go to SDPA on full-precision K/V, as before. Layers whose method the kernel cannot read
+(:meth:`~kvtuner.method.KVMethod.packed_decode_supported`: codebooks, outliers, sinks, pre-RoPE
+keys) stay on the torch path, and entering the context says so in one warning.
 
 Registration is explicit and undone on exit: a function and a mask function (transformers'
 ``sdpa_mask``) under a name unique to this cache; the model's previous implementation comes back.
@@ -20,6 +22,7 @@ Registration is explicit and undone on exit: a function and a mask function (tra
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -53,15 +56,17 @@ def packed_attention_forward(
     layer = cache.layers[module.layer_idx]
     if not isinstance(layer, MixedPrecisionLayer) or layer.pending_history is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    qkeys, qvalues = layer.pending_history
+    history = layer.pending_history
     layer.pending_history = None
     if attention_mask is not None:  # padded batch: full K/V on the torch path
-        if qkeys is not None:
-            key = torch.cat([qkeys.dequantize(key.dtype), key], dim=-2)
-            value = torch.cat([qvalues.dequantize(value.dtype), value], dim=-2)
+        if history is not None:
+            hist_k, hist_v = layer.method.dequantize(history, 0, layer.positions(0, history.num_tokens), key.dtype)
+            key, value = torch.cat([hist_k, key], dim=-2), torch.cat([hist_v, value], dim=-2)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    out = decode_attention(query[:, :, 0], qkeys, qvalues, key, value, scale, layer.key_spec, layer.value_spec, backend)
+    qkeys, qvalues = (history.keys.codes, history.values.codes) if history is not None else (None, None)
+    method = layer.method
+    out = decode_attention(query[:, :, 0], qkeys, qvalues, key, value, scale, method.key_spec, method.value_spec, backend)
     return out.unsqueeze(1), None  # [B, 1, H_q, D], as sdpa_attention_forward returns it
 
 
@@ -73,7 +78,12 @@ def use_packed_attention(model, cache: Cache, backend: Backend = "auto") -> Iter
     or ``"torch"``; see :mod:`kvtuner.kernels`.
     """
     name = f"kvtuner_packed_{id(cache):x}"
-    layers = [layer for layer in cache.layers if isinstance(layer, MixedPrecisionLayer)]
+    quantized = [layer for layer in cache.layers if isinstance(layer, MixedPrecisionLayer)]
+    layers = [layer for layer in quantized if layer.method.packed_decode_supported()]
+    if len(layers) < len(quantized):
+        labels = sorted({layer.spec.label for layer in quantized if layer not in layers})
+        warnings.warn(f"{len(quantized) - len(layers)} layer(s) ({', '.join(labels)}) use options the packed decode "
+                      "kernel does not read; they decode on the torch path", stacklevel=3)
     previous = model.config._attn_implementation
     AttentionInterface.register(name, partial(packed_attention_forward, cache=cache, backend=backend))
     AttentionMaskInterface.register(name, sdpa_mask)

@@ -3,13 +3,18 @@
 Supported: transformers 5.17 (the GPU image) to the newest 5.x. Drift handled here:
 ``get_layer_types_and_kwargs`` returns one shared kwargs dict in 5.17 and a list of per-layer
 dicts later; ``crop`` takes an absolute length (legacy, positive) or tokens to remove (negative);
-``generate``/``forward`` take the cache as ``past_key_values`` (5.17) or ``cache`` (newer).
+``generate``/``forward`` take the cache as ``past_key_values`` (5.17) or ``cache`` (newer);
+``cache.update`` gets no position information in 5.17 and the attention's kwargs (with
+``position_ids``) later.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
+
+import torch
 
 from transformers import PretrainedConfig
 from transformers.cache_utils import (
@@ -27,8 +32,14 @@ __all__ = [
     "cache_kwargs",
     "dynamic_layer_for",
     "layer_types",
+    "position_ids_from",
+    "rope_inv_freq",
     "tokens_to_keep",
 ]
+
+# Architectures whose RoPE is transformers' rotate_half rotation of the whole head (no partial
+# rotary, no interleaving), computed by a ``<Name>RotaryEmbedding(config)`` with ``inv_freq``.
+PRE_ROPE_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def layer_types(model_config: PretrainedConfig) -> list[tuple[str, dict]]:
@@ -61,3 +72,43 @@ def cache_kwargs(model, cache: Cache) -> dict:
 def _cache_kwarg_name(model_class: type) -> str:
     # inspected once per model class: evaluation calls this for every chunk
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def position_ids_from(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """``position_ids`` ``[B or 1, T]`` from what the model passed to ``cache.update``, if anything."""
+    for source in (kwargs, kwargs.get("kwargs") or {}, *(a for a in args if isinstance(a, dict))):
+        ids = source.get("position_ids")
+        if isinstance(ids, torch.Tensor):
+            return ids
+    return None
+
+
+_INV_FREQ: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def _inv_freq(model_type: str, text_config) -> torch.Tensor:
+    key = (model_type, text_config.to_json_string())
+    if key in _INV_FREQ:  # every layer asks, with the same config
+        return _INV_FREQ[key]
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    rotary = [getattr(module, name) for name in dir(module) if name.endswith("RotaryEmbedding")]
+    if len(rotary) != 1:
+        raise NotImplementedError(f"{model_type}: cannot find its rotary embedding class")
+    _INV_FREQ[key] = rotary[0](config=text_config).inv_freq.detach().float().cpu()
+    return _INV_FREQ[key]
+
+
+def rope_inv_freq(model_config: PretrainedConfig, layer: int) -> torch.Tensor:
+    """The RoPE frequencies ``[D/2]`` of ``layer`` (pre-RoPE keys); a clear refusal for other architectures."""
+    from kvtuner.config import KVConfigError
+
+    text = model_config.get_text_config(decoder=True)
+    model_type = text.model_type
+    if model_type not in PRE_ROPE_ARCHITECTURES:
+        raise KVConfigError(
+            f"pre-RoPE keys support {', '.join(PRE_ROPE_ARCHITECTURES)} models, not {model_type!r} "
+            "(drop the prerope option for this model)"
+        )
+    if getattr(text, "partial_rotary_factor", 1.0) != 1.0:
+        raise KVConfigError(f"{model_type}: pre-RoPE keys need RoPE over the whole head (partial_rotary_factor is set)")
+    return _inv_freq(model_type, text)

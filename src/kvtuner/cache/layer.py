@@ -1,72 +1,60 @@
-"""One decoder layer's quantized KV storage, KIVI-style.
+"""One decoder layer's quantized KV storage, KIVI-style, through the layer's :class:`~kvtuner.method.KVMethod`.
 
 State, per layer (shapes ``[B, H_kv, T, D]``):
 
-* ``qkeys`` / ``qvalues``: the quantized history (:class:`~kvtuner.quant.QuantizedTensor`,
-  real packed bytes), grown by appending whole windows;
+* ``history``: the quantized tokens (:class:`~kvtuner.method.StoredKV`: real packed bytes, plus
+  whatever the method keeps beside them: outliers, sink tokens), grown by appending whole windows;
 * ``keys`` / ``values``: the full-precision residual window of the most recent tokens.
 
 Rule: new tokens go into the residual; once it holds ``window`` tokens or more, the oldest
-whole windows are quantized and appended to the history. ``window`` is ``residual_length``
-(or, with no residual, one key group for per-channel keys, else one token). Prefill follows the
-same rule, so only the tail of a prompt stays in full precision. Each forward call attends to
-the dequantized history, the residual and its own new tokens in full precision, then flushes:
-exactly what a token sees during generation (``update`` is decode-faithful for any chunking
-aligned to ``window``).
+whole windows are stored by the method and appended to the history. ``window`` is
+``residual_length`` (or, with no residual, one key group for per-channel keys, else one token).
+Prefill follows the same rule, so only the tail of a prompt stays in full precision. Each
+forward call attends to the read-back history, the residual and its own new tokens in full
+precision, then flushes: exactly what a token sees during generation (``update`` is
+decode-faithful for any chunking aligned to ``window``).
+
+Positions: methods with pre-RoPE keys rotate by each token's position. Where transformers
+passes ``position_ids`` to the cache (5.18 and later) a per-row offset is learned from them
+(left-padded rows start later); otherwise a token's position is its index in the cache. Either
+way the rotation is undone with the angle it was applied with, so it is always exact.
 
 Flushes quantize with :func:`kvtuner.kernels.quantize` (Triton on CUDA under ``backend="auto"``,
 bit-exact with the torch reference). With ``packed_decode`` set (by
-:func:`kvtuner.cache.attention.use_packed_attention`), a one-token update skips dequantizing:
-it returns only the residual and leaves the pre-flush history in ``pending_history`` for the
-packed decode kernel.
+:func:`kvtuner.cache.attention.use_packed_attention`), a one-token update skips reading the
+history back: it returns only the residual and leaves the pre-flush history in
+``pending_history`` for the packed decode kernel.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kvtuner.cache.compat import CacheLayerMixin, tokens_to_keep
-from kvtuner.config import LayerSpec
-from kvtuner.kernels import Backend, quantize
-from kvtuner.quant import QuantizedTensor, QuantSpec, cat_tokens
-
-
-def quant_specs(spec: LayerSpec) -> tuple[QuantSpec, QuantSpec]:
-    """The tensor-level specs for keys and values of a layer spec."""
-    if spec.method == "kivi":
-        return QuantSpec(spec.k_bits, spec.group_size, "channel"), QuantSpec(spec.v_bits, spec.group_size, "token")
-    if spec.method == "per_token":
-        return QuantSpec(spec.k_bits, spec.group_size, "token"), QuantSpec(spec.v_bits, spec.group_size, "token")
-    if spec.method == "fp8":
-        fp8 = {16: None, 8: "e4m3"}
-        k = QuantSpec(spec.k_bits, spec.group_size, "token", fp8=fp8[spec.k_bits])
-        v = QuantSpec(spec.v_bits, spec.group_size, "token", fp8=fp8[spec.v_bits])
-        return k, v
-    raise ValueError(f"layer spec {spec} is not quantized")
+from kvtuner.cache.compat import CacheLayerMixin, position_ids_from, tokens_to_keep
+from kvtuner.kernels import Backend
+from kvtuner.method import KVMethod, StoredKV
 
 
 class MixedPrecisionLayer(CacheLayerMixin):
-    """A cache layer holding packed low-bit history plus a full-precision residual window."""
+    """A cache layer holding a method's stored history plus a full-precision residual window."""
 
     is_sliding = False
     is_compileable = False
     # A crop that reaches into the quantized history re-quantizes what it keeps: close, not exact.
     is_croppable = False
 
-    def __init__(self, spec: LayerSpec, keep_dequantized: bool = False, backend: Backend = "auto"):
+    def __init__(self, method: KVMethod, keep_dequantized: bool = False, backend: Backend = "auto"):
         super().__init__()
-        if not spec.is_quantized:
-            raise ValueError("MixedPrecisionLayer needs a quantized spec; use transformers' DynamicLayer for fp16")
-        self.spec = spec
-        self.key_spec, self.value_spec = quant_specs(spec)
-        self.window = spec.window
+        self.method = method
+        self.spec = method.spec
+        self.window = method.window
         self.keep_dequantized = keep_dequantized
         self.backend = backend
         self.packed_decode = False
-        self.pending_history: tuple[QuantizedTensor | None, QuantizedTensor | None] | None = None
-        self.qkeys: QuantizedTensor | None = None
-        self.qvalues: QuantizedTensor | None = None
-        self._history: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.pending_history: StoredKV | None = None
+        self.history: StoredKV | None = None
+        self.position_offset: torch.Tensor | None = None  # [B]: position of token t is t + offset
+        self._memo: tuple[torch.Tensor, torch.Tensor] | None = None
         self.cumulative_length = 0
 
     def __repr__(self) -> str:
@@ -77,18 +65,23 @@ class MixedPrecisionLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.keys = key_states.new_empty((*key_states.shape[:-2], 0, key_states.shape[-1]))
         self.values = value_states.new_empty((*value_states.shape[:-2], 0, value_states.shape[-1]))
+        self.position_offset = torch.zeros(key_states.shape[0], dtype=torch.long, device=key_states.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        position_ids = position_ids_from(args, kwargs)
+        if position_ids is not None and self.spec.pre_rope:  # the last token of each row is never padding
+            last = self.cumulative_length + key_states.shape[-2] - 1
+            self.position_offset = (position_ids[:, -1].to(self.device) - last).expand(key_states.shape[0]).clone()
         self.cumulative_length += key_states.shape[-2]
         packed = self.packed_decode and key_states.shape[-2] == 1
         history = None if packed else self.dequantized_history()
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         if packed:  # the packed attention reads the history itself (kvtuner.cache.attention)
-            self.pending_history = (self.qkeys, self.qvalues)
+            self.pending_history = self.history
             keys, values = self.keys, self.values
         elif history is None:
             keys, values = self.keys, self.values
@@ -109,8 +102,9 @@ class MixedPrecisionLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = None
-        self.qkeys = self.qvalues = None
-        self._history = None
+        self.history = None
+        self._memo = None
+        self.position_offset = None
         self.cumulative_length = 0
         self.is_initialized = False
 
@@ -125,8 +119,8 @@ class MixedPrecisionLayer(CacheLayerMixin):
         else:
             hist_k, hist_v = self.dequantized_history()
             self.keys, self.values = hist_k[..., :keep, :], hist_v[..., :keep, :]
-            self.qkeys = self.qvalues = None
-            self._history = None
+            self.history = None
+            self._memo = None
             self._flush()
         self.cumulative_length = keep
 
@@ -148,17 +142,21 @@ class MixedPrecisionLayer(CacheLayerMixin):
     # --- storage ------------------------------------------------------------------------------
     @property
     def quantized_length(self) -> int:
-        return self.qkeys.num_tokens if self.qkeys is not None else 0
+        return self.history.num_tokens if self.history is not None else 0
+
+    def positions(self, start: int, end: int) -> torch.Tensor:
+        """RoPE positions ``[B, end - start]`` of tokens ``start .. end - 1``."""
+        return torch.arange(start, end, device=self.device)[None] + self.position_offset[:, None]
 
     def dequantized_history(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The quantized history read back in the model dtype (memoized when ``keep_dequantized``)."""
-        if self.qkeys is None:
+        """The stored history read back in the model dtype (memoized when ``keep_dequantized``)."""
+        if self.history is None:
             return None
-        if self._history is not None:
-            return self._history
-        history = (self.qkeys.dequantize(self.dtype), self.qvalues.dequantize(self.dtype))
+        if self._memo is not None:
+            return self._memo
+        history = self.method.dequantize(self.history, 0, self.positions(0, self.quantized_length), self.dtype)
         if self.keep_dequantized:
-            self._history = history
+            self._memo = history
         return history
 
     def _flush(self) -> None:
@@ -166,16 +164,16 @@ class MixedPrecisionLayer(CacheLayerMixin):
         if n < self.window:
             return
         m = (n // self.window) * self.window
-        new_k = quantize(self.keys[..., :m, :], self.key_spec, self.backend)
-        new_v = quantize(self.values[..., :m, :], self.value_spec, self.backend)
-        self.qkeys = new_k if self.qkeys is None else cat_tokens([self.qkeys, new_k])
-        self.qvalues = new_v if self.qvalues is None else cat_tokens([self.qvalues, new_v])
+        start = self.quantized_length
+        positions = self.positions(start, start + m)
+        block = self.method.quantize(self.keys[..., :m, :], self.values[..., :m, :], start, positions, self.backend)
+        self.history = block if self.history is None else self.history.append(block)
         if self.keep_dequantized:
-            flushed = (new_k.dequantize(self.dtype), new_v.dequantize(self.dtype))
-            if self._history is None:
-                self._history = flushed
+            flushed = self.method.dequantize(block, start, positions, self.dtype)
+            if self._memo is None:
+                self._memo = flushed
             else:
-                self._history = tuple(torch.cat([h, f], dim=-2) for h, f in zip(self._history, flushed))
+                self._memo = tuple(torch.cat([h, f], dim=-2) for h, f in zip(self._memo, flushed))
         # clone: a view would keep the flushed full-precision tokens alive
         self.keys = self.keys[..., m:, :].clone()
         self.values = self.values[..., m:, :].clone()
@@ -184,16 +182,18 @@ class MixedPrecisionLayer(CacheLayerMixin):
         if not self.is_initialized:
             return
         self.keys, self.values = fn(self.keys), fn(self.values)
-        if self.qkeys is not None:
-            self.qkeys, self.qvalues = self.qkeys.map(fn), self.qvalues.map(fn)
-        if self._history is not None:
-            self._history = (fn(self._history[0]), fn(self._history[1]))
+        self.position_offset = fn(self.position_offset)
+        if self.history is not None:
+            self.history = self.history.map(fn)
+        if self._memo is not None:
+            self._memo = (fn(self._memo[0]), fn(self._memo[1]))
 
     def nbytes(self) -> int:
-        """Real storage: packed history plus the full-precision residual (never the memo)."""
+        """Real storage: the stored history (codes, scales, zeros, outliers, sink), the method's
+        level tables and the full-precision residual (never the memo)."""
         if not self.is_initialized:
             return 0
-        stored = [self.keys, self.values]
-        if self.qkeys is not None:
-            stored += self.qkeys.stored_tensors() + self.qvalues.stored_tensors()
-        return sum(t.numel() * t.element_size() for t in stored)
+        stored = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        if self.history is not None:
+            stored += self.history.nbytes()
+        return stored + self.method.codebook_bytes()

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from kvtuner.cache.compat import Cache, DynamicLayer, dynamic_layer_for, layer_types
+from kvtuner.cache.compat import Cache, DynamicLayer, dynamic_layer_for, layer_types, rope_inv_freq
 from kvtuner.cache.layer import MixedPrecisionLayer
 from kvtuner.config import KVConfig, KVConfigError, ModelFingerprint
 from kvtuner.kernels import Backend
+from kvtuner.method import Calibration, KVMethod, build_methods, needs_calibration
 
 SUPPORTED_QUANTIZED_TYPES = ("full_attention",)
 
@@ -37,12 +38,34 @@ def fingerprint(model_config: PretrainedConfig) -> ModelFingerprint:
     )
 
 
+def layer_methods(
+    config: KVConfig, model_config: PretrainedConfig | None = None, calibration: Calibration | None = None
+) -> list[KVMethod | None]:
+    """The :class:`~kvtuner.method.KVMethod` of every layer (None for fp16 layers).
+
+    calibration: the fitted levels and thresholds; by default read from ``config.calibration``
+    when a layer needs them. Checked against the model's fingerprint.
+    """
+    source = str(config.calibration_path() or "calibration")
+    if calibration is None and any(needs_calibration(s) for s in config.layers):
+        path = config.calibration_path()
+        if path is None:
+            raise KVConfigError("this config uses codebooks or outliers but names no calibration file "
+                                "(set 'calibration'; kvtuner calibrate writes one)")
+        calibration = Calibration.load(path)
+    if calibration is not None and model_config is not None:
+        calibration.check_model(fingerprint(model_config), source)
+    inv_freq = None if model_config is None else (lambda layer: rope_inv_freq(model_config, layer))
+    return build_methods(config.layers, calibration, inv_freq, source)
+
+
 class MixedPrecisionCache(Cache):
     """Per-layer mixed-precision KV cache (KIVI-style layers, packed storage).
 
     keep_dequantized: also memoize each layer's dequantized history, trading memory for speed
     on the torch reference path (evaluation uses it); ``nbytes`` never counts the memo.
     backend: kernels that quantize on flush (``"auto"``: Triton on CUDA; see :mod:`kvtuner.kernels`).
+    calibration: NUQ levels and outlier thresholds (default: the file ``config.calibration`` names).
     """
 
     def __init__(
@@ -51,6 +74,7 @@ class MixedPrecisionCache(Cache):
         model_config: PretrainedConfig | None = None,
         keep_dequantized: bool = False,
         backend: Backend = "auto",
+        calibration: Calibration | None = None,
     ):
         self.kv_config = config
         if model_config is None:
@@ -62,12 +86,13 @@ class MixedPrecisionCache(Cache):
                 raise KVConfigError(
                     f"config has {config.num_layers} layers but the model has {len(types)} layers with a KV cache"
                 )
+        methods = layer_methods(config, model_config, calibration)
         layers = []
-        for i, (spec, (layer_type, kwargs)) in enumerate(zip(config.layers, types)):
-            if not spec.is_quantized:
+        for i, (method, (layer_type, kwargs)) in enumerate(zip(methods, types)):
+            if method is None:
                 layers.append(dynamic_layer_for(layer_type, kwargs) if layer_type != "full_attention" else DynamicLayer())
             elif layer_type in SUPPORTED_QUANTIZED_TYPES:
-                layers.append(MixedPrecisionLayer(spec, keep_dequantized=keep_dequantized, backend=backend))
+                layers.append(MixedPrecisionLayer(method, keep_dequantized=keep_dequantized, backend=backend))
             else:
                 raise KVConfigError(
                     f"layer {i} is a {layer_type!r} layer; kvtuner quantizes only full-attention layers "

@@ -8,12 +8,14 @@ position ``t`` of a layer with window ``w`` attends to
 * the keys of its own block up to ``t``, in full precision.
 
 Blocks are quantized independently (KIVI key groups run along tokens inside a block, the other
-layouts group per token), so quantizing the whole sequence at once yields the same codes. One
+layouts group per token; sinks, outliers, codebooks and pre-RoPE rotations are per block or per
+token too), so quantizing the whole sequence at once with the layer's
+:class:`~kvtuner.method.KVMethod`, the object the cache flushes with, yields the same codes. One
 causal pass whose attention sees ``[K_quantized ; K]`` under that block mask therefore computes
 what the chunked evaluation computes, up to float rounding, for any chunk size.
 
 The pass runs through a custom attention function registered with transformers'
-``AttentionInterface``; the per-layer specs travel in the forward kwargs (``kvtuner_plan``), so
+``AttentionInterface``; the per-layer methods travel in the forward kwargs (``kvtuner_plan``), so
 nothing is stored on the model. Because quantizing only layer ``l`` leaves layers ``< l``
 untouched, the hidden states entering each layer are captured once and a single-layer
 profile runs only layers ``l..L-1`` (Llama-style decoders: ``model.model.layers``,
@@ -30,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 
-from kvtuner.cache import quant_specs
-from kvtuner.cache.compat import layer_types
+from kvtuner.cache import layer_methods
+from kvtuner.cache.compat import layer_types, rope_inv_freq
 from kvtuner.config import KVConfig, LayerSpec
-from kvtuner.quant import quantize
+from kvtuner.method import Calibration, KVMethod, method_for
 
 ATTENTION_NAME = "kvtuner_blockwise"
 QUERY_SLICE = 256  # queries per masked attention call (see decode_faithful_attention)
@@ -53,38 +55,23 @@ def block_mask(start: int, end: int, history: int, window: int, device: torch.de
     return torch.cat([sees_history, sees_own_block], dim=1)
 
 
-def quantized_history(key: torch.Tensor, value: torch.Tensor, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values ``[B, H_kv, T, D]`` as the cache's history holds them: whole windows, quantized, read back.
-
-    Tokens of a partial last window are never flushed, so they are left out.
-    """
-    k_spec, v_spec = quant_specs(spec)
-    n = spec.window * (key.shape[-2] // spec.window)
-    if n == 0:
-        return key[..., :0, :], value[..., :0, :]
-    return (
-        quantize(key[..., :n, :], k_spec).dequantize(key.dtype),
-        quantize(value[..., :n, :], v_spec).dequantize(value.dtype),
-    )
-
-
 def decode_faithful_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: LayerSpec | None, scaling: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, method: KVMethod | None, scaling: float
 ) -> torch.Tensor:
-    """Attention output ``[B, H, T, D]`` of one layer as decoding with ``spec`` computes it.
+    """Attention output ``[B, H, T, D]`` of one layer as decoding with ``method`` computes it.
 
-    query ``[B, H, T, D]``, key / value ``[B, H_kv, T, D]`` (post-RoPE, before GQA repeat).
-    ``spec`` None or unquantized: plain causal attention. Queries go in slices of
+    query ``[B, H, T, D]``, key / value ``[B, H_kv, T, D]`` (post-RoPE at positions 0..T-1,
+    before GQA repeat). ``method`` None: plain causal attention. Queries go in slices of
     ``QUERY_SLICE`` tokens, each against only the history it can see: a masked attention
     cannot skip work the way a causal one does, and one dense ``[T, 2T]`` pass cost 6x the
     causal pass at 2048 tokens on CPU; the slices cost 1.6x.
     """
     gqa = query.shape[1] != key.shape[1]
     length = query.shape[-2]
-    if spec is None or not spec.is_quantized:
+    if method is None:
         return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
-    kq, vq = quantized_history(key, value, spec)
-    window = spec.window
+    kq, vq = method.roundtrip(key, value)
+    window = method.window
     step = window * max(1, QUERY_SLICE // window)
     out = torch.empty_like(query)
     for start in range(0, length, step):
@@ -101,9 +88,9 @@ def decode_faithful_attention(
 
 @dataclass
 class Plan:
-    """What the attention function does in one pass: a spec per layer, and optionally record q/k/v."""
+    """What the attention function does in one pass: a method per layer (None: full precision), and optionally record q/k/v."""
 
-    specs: Sequence[LayerSpec | None]
+    methods: Sequence[KVMethod | None]
     capture: dict[int, Captured] | None = None
 
 
@@ -126,7 +113,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     scaling = scaling or query.shape[-1] ** -0.5
     if kvtuner_plan.capture is not None:
         kvtuner_plan.capture[idx] = Captured(query, key, value, scaling)
-    out = decode_faithful_attention(query, key, value, kvtuner_plan.specs[idx], scaling)
+    out = decode_faithful_attention(query, key, value, kvtuner_plan.methods[idx], scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -148,9 +135,12 @@ class BlockwiseEvaluator:
     capture: also keep each layer's input hidden states and full-precision q/k/v, which the
     single-layer profile (``kl_single``) and the attention statistics need (memory: about
     ``L * T * (hidden + 2 * heads * head_dim) * 4`` bytes).
+    calibration: NUQ levels and outlier thresholds for specs that need them (a config's own
+    ``calibration`` file is used when this is None).
     """
 
-    def __init__(self, model: PreTrainedModel, input_ids: torch.Tensor, capture: bool = False):
+    def __init__(self, model: PreTrainedModel, input_ids: torch.Tensor, capture: bool = False,
+                 calibration: Calibration | None = None):
         kinds = {kind for kind, _ in layer_types(model.config)}
         if kinds != {"full_attention"}:
             raise NotImplementedError(
@@ -158,6 +148,7 @@ class BlockwiseEvaluator:
                 "the one-pass evaluator models full causal attention only"
             )
         self.model = model
+        self.calibration = calibration
         self.input_ids = input_ids.to(model.device)
         self.num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
         plan = Plan([None] * self.num_layers, {} if capture else None)
@@ -191,17 +182,26 @@ class BlockwiseEvaluator:
             total += float((ref_p[rows] * (ref_logp[rows] - logp)).sum(-1).double().sum())
         return total / flat.shape[0]
 
+    def method(self, layer: int, spec: LayerSpec | None) -> KVMethod | None:
+        """What ``spec`` stores at ``layer`` (None for none or fp16)."""
+        if spec is None:
+            return None
+        return method_for(spec, layer, self.calibration, lambda i: rope_inv_freq(self.model.config, i))
+
+    def methods(self, config: KVConfig) -> list[KVMethod | None]:
+        return layer_methods(config, self.model.config, self.calibration)
+
     @torch.no_grad()
-    def logits(self, specs: Sequence[LayerSpec | None]) -> torch.Tensor:
+    def logits(self, methods: Sequence[KVMethod | None]) -> torch.Tensor:
         with blockwise_attention(self.model):
-            return self.model(self.input_ids, use_cache=False, kvtuner_plan=Plan(list(specs))).logits
+            return self.model(self.input_ids, use_cache=False, kvtuner_plan=Plan(list(methods))).logits
 
     def kl(self, config: KVConfig) -> float:
         """Decode-faithful KL of a whole config (equal to ``Evaluator.evaluate(config).kl`` to float tolerance)."""
-        return self.kl_logits(self.logits(config.layers))
+        return self.kl_logits(self.logits(self.methods(config)))
 
     @torch.no_grad()
-    def suffix_logits(self, start: int, specs: Sequence[LayerSpec | None]) -> torch.Tensor:
+    def suffix_logits(self, start: int, methods: Sequence[KVMethod | None]) -> torch.Tensor:
         """Logits from the captured input of layer ``start`` through layers ``start..L-1``."""
         if not self.hidden:
             raise RuntimeError("suffix runs need BlockwiseEvaluator(..., capture=True)")
@@ -209,7 +209,7 @@ class BlockwiseEvaluator:
         h = self.hidden[start]
         positions = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
         rope = decoder.rotary_emb(h, positions)
-        plan = Plan(list(specs))
+        plan = Plan(list(methods))
         with blockwise_attention(self.model):
             for layer in decoder.layers[start : self.num_layers]:
                 h = layer(h, position_ids=positions, position_embeddings=rope, kvtuner_plan=plan)
@@ -217,9 +217,9 @@ class BlockwiseEvaluator:
 
     def kl_single(self, layer: int, spec: LayerSpec) -> float:
         """KL when only ``layer`` stores its KV with ``spec`` (runs layers ``layer..L-1`` only)."""
-        specs = [None] * self.num_layers
-        specs[layer] = spec
-        return self.kl_logits(self.suffix_logits(layer, specs))
+        methods: list[KVMethod | None] = [None] * self.num_layers
+        methods[layer] = self.method(layer, spec)
+        return self.kl_logits(self.suffix_logits(layer, methods))
 
     def _check_suffix(self) -> None:
         """Refuse architectures whose decoder loop differs from the Llama one the suffix run replays."""

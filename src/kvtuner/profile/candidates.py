@@ -1,15 +1,17 @@
 """The per-layer choices a search may make: (method, K bits, V bits) candidates, parsed from flags.
 
-``--pairs`` takes shorthands (``K4V2``), method-qualified shorthands (``per_token:K8V4``) and
-the presets below; ``--methods`` says which methods the unqualified pairs are tried with. FP8
-stores 8 bits only, so it takes just the all-8 pairs (``fp8:KV8``) of the list.
+``--pairs`` takes shorthands (``K4V2``), method-qualified shorthands (``per_token:K8V4``),
+either with KVQuant's options (``KV3+sink+prerope+nuq+ds1``, see
+:func:`kvtuner.config.parse_label`), and the presets below; ``--methods`` says which methods
+the unqualified pairs are tried with. FP8 stores 8 bits only, so it takes just the all-8 pairs
+(``fp8:KV8``) of the list.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from kvtuner.config import METHODS, KVConfigError, LayerSpec, parse_shorthand
+from kvtuner.config import METHODS, KVConfigError, LayerSpec, parse_label, parse_shorthand
 
 DEFAULT_PAIRS = ("KV8", "K8V4", "K4V8", "K4V4", "K4V2", "K2V4", "K2V2")
 THREE_BIT_PAIRS = ("K8V3", "K3V8", "K4V3", "K3V4", "K3V3", "K3V2", "K2V3")
@@ -51,10 +53,10 @@ def candidate_specs(
             expanded = [(m, item) for m in methods]
         for method, pair in expanded:
             try:
-                k_bits, v_bits = parse_shorthand(pair)
+                k_bits, v_bits = parse_shorthand(pair.split("+")[0])
             except KVConfigError:
                 raise KVConfigError(
-                    f"unknown pair {pair!r}; expected e.g. KV8, K4V2, per_token:K8V4 or a preset "
+                    f"unknown pair {pair!r}; expected e.g. KV8, K4V2, per_token:K8V4, KV3+sink+prerope or a preset "
                     f"({', '.join(PRESETS)})"
                 ) from None
             if (k_bits, v_bits) == (16, 16):
@@ -64,7 +66,7 @@ def candidate_specs(
                     raise KVConfigError(f"fp8 stores 8 bits; {item!r} is not an fp8 pair (use fp8:KV8)")
                 continue  # an unqualified low-bit pair simply has no fp8 version
             try:
-                spec = LayerSpec(method, k_bits, v_bits, group_size, residual_length)
+                spec = parse_label(pair, group_size, residual_length, method)
             except KVConfigError as e:
                 raise KVConfigError(f"unknown pair {item!r}: {e}") from None
             if spec not in specs:

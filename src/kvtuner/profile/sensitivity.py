@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from kvtuner.cache import fingerprint
-from kvtuner.config import KVConfig, KVConfigError, LayerSpec, write_atomic
+from kvtuner.config import SPEC_FIELDS, KVConfig, KVConfigError, LayerSpec, write_atomic
 from kvtuner.profile.blockwise import BlockwiseEvaluator, decode_faithful_attention
 from kvtuner.profile.candidates import DEFAULT_PAIRS, candidate_specs
 from kvtuner.profile.stats import layer_statistics, output_error
@@ -108,10 +108,9 @@ class Profile:
     def from_dict(cls, data: dict[str, Any], source: str = "profile") -> "Profile":
         if data.get("version") != PROFILE_VERSION:
             raise KVConfigError(f"{source}: not a version-{PROFILE_VERSION} kvtuner profile")
-        keys = ("method", "k_bits", "v_bits", "group_size", "residual_length")
         split = {name: None if data[name] is None else np.array(data[name]) for name in ("k_only", "v_only")}
         return cls(
-            candidates=[LayerSpec(**{k: c[k] for k in keys}) for c in data["candidates"]],
+            candidates=[LayerSpec(**{k: c[k] for k in SPEC_FIELDS if k in c}) for c in data["candidates"]],
             loss=np.array(data["loss"]),
             output_error=np.array(data["output_error"]),
             layer_stats=data["layer_stats"],
@@ -172,7 +171,8 @@ def profile_layers(
         stats.append(layer_statistics(cap.query, cap.key, cap.value, cap.scaling))
         reference = decode_faithful_attention(cap.query, cap.key, cap.value, None, cap.scaling)
         for c, spec in enumerate(candidates):
-            errors[layer, c] = output_error(cap.query, cap.key, cap.value, spec, cap.scaling, reference)
+            errors[layer, c] = output_error(cap.query, cap.key, cap.value, evaluator.method(layer, spec), cap.scaling,
+                                            reference)
             loss[layer, c] = evaluator.kl_single(layer, spec)
             bar.update()
         if split:

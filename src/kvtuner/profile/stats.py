@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvtuner.config import LayerSpec
+from kvtuner.method import KVMethod
 from kvtuner.profile.blockwise import decode_faithful_attention
 
 
@@ -22,14 +22,14 @@ def output_error(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    spec: LayerSpec,
+    method: KVMethod,
     scaling: float,
     reference: torch.Tensor | None = None,
 ) -> float:
-    """KVTuner's e_o: relative Frobenius error of the attention output when decoding with ``spec``."""
+    """KVTuner's e_o: relative Frobenius error of the attention output when decoding with ``method``."""
     if reference is None:
         reference = decode_faithful_attention(query, key, value, None, scaling)
-    quantized = decode_faithful_attention(query, key, value, spec, scaling)
+    quantized = decode_faithful_attention(query, key, value, method, scaling)
     return float((quantized - reference).norm() / reference.norm())
 
 

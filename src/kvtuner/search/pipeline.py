@@ -25,6 +25,7 @@ from scipy.stats import pearsonr, spearmanr
 from transformers import PreTrainedModel
 
 from kvtuner.cache import MixedPrecisionLayer, fingerprint
+from kvtuner.method import Calibration, method_for
 from kvtuner.config import KVConfig, LayerSpec, ModelFingerprint, parse_shorthand, write_atomic
 from kvtuner.evaluate import Evaluator
 from kvtuner.profile import DEFAULT_PAIRS, BlockwiseEvaluator, Profile
@@ -162,11 +163,18 @@ class SearchResult:
         }
 
 
-def candidate_bytes(spec: LayerSpec, model: ModelFingerprint, tokens: int, dtype: torch.dtype) -> int:
-    """KV bytes one layer stores for ``tokens`` tokens with ``spec``, as ``MixedPrecisionCache.nbytes`` counts."""
+def candidate_bytes(spec: LayerSpec, model: ModelFingerprint, tokens: int, dtype: torch.dtype,
+                    calibration: Calibration | None = None) -> int:
+    """KV bytes one layer stores for ``tokens`` tokens with ``spec``, as ``MixedPrecisionCache.nbytes`` counts.
+
+    Outliers depend on the data: zeros have none, so this is the floor for dense-and-sparse specs
+    (a profile measures their real bytes on calibration tokens).
+    """
     if not spec.is_quantized:
         return 2 * model.num_kv_heads * tokens * model.head_dim * torch.finfo(dtype).bits // 8
-    layer = MixedPrecisionLayer(spec)
+    # bytes do not depend on the RoPE angles: zero frequencies (no rotation) serve any model
+    method = method_for(spec, 0, calibration, lambda _: torch.zeros(model.head_dim // 2))
+    layer = MixedPrecisionLayer(method)
     x = torch.zeros(1, model.num_kv_heads, tokens, model.head_dim, dtype=dtype)
     layer.update(x, x)
     return layer.nbytes()

@@ -1,0 +1,416 @@
+"""A layer's KV storage method: the one object the cache, the profiler and the kernels' dispatch consult.
+
+A :class:`~kvtuner.config.LayerSpec` names a method and its options; :class:`KVMethod` is what
+they mean for storage. Every place that stores, reads back or costs a layer's KV goes through it:
+:class:`~kvtuner.cache.MixedPrecisionLayer` flushes windows with :meth:`KVMethod.quantize` and
+reads them with :meth:`KVMethod.dequantize`; the one-pass profiler
+(:mod:`kvtuner.profile.blockwise`) quantizes a whole calibration sequence with
+:meth:`KVMethod.roundtrip`, which is the same code on the same windows; the packed decode
+kernel is used only where :meth:`KVMethod.packed_decode_supported` says so. Adding a method or
+an option touches this module (and ``LayerSpec``'s validation), nothing else.
+
+What a method stores for a flushed block of tokens (:class:`StoredKV`):
+
+* keys and values as grouped codes (:class:`~kvtuner.quant.QuantizedTensor`): ``kivi`` keys per
+  channel (groups of ``group_size`` tokens) and values per token; ``per_token`` both per token
+  (llama.cpp's layout); ``fp8`` e4m3 with a scale per group;
+* with ``codebook``: the codes index calibrated non-uniform levels inside each group
+  (:mod:`kvtuner.quant.codebook`) instead of the uniform grid;
+* with ``outliers`` > 0: elements outside calibrated per-channel (keys) or per-head (values)
+  thresholds, kept exactly in fp16 (:mod:`kvtuner.quant.outliers`);
+* with ``pre_rope``: keys are un-rotated to their pre-RoPE coordinates before quantization and
+  rotated back on read (:mod:`kvtuner.quant.rope`);
+* with ``sink`` = N: the first N tokens of the sequence in full precision; inside their block
+  they are replaced by the block's first other token before quantizing, so they never widen a
+  key group's range.
+
+What stays full precision beyond that (the residual window of recent tokens) is the cache
+layer's business; the method says how long it is (:attr:`KVMethod.window`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from kvtuner.config import KVConfigError, LayerSpec, ModelFingerprint, write_atomic
+from kvtuner.quant import QuantizedTensor, QuantSpec, cat_tokens
+from kvtuner.quant import quantize as quantize_reference
+from kvtuner.quant.outliers import SparseOutliers, cat_blocks, split
+from kvtuner.quant.rope import rotate
+
+Side = str  # "k" or "v"
+CALIBRATION_VERSION = 1
+OUTLIER_INDEX_LIMIT = 2**15
+
+
+def quant_specs(spec: LayerSpec) -> tuple[QuantSpec, QuantSpec]:
+    """The tensor-level specs for keys and values of a layer spec."""
+    if spec.method == "kivi":
+        return QuantSpec(spec.k_bits, spec.group_size, "channel"), QuantSpec(spec.v_bits, spec.group_size, "token")
+    if spec.method == "per_token":
+        return QuantSpec(spec.k_bits, spec.group_size, "token"), QuantSpec(spec.v_bits, spec.group_size, "token")
+    if spec.method == "fp8":
+        fp8 = {16: None, 8: "e4m3"}
+        k = QuantSpec(spec.k_bits, spec.group_size, "token", fp8=fp8[spec.k_bits])
+        v = QuantSpec(spec.v_bits, spec.group_size, "token", fp8=fp8[spec.v_bits])
+        return k, v
+    raise ValueError(f"layer spec {spec} is not quantized")
+
+
+# --- calibration ---------------------------------------------------------------------------------
+def levels_key(spec: LayerSpec, side: Side) -> str:
+    """Which fitted levels a side of ``spec`` needs: they depend on the layout, bits, pre-RoPE keys and outliers."""
+    bits = spec.k_bits if side == "k" else spec.v_bits
+    domain = "pre" if side == "k" and spec.pre_rope else "post"
+    return f"{side}:{spec.method}:g{spec.group_size}:b{bits}:{domain}:o{spec.outliers:g}"
+
+
+def thresholds_key(spec: LayerSpec, side: Side) -> str:
+    """Which outlier thresholds a side of ``spec`` needs."""
+    domain = "pre" if side == "k" and spec.pre_rope else "post"
+    return f"{side}:{domain}:o{spec.outliers:g}"
+
+
+def needs_calibration(spec: LayerSpec) -> bool:
+    return spec.is_quantized and (spec.codebook or spec.outliers > 0)
+
+
+@dataclass
+class SideCalibration:
+    """Fitted data one side of one layer uses: NUQ levels and/or outlier thresholds.
+
+    levels: ``[2**bits]`` fp16 levels in the normalized group domain ``[0, qmax]``.
+    lo / hi: thresholds broadcastable to ``[B, H, T, D]`` (keys ``[1, H, 1, D]``, values ``[1, H, 1, 1]``).
+    """
+
+    levels: torch.Tensor | None = None
+    lo: torch.Tensor | None = None
+    hi: torch.Tensor | None = None
+
+
+@dataclass
+class Calibration:
+    """Per-layer NUQ levels and outlier thresholds for one model, as ``kvtuner calibrate`` writes them.
+
+    levels[key][layer]: ``[2**bits]``; thresholds[key][layer]: ``(lo, hi)``. Keys come from
+    :func:`levels_key` / :func:`thresholds_key`.
+    """
+
+    model: ModelFingerprint
+    levels: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    thresholds: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def side(self, layer: int, spec: LayerSpec, side: Side, source: str = "calibration") -> SideCalibration:
+        """What ``side`` of ``layer`` needs for ``spec``; a clear ``KVConfigError`` when it was not fitted."""
+        bits = spec.k_bits if side == "k" else spec.v_bits
+        if bits == 16:
+            return SideCalibration()
+        result = SideCalibration()
+        if spec.outliers > 0:
+            key = thresholds_key(spec, side)
+            if key not in self.thresholds:
+                raise KVConfigError(f"{source} has no outlier thresholds {key!r} (layer {layer}, {spec.label}); "
+                                    f"re-run kvtuner calibrate with --pairs {spec.label}")
+            lo, hi = self.thresholds[key][layer]
+            shape = (1, -1, 1, lo.shape[-1]) if side == "k" else (1, -1, 1, 1)
+            result.lo, result.hi = lo.reshape(shape), hi.reshape(shape)
+        if spec.codebook:
+            key = levels_key(spec, side)
+            if key not in self.levels:
+                raise KVConfigError(f"{source} has no codebook {key!r} (layer {layer}, {spec.label}); "
+                                    f"re-run kvtuner calibrate with --pairs {spec.label}")
+            result.levels = self.levels[key][layer]
+        return result
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": CALIBRATION_VERSION,
+            "model": vars(self.model),
+            "levels": {k: [t.tolist() for t in v] for k, v in self.levels.items()},
+            "thresholds": {k: [{"lo": lo.tolist(), "hi": hi.tolist()} for lo, hi in v] for k, v in self.thresholds.items()},
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "calibration") -> "Calibration":
+        if not isinstance(data, dict) or data.get("version") != CALIBRATION_VERSION:
+            raise KVConfigError(f"{source}: not a version-{CALIBRATION_VERSION} kvtuner calibration file")
+        try:
+            model = ModelFingerprint(**data["model"])
+            levels = {k: [torch.tensor(t, dtype=torch.float16) for t in v] for k, v in data["levels"].items()}
+            thresholds = {k: [(torch.tensor(e["lo"], dtype=torch.float32), torch.tensor(e["hi"], dtype=torch.float32))
+                              for e in v] for k, v in data["thresholds"].items()}
+        except (KeyError, TypeError, ValueError) as e:
+            raise KVConfigError(f"{source}: malformed calibration file ({e})") from None
+        for key, per_layer in [*levels.items(), *thresholds.items()]:
+            if len(per_layer) != model.num_layers:
+                raise KVConfigError(f"{source}: entry {key!r} has {len(per_layer)} layers, the model {model.num_layers}")
+        return cls(model, levels, thresholds, data.get("meta") or {})
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        write_atomic(path, json.dumps(self.to_dict()) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Calibration":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise KVConfigError(f"{path}: no such calibration file (make one with kvtuner calibrate)") from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise KVConfigError(f"{path}: cannot read calibration file ({e})") from None
+        return cls.from_dict(data, str(path))
+
+    def check_model(self, fingerprint: ModelFingerprint, source: str = "calibration") -> None:
+        if self.model != fingerprint:
+            raise KVConfigError(f"{source} was fitted for {self.model} but the model is {fingerprint}")
+
+
+# --- stored data ---------------------------------------------------------------------------------
+@dataclass
+class StoredSide:
+    """One side (keys or values) of a stored block or history."""
+
+    codes: QuantizedTensor
+    outliers: SparseOutliers | None = None
+
+    def stored_tensors(self) -> list[torch.Tensor]:
+        return self.codes.stored_tensors() + (self.outliers.stored_tensors() if self.outliers else [])
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "StoredSide":
+        return StoredSide(self.codes.map(fn), self.outliers.map(fn) if self.outliers else None)
+
+
+@dataclass
+class StoredKV:
+    """What a layer keeps of its quantized tokens: both sides, plus the full-precision sink tokens."""
+
+    keys: StoredSide
+    values: StoredSide
+    sink_keys: torch.Tensor | None = None  # [B, H, N, D] as the model produced them
+    sink_values: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys.codes.num_tokens
+
+    def stored_tensors(self) -> list[torch.Tensor]:
+        sink = [t for t in (self.sink_keys, self.sink_values) if t is not None]
+        return self.keys.stored_tensors() + self.values.stored_tensors() + sink
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.stored_tensors())
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "StoredKV":
+        sink = [fn(t) if t is not None else None for t in (self.sink_keys, self.sink_values)]
+        return StoredKV(self.keys.map(fn), self.values.map(fn), *sink)
+
+    def append(self, block: "StoredKV") -> "StoredKV":
+        """This history followed by ``block`` (sink tokens only ever come in the first blocks)."""
+        sides = []
+        for mine, theirs in ((self.keys, block.keys), (self.values, block.values)):
+            outliers = None if mine.outliers is None else cat_blocks([mine.outliers, theirs.outliers])
+            sides.append(StoredSide(cat_tokens([mine.codes, theirs.codes]), outliers))
+        sink = [_cat_optional(a, b) for a, b in ((self.sink_keys, block.sink_keys), (self.sink_values, block.sink_values))]
+        return StoredKV(*sides, *sink)
+
+
+def _cat_optional(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return torch.cat([a, b], dim=-2)
+
+
+# --- the method ------------------------------------------------------------------------------------
+class KVMethod:
+    """What one layer's spec means for storage; see the module docstring.
+
+    key_calibration / value_calibration: fitted levels and thresholds (required when the spec
+    uses ``codebook`` or ``outliers``). inv_freq: the model's RoPE frequencies ``[D/2]``
+    (required with ``pre_rope``).
+    """
+
+    def __init__(
+        self,
+        spec: LayerSpec,
+        key_calibration: SideCalibration | None = None,
+        value_calibration: SideCalibration | None = None,
+        inv_freq: torch.Tensor | None = None,
+    ):
+        if not spec.is_quantized:
+            raise ValueError("KVMethod needs a quantized spec; fp16 layers are stored as they are")
+        self.spec = spec
+        self.key_spec, self.value_spec = quant_specs(spec)
+        self.key_calibration = key_calibration or SideCalibration()
+        self.value_calibration = value_calibration or SideCalibration()
+        for side, cal, bits in (("key", self.key_calibration, spec.k_bits), ("value", self.value_calibration, spec.v_bits)):
+            if bits == 16:
+                continue
+            if spec.codebook and cal.levels is None:
+                raise KVConfigError(f"{spec.label}: {side} codebook levels are missing (needs a calibration file)")
+            if spec.outliers > 0 and cal.lo is None:
+                raise KVConfigError(f"{spec.label}: {side} outlier thresholds are missing (needs a calibration file)")
+        if spec.pre_rope and spec.k_bits < 16 and inv_freq is None:
+            raise KVConfigError(f"{spec.label}: pre-RoPE keys need the model's rotary frequencies")
+        self.inv_freq = inv_freq if spec.pre_rope else None
+
+    def __repr__(self) -> str:
+        return f"KVMethod({self.spec.label})"
+
+    @property
+    def window(self) -> int:
+        """Tokens quantized together when the residual fills."""
+        return self.spec.window
+
+    @property
+    def sink(self) -> int:
+        return self.spec.sink
+
+    def packed_decode_supported(self) -> bool:
+        """Whether the packed decode kernel can read this storage as it is: plain grouped integer codes,
+        no codebook, outliers, sink or pre-RoPE keys (those stay on the torch path)."""
+        s = self.spec
+        return not (s.codebook or s.outliers > 0 or s.sink or (s.pre_rope and s.k_bits < 16))
+
+    def codebook_bytes(self) -> int:
+        """Bytes of the per-layer level tables (stored once per layer, whatever the batch and length)."""
+        return sum(c.levels.numel() * c.levels.element_size()
+                   for c in (self.key_calibration, self.value_calibration) if c.levels is not None)
+
+    # --- store and read ---------------------------------------------------------------------------
+    def quantize(self, keys: torch.Tensor, values: torch.Tensor, start: int, positions: torch.Tensor,
+                 backend: str = "auto") -> StoredKV:
+        """Store tokens ``start .. start + n - 1`` (whole windows): keys / values ``[B, H, n, D]``
+        as the model produced them (post-RoPE); ``positions`` ``[B or 1, n]`` their RoPE positions."""
+        n = keys.shape[-2]
+        in_sink = min(max(self.sink - start, 0), n)
+        sink_keys = keys[..., :in_sink, :].clone() if in_sink else None
+        sink_values = values[..., :in_sink, :].clone() if in_sink else None
+        if self.inv_freq is not None:
+            keys = rotate(keys, positions, self.inv_freq, inverse=True)
+        if 0 < in_sink < n:  # the sink's own codes are never read; keep it out of the group statistics
+            keys, values = keys.clone(), values.clone()
+            keys[..., :in_sink, :] = keys[..., in_sink : in_sink + 1, :]
+            values[..., :in_sink, :] = values[..., in_sink : in_sink + 1, :]
+        return StoredKV(
+            self._quantize_side(keys, self.key_spec, self.key_calibration, backend),
+            self._quantize_side(values, self.value_spec, self.value_calibration, backend),
+            sink_keys, sink_values,
+        )
+
+    def dequantize(self, stored: StoredKV, start: int, positions: torch.Tensor,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[B, H, n, D]`` of a stored segment that begins at token ``start``."""
+        keys = _dequantize_side(stored.keys, self.key_calibration, dtype)
+        values = _dequantize_side(stored.values, self.value_calibration, dtype)
+        if self.inv_freq is not None:
+            keys = rotate(keys, positions, self.inv_freq)
+        if stored.sink_keys is not None and start < self.sink:
+            count = min(self.sink, start + keys.shape[-2]) - start  # the sink tensors begin at token ``start``
+            keys, values = keys.clone(), values.clone()
+            keys[..., :count, :] = stored.sink_keys[..., :count, :].to(dtype)
+            values[..., :count, :] = stored.sink_values[..., :count, :].to(dtype)
+        return keys, values
+
+    def roundtrip(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor | None = None,
+                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole windows of a sequence from token 0 as the cache's history holds them, read back.
+
+        Tokens of a partial last window are never flushed, so they are left out.
+        """
+        n = self.window * (keys.shape[-2] // self.window)
+        if n == 0:
+            return keys[..., :0, :], values[..., :0, :]
+        if positions is None:
+            positions = torch.arange(n, device=keys.device)[None]
+        positions = positions[..., :n]
+        stored = self.quantize(keys[..., :n, :], values[..., :n, :], 0, positions, backend)
+        return self.dequantize(stored, 0, positions, keys.dtype)
+
+    def _quantize_side(self, x: torch.Tensor, spec: QuantSpec, cal: SideCalibration, backend: str) -> StoredSide:
+        from kvtuner.kernels import quantize  # the Triton quantizer where it applies
+
+        outliers = None
+        if cal.lo is not None:
+            x, outliers = split(x, cal.lo, cal.hi, outlier_block(x.shape[-2], x.shape[-1], self.window))
+        if cal.levels is not None:
+            return StoredSide(quantize_reference(x, spec, levels=cal.levels), outliers)
+        return StoredSide(quantize(x, spec, backend), outliers)
+
+
+def outlier_block(tokens: int, head_dim: int, window: int) -> int:
+    """Tokens per outlier block: the window, halved until int16 in-block indices fit."""
+    block = window
+    while block * head_dim >= OUTLIER_INDEX_LIMIT and block % 2 == 0:
+        block //= 2
+    if tokens % block or block * head_dim >= OUTLIER_INDEX_LIMIT:
+        raise KVConfigError(f"cannot index outliers of {tokens} tokens x {head_dim} channels in int16 blocks")
+    return block
+
+
+def _dequantize_side(side: StoredSide, cal: SideCalibration, dtype: torch.dtype) -> torch.Tensor:
+    x = side.codes.dequantize(torch.float32 if side.outliers is not None else dtype)
+    if side.outliers is not None:
+        x = side.outliers.scatter_into(x).to(dtype)
+    return x
+
+
+def method_for(
+    spec: LayerSpec,
+    layer: int,
+    calibration: Calibration | None = None,
+    inv_freq: Callable[[int], torch.Tensor] | None = None,
+    source: str = "calibration",
+) -> KVMethod | None:
+    """The :class:`KVMethod` of ``spec`` at ``layer`` (None for fp16).
+
+    inv_freq: layer index -> the model's RoPE frequencies (called only for pre-RoPE keys).
+    """
+    if not spec.is_quantized:
+        return None
+    cals = (None, None)
+    if needs_calibration(spec):
+        if calibration is None:
+            raise KVConfigError(f"layer {layer} ({spec.label}) needs a calibration file: set the config's "
+                                "'calibration' (kvtuner calibrate writes one)")
+        cals = (calibration.side(layer, spec, "k", source), calibration.side(layer, spec, "v", source))
+    freq = None
+    if spec.pre_rope and spec.k_bits < 16:
+        if inv_freq is None:
+            raise KVConfigError(f"layer {layer} ({spec.label}): pre-RoPE keys need the model's RoPE")
+        freq = inv_freq(layer)
+    return KVMethod(spec, *cals, inv_freq=freq)
+
+
+def build_methods(
+    specs: list[LayerSpec],
+    calibration: Calibration | None = None,
+    inv_freq: Callable[[int], torch.Tensor] | None = None,
+    source: str = "calibration",
+) -> list[KVMethod | None]:
+    """One :class:`KVMethod` per layer (None for fp16 layers); see :func:`method_for`."""
+    return [method_for(spec, layer, calibration, inv_freq, source) for layer, spec in enumerate(specs)]
+
+
+__all__ = [
+    "Calibration",
+    "KVMethod",
+    "SideCalibration",
+    "StoredKV",
+    "StoredSide",
+    "build_methods",
+    "levels_key",
+    "method_for",
+    "needs_calibration",
+    "quant_specs",
+    "thresholds_key",
+]
