@@ -336,6 +336,41 @@ class KVMethod:
         stored = self.quantize(keys[..., :n, :], values[..., :n, :], 0, positions, backend)
         return self.dequantize(stored, 0, positions, keys.dtype)
 
+    def group_domain(self, side: Side, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, step)`` for one side ``[B, H, T, D]`` (whole groups): each element normalized into its group's
+        ``[0, qmax]`` as this method quantizes it (pre-RoPE rotation, outlier clamping, min/max grouping),
+        and the stored step (scale) it is multiplied by on read. Calibration fits codebook levels on ``y``
+        (an error ``e`` in ``y`` is an error ``e * step`` in ``x``)."""
+        spec, cal = (self.key_spec, self.key_calibration) if side == "k" else (self.value_spec, self.value_calibration)
+        if side == "k" and self.inv_freq is not None:
+            x = rotate(x, positions, self.inv_freq, inverse=True)
+        if cal.lo is not None:
+            x = torch.minimum(torch.maximum(x, cal.lo.to(x.dtype)), cal.hi.to(x.dtype))
+        q = quantize_reference(x, spec)
+        red = -1 if spec.axis == "token" else -2
+        g = spec.group_len(x.shape)
+
+        def per_element(t: torch.Tensor) -> torch.Tensor:
+            return t.float().repeat_interleave(g, dim=red)
+
+        step = per_element(q.scale)
+        safe = torch.where(step == 0, torch.ones_like(step), step)
+        return (x.float() - per_element(q.zero)) / safe, step
+
+    def effective_bits(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor | None = None) -> float:
+        """Bits per element this method really stores for ``keys`` / ``values`` ``[B, H, T, D]`` (their whole
+        windows): ``16 * bytes / fp16 bytes``, codes, scales, zeros, outliers, sink and level tables included."""
+        n = self.window * (keys.shape[-2] // self.window)
+        if n == 0:
+            raise ValueError(f"{keys.shape[-2]} tokens hold no whole window of {self.window}")
+        if positions is None:
+            positions = torch.arange(n, device=keys.device)[None]
+        stored = self.quantize(keys[..., :n, :], values[..., :n, :], 0, positions[..., :n])
+        sink_fp16 = sum(t.numel() * (2 - t.element_size()) for t in (stored.sink_keys, stored.sink_values)
+                        if t is not None)  # the sink counts as the fp16 it would be stored as
+        fp16 = 2 * 2 * keys[..., :n, :].numel()
+        return 16 * (stored.nbytes() + sink_fp16 + self.codebook_bytes()) / fp16
+
     def _quantize_side(self, x: torch.Tensor, spec: QuantSpec, cal: SideCalibration, backend: str) -> StoredSide:
         from kvtuner.kernels import quantize  # the Triton quantizer where it applies
 

@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 import kvtuner.kernels.quantize_pack as kq  # noqa: E402
 from kvtuner import kernels  # noqa: E402
-from kvtuner.quant import QuantSpec, quantize  # noqa: E402
+from kvtuner.quant import NonFiniteError, QuantSpec, quantize  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -50,6 +50,41 @@ def test_dtypes_groups_and_strided_input(dtype, group):
     x = full[..., 16:144, :]  # a strided view, as the layer's residual slice is
     for spec in (QuantSpec(4, group, "channel"), QuantSpec(2, min(group, 64), "token")):
         assert_same(kernels.quantize(x, spec, backend="triton"), quantize(x, spec))
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bits", [1, 3, 4, 8])
+@pytest.mark.parametrize("axis", ["channel", "token"])
+def test_bit_exact_on_offset_narrow_groups(axis, bits, scale_dtype):
+    """Groups far from zero with a narrow range, where the zero rounds down and the scale up: rows
+    at offsets from 1e-4 to 3e4 either sign, spans 1e-2 to 1e-6 of the offset."""
+    g = torch.Generator().manual_seed(bits)
+    offset = torch.tensor([1e-4, -0.3, 100.0, -1000.0, 3e4, -2e4]).reshape(2, 3, 1, 1)
+    span = 10.0 ** -torch.randint(2, 7, (2, 3, 64, 1), generator=g)
+    x = (offset + offset.abs() * span * torch.randn(2, 3, 64, 64, generator=g)).to(DEVICE)
+    spec = QuantSpec(bits, 32, axis, scale_dtype=scale_dtype)
+    ref = quantize(x, spec)
+    assert_same(kernels.quantize(x, spec, backend="triton"), ref)
+    if scale_dtype != torch.float32:  # the data reach both directed steps: off the nearest value
+        red = -1 if axis == "token" else -2
+        groups = x.float().unflatten(red, (-1, 32))
+        lo, hi = groups.amin(red), groups.amax(red)
+        assert (ref.zero != lo.to(scale_dtype)).any()
+        assert (ref.scale != ((hi - ref.zero.float()) / (2**bits - 1)).to(scale_dtype)).any()
+
+
+@pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")  # numpy, interpreting
+def test_non_finite_and_unrepresentable_input_raise():
+    spec = QuantSpec(4, 32, "channel")
+    x = torch.randn(1, 2, 32, 64, device=DEVICE)
+    x[0, 1, 3, 7] = float("nan")  # one NaN in a group: a group min/max may skip it, the launcher may not
+    with pytest.raises(NonFiniteError, match="1 NaN and 0 Inf of 4096 elements"):
+        kernels.quantize(x, spec, backend="triton")
+    x[0, 1, 3, 7] = -1e5
+    with pytest.raises(ValueError, match="beyond the largest torch.float16"):
+        kernels.quantize(x, spec, backend="triton")
+    spec = QuantSpec(4, 32, "channel", scale_dtype=torch.bfloat16)
+    assert_same(kernels.quantize(x, spec, backend="triton"), quantize(x, spec))
 
 
 def test_forcing_triton_on_unsupported_spec_raises():

@@ -1,9 +1,11 @@
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtuner.quant import QuantSpec, cat_tokens, packed_width, quantize
+from kvtuner.quant import NonFiniteError, QuantSpec, cat_tokens, packed_width, quantize
 
 shapes = st.tuples(st.integers(1, 2), st.integers(1, 3), st.sampled_from([32, 64, 96]), st.sampled_from([32, 64]))
 
@@ -51,6 +53,79 @@ def test_constant_groups_are_exact_and_finite(bits, axis):
     out = quantize(x, QuantSpec(bits, 32, axis)).dequantize()
     assert torch.isfinite(out).all()
     assert torch.equal(out, x)
+
+
+def _offset_narrow(offset, span, tokens=16, d=32):
+    """Rows of ``d`` values ``offset + shift + [0, span]``, the shifts stepping the row minimum through
+    one fp16 spacing, so rounding it to nearest lands above the minimum for about half the rows."""
+    spacing = 2.0 ** (math.floor(math.log2(offset)) - 10)
+    shift = torch.arange(tokens).unsqueeze(-1) * spacing / tokens
+    return (offset + shift + span * torch.linspace(0, 1, d)).reshape(1, 1, tokens, d)
+
+
+@pytest.mark.parametrize("axis", ["token", "channel"])
+@pytest.mark.parametrize("offset,span,bits", [(100.0, 0.01, 8), (1000.0, 0.5, 4)])
+def test_offset_narrow_groups_stay_within_half_step(offset, span, bits, axis):
+    # rounding the zero to nearest gave negative scales and errors of 1485 steps (100, 0.01, 8 bits)
+    # and 11.7 steps, 0.219 against a step of 0.0188 (1000, 0.5, 4 bits)
+    x = _offset_narrow(offset, span)
+    if axis == "channel":
+        x = x.transpose(-1, -2)  # each channel's 32 tokens are one group
+    spec = QuantSpec(bits, 32, axis)
+    q = quantize(x, spec)
+    assert torch.all(q.scale > 0)
+    step, zero = _expand(q.scale.double(), spec, x.shape), _expand(q.zero.double(), spec, x.shape)
+    assert torch.all((zero <= x) & (x <= zero + (2**bits - 1) * step))  # the grid covers every group
+    assert torch.all((q.dequantize() - x).abs() <= step / 2 * (1 + 1e-3) + 2**-22 * x.abs())
+
+
+def test_symmetric_scale_rounds_up():
+    x = torch.linspace(-1, 1, 32).reshape(1, 1, 1, 32)  # 1 / 7 rounds down to nearest in fp16
+    q = quantize(x, QuantSpec(4, 32, "token", symmetric=True))
+    assert q.scale.float().item() * 7 >= 1
+    assert torch.all((q.dequantize() - x).abs() <= q.scale.float() / 2 * (1 + 1e-3))
+
+
+@pytest.mark.parametrize("absmax", [448 * 8e-8, 448 * 3e-8, 448 * 1.0004])
+def test_fp8_scale_rounds_up(absmax):
+    # 448 * 8e-8: the fp16 scale rounded to nearest (5.96e-8, subnormal) was 25% small, so
+    # x / scale = 601 overflowed e4m3 (NaN on CUDA, saturated to 448 on this CPU)
+    x = torch.linspace(-1, 1, 32).reshape(1, 1, 1, 32) * absmax
+    q = quantize(x, QuantSpec(8, 32, "token", fp8="e4m3"))
+    out = q.dequantize()
+    assert not out.isnan().any()
+    assert q.scale.float().item() * 448 >= absmax
+    assert (out - x).abs().max() <= 2**-4 * absmax
+
+
+@pytest.mark.parametrize("kwargs", [dict(bits=4), dict(bits=4, symmetric=True), dict(bits=8, fp8="e4m3")])
+def test_non_finite_input_raises(kwargs):
+    x = torch.randn(1, 2, 8, 32)
+    x[0, 0, 1, 3] = float("nan")
+    x[0, 1, 2, 5] = float("inf")
+    x[0, 1, 7, 0] = float("-inf")
+    for axis in ("token", "channel"):
+        with pytest.raises(NonFiniteError, match="1 NaN and 2 Inf of 512 elements"):
+            quantize(x, QuantSpec(group_size=8, axis=axis, **kwargs))
+
+
+def test_zero_beyond_fp16_range_raises_and_wider_scales_work():
+    x = 1e5 + torch.randn(1, 1, 4, 32)
+    message = r"\|x\| = 100\d{3} .*float16 \(65504\).*scale_dtype=torch.bfloat16 or torch.float32"
+    with pytest.raises(ValueError, match=message):
+        quantize(x, QuantSpec(4, 32, "token"))
+    for dtype in (torch.bfloat16, torch.float32):
+        q = quantize(x, QuantSpec(4, 32, "token", scale_dtype=dtype))
+        assert q.scale.dtype == dtype and torch.all(q.zero.float() <= x.amin(-1, keepdim=True))
+        step = q.scale.float().repeat_interleave(32, -1)
+        assert torch.all((q.dequantize() - x).abs() <= step / 2 * (1 + 1e-3) + 2**-22 * x.abs())
+
+
+def test_scale_beyond_fp16_range_raises():
+    x = torch.tensor([-6e4, 6e4]).repeat(16).reshape(1, 1, 1, 32)  # in range, but 1 bit needs scale 1.2e5
+    with pytest.raises(ValueError, match="beyond the largest torch.float16"):
+        quantize(x, QuantSpec(1, 32, "token"))
+    assert torch.equal(quantize(x, QuantSpec(2, 32, "token")).dequantize(), x)
 
 
 def test_error_shrinks_as_bits_grow():

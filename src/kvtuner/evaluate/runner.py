@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from kvtuner.cache import MixedPrecisionCache, cache_kwargs
 from kvtuner.config import KVConfig
 from kvtuner.evaluate.metrics import kl_sum, nll_sum, top1_matches
+from kvtuner.method import Calibration
 
 
 @dataclass
@@ -59,10 +60,16 @@ def chunked_logprobs(model: PreTrainedModel, input_ids: torch.Tensor, cache, chu
 
 
 class Evaluator:
-    """Holds the model, the tokens and the full-precision reference, to score many configs."""
+    """Holds the model, the tokens and the full-precision reference, to score many configs.
 
-    def __init__(self, model: PreTrainedModel, input_ids: torch.Tensor, progress: bool = False):
+    calibration: NUQ levels and outlier thresholds for configs that need them (default: the file
+    each config names).
+    """
+
+    def __init__(self, model: PreTrainedModel, input_ids: torch.Tensor, progress: bool = False,
+                 calibration: Calibration | None = None):
         self.model = model
+        self.calibration = calibration
         self.input_ids = input_ids.to(model.device)
         self.progress = progress
         with torch.no_grad():
@@ -83,7 +90,7 @@ class Evaluator:
         ids = self.input_ids
         batch, length = ids.shape
         chunk = chunk_size or decode_chunk_size(config, length)
-        cache = MixedPrecisionCache(config, self.model.config, keep_dequantized=True)
+        cache = MixedPrecisionCache(config, self.model.config, keep_dequantized=True, calibration=self.calibration)
         kl = nll = 0.0
         top1 = 0
         vocab = self.ref_logprobs.shape[-1]

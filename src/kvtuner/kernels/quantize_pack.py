@@ -1,10 +1,10 @@
 """Quantize-and-pack on append: one pass from full-precision K/V to the packed cache layout.
 
 Bit-exact with :func:`kvtuner.quant.quantize` (the reference) for asymmetric integer specs:
-the zero is the group minimum rounded to ``scale_dtype``, the scale ``(max - zero) / qmax``
-rounded the same way, codes ``round_half_even((x - zero) / scale)`` clamped to ``[0, qmax]``,
-with IEEE divisions as torch does them. One program quantizes a tile of tokens of one
-(batch, head) row:
+the zero is the group minimum rounded down to ``scale_dtype``, the scale ``(max - zero) / qmax``
+rounded up (both by :func:`_round_directed`, the reference's bit steps), codes
+``round_half_even((x - zero) / scale)`` clamped to ``[0, qmax]``, with IEEE divisions as torch
+does them. One program quantizes a tile of tokens of one (batch, head) row:
 
 * ``"channel"`` axis (KIVI keys): the tile is one group of ``G`` tokens; the min/max run over
   tokens, giving one scale and zero per channel.
@@ -12,7 +12,8 @@ with IEEE divisions as torch does them. One program quantizes a tile of tokens o
   the min/max run over each group of ``G`` channels.
 
 Codes are packed little-end first into int32 words along ``D`` (3-bit: a 2-bit plane, then a
-1-bit plane), the layout of :mod:`kvtuner.quant.packing`.
+1-bit plane), the layout of :mod:`kvtuner.quant.packing`. The launcher raises as the reference
+does for NaN/Inf input or a zero or scale that ``scale_dtype`` cannot hold.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtuner.quant import QuantizedTensor, QuantSpec, packed_width
+from kvtuner.quant import QuantizedTensor, QuantSpec, check_representable, packed_width
 
 BLOCK_T_TOKEN_AXIS = 32
 
@@ -44,11 +45,33 @@ def _round_half_even(y):
 
 
 @triton.jit
+def _round_directed(v, dtype: tl.constexpr, UP: tl.constexpr):
+    """:func:`kvtuner.quant.tensor.round_directed`: fp32 ``v`` to ``dtype`` toward +inf (``UP``) or
+    -inf, by rounding to nearest and stepping the 16-bit pattern one ulp where that landed on the
+    wrong side; infinities stay, float32 passes through."""
+    out = v
+    if dtype != tl.float32:
+        r = v.to(dtype)
+        rf = r.to(tl.float32)
+        if UP:
+            wrong = rf < v
+        else:
+            wrong = rf > v
+        wrong = wrong & (tl.abs(rf) != float("inf"))
+        bits = r.to(tl.int16, bitcast=True).to(tl.int32)
+        step = (bits >> 15) | 1  # one ulp up: +1, or -1 under a set sign bit
+        if not UP:
+            step = -step
+        out = (bits + wrong.to(tl.int32) * step).to(tl.int16).to(dtype, bitcast=True)
+    return out
+
+
+@triton.jit
 def _codes(x, lo, hi, scale_dtype: tl.constexpr, QMAX: tl.constexpr):
     """(codes, scale, zero) for values ``x`` whose groups reduce to ``lo``/``hi`` (broadcastable)."""
-    zero = lo.to(scale_dtype)
+    zero = _round_directed(lo, scale_dtype, False)
     zf = zero.to(tl.float32)
-    scale = tl.math.div_rn(hi - zf, tl.full(hi.shape, QMAX, tl.float32)).to(scale_dtype)
+    scale = _round_directed(tl.math.div_rn(hi - zf, tl.full(hi.shape, QMAX, tl.float32)), scale_dtype, True)
     safe = tl.where(scale == 0, 1.0, scale.to(tl.float32))
     y = tl.math.div_rn(x - zf, safe)
     codes = tl.minimum(tl.maximum(_round_half_even(y), 0.0), QMAX).to(tl.int32)
@@ -113,6 +136,7 @@ def quantize_triton(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
             rows.stride(0), rows.stride(1), payload.stride(0), payload.stride(1), scale.stride(0), scale.stride(1),
             D=d, BITS=spec.bits, G=g, CHANNEL=channel, BLOCK_T=block_t,
         )
+    check_representable(x, spec, x, scale, zero)  # x too: the kernel's min/max may skip a NaN
     return QuantizedTensor(
         payload.reshape(*lead, t, -1),
         scale.reshape(*lead, *sz_shape[1:]),

@@ -26,6 +26,8 @@ from transformers import PreTrainedModel
 
 from kvtuner.cache import fingerprint
 from kvtuner.config import SPEC_FIELDS, KVConfig, KVConfigError, LayerSpec, write_atomic
+from kvtuner.cache.compat import rope_inv_freq
+from kvtuner.method import Calibration, method_for
 from kvtuner.profile.blockwise import BlockwiseEvaluator, decode_faithful_attention
 from kvtuner.profile.candidates import DEFAULT_PAIRS, candidate_specs
 from kvtuner.profile.stats import layer_statistics, output_error
@@ -70,6 +72,7 @@ class Profile:
     split_bits: int | None = None
     k_only: np.ndarray | None = None  # [layers]: keys alone at split_bits
     v_only: np.ndarray | None = None  # [layers]: values alone at split_bits
+    effective_bits: np.ndarray | None = None  # real stored bits per element on the calibration tokens
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -101,6 +104,7 @@ class Profile:
             "split_bits": self.split_bits,
             "k_only": None if self.k_only is None else self.k_only.tolist(),
             "v_only": None if self.v_only is None else self.v_only.tolist(),
+            "effective_bits": None if self.effective_bits is None else self.effective_bits.tolist(),
             "meta": self.meta,
         }
 
@@ -108,7 +112,8 @@ class Profile:
     def from_dict(cls, data: dict[str, Any], source: str = "profile") -> "Profile":
         if data.get("version") != PROFILE_VERSION:
             raise KVConfigError(f"{source}: not a version-{PROFILE_VERSION} kvtuner profile")
-        split = {name: None if data[name] is None else np.array(data[name]) for name in ("k_only", "v_only")}
+        split = {name: None if data.get(name) is None else np.array(data[name])
+                 for name in ("k_only", "v_only", "effective_bits")}
         return cls(
             candidates=[LayerSpec(**{k: c[k] for k in SPEC_FIELDS if k in c}) for c in data["candidates"]],
             loss=np.array(data["loss"]),
@@ -146,10 +151,12 @@ def profile_layers(
     input_ids: torch.Tensor,
     settings: ProfileSettings | None = None,
     progress: bool = False,
+    calibration: Calibration | None = None,
 ) -> Profile:
     """Measure ``loss`` and ``output_error`` for every layer and candidate, plus attention statistics.
 
-    ``input_ids`` ``[B, T]``: calibration tokens (no padding).
+    ``input_ids`` ``[B, T]``: calibration tokens (no padding). ``calibration``: levels and
+    thresholds for candidates with codebooks or outliers.
     """
     settings = settings or ProfileSettings()
     candidates = settings.candidates()
@@ -157,11 +164,14 @@ def profile_layers(
     model_fp = fingerprint(model.config)
     for spec in candidates + list(split or ()):  # e.g. a group size that does not divide head_dim
         KVConfig([spec] * model_fp.num_layers).check_model(model_fp)
+        for layer in range(model_fp.num_layers):  # missing calibration or RoPE support: before any work
+            method_for(spec, layer, calibration, lambda i: rope_inv_freq(model.config, i))
     t0 = time.perf_counter()
-    evaluator = BlockwiseEvaluator(model, input_ids, capture=True)
+    evaluator = BlockwiseEvaluator(model, input_ids, capture=True, calibration=calibration)
     layers = evaluator.num_layers
     loss = np.zeros((layers, len(candidates)))
     errors = np.zeros_like(loss)
+    effective = np.zeros_like(loss)
     k_only, v_only = (np.zeros(layers), np.zeros(layers)) if split else (None, None)
     stats = []
     runs = layers * (len(candidates) + (2 if split else 0))
@@ -174,6 +184,7 @@ def profile_layers(
             errors[layer, c] = output_error(cap.query, cap.key, cap.value, evaluator.method(layer, spec), cap.scaling,
                                             reference)
             loss[layer, c] = evaluator.kl_single(layer, spec)
+            effective[layer, c] = evaluator.method(layer, spec).effective_bits(cap.key, cap.value)
             bar.update()
         if split:
             k_only[layer] = evaluator.kl_single(layer, split[0])
@@ -191,4 +202,5 @@ def profile_layers(
         split_bits=settings.split_bits if split else None,
         k_only=k_only,
         v_only=v_only,
+        effective_bits=effective,
     )

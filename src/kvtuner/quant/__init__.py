@@ -4,13 +4,23 @@ Knows nothing of models or caches; see :mod:`kvtuner.quant.tensor` for the stora
 """
 
 from kvtuner.quant.packing import PACKABLE_BITS, pack, packed_width, unpack
-from kvtuner.quant.tensor import QuantizedTensor, QuantSpec, cat_tokens, dequantize, quantize
+from kvtuner.quant.tensor import (
+    NonFiniteError,
+    QuantizedTensor,
+    QuantSpec,
+    cat_tokens,
+    check_representable,
+    dequantize,
+    quantize,
+)
 
 __all__ = [
     "PACKABLE_BITS",
+    "NonFiniteError",
     "QuantSpec",
     "QuantizedTensor",
     "cat_tokens",
+    "check_representable",
     "dequantize",
     "pack",
     "packed_width",

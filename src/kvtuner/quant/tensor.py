@@ -12,19 +12,34 @@ Codes are packed along ``D`` by :mod:`kvtuner.quant.packing` for either axis, so
 reads a tile of tokens as contiguous words. Scales and zeros are stored in ``scale_dtype``
 (fp16 by default), with shape ``[..., T, D // G]`` for the token axis and ``[..., T // G, D]``
 for the channel axis.
+
+Stored zeros and scales are rounded in the safe direction, not to nearest: the zero down (the
+largest ``scale_dtype`` value <= the group minimum), every scale up. The grid ``zero + k * scale``
+then covers the whole group, so each element dequantizes within half a stored step of itself
+(up to float32 rounding). Rounding to nearest broke that for a group far from zero with a narrow
+range: the zero could land above the group minimum, leaving ``max - zero`` tiny or negative.
+NaN/Inf input raises :class:`NonFiniteError`; a zero or scale beyond ``scale_dtype``'s range
+(fp16 tops out at 65504) raises ``ValueError``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
 import torch
 
+from kvtuner.quant.codebook import nearest_level
 from kvtuner.quant.packing import PACKABLE_BITS, pack, unpack
 
 Axis = Literal["token", "channel"]
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+class NonFiniteError(ValueError):
+    """The tensor to quantize holds NaN or Inf. No finite scale covers it, so it is refused rather
+    than stored as garbage codes that would poison every later attention read."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +92,7 @@ class QuantizedTensor:
     zero: torch.Tensor | None
     spec: QuantSpec
     shape: torch.Size  # [..., T, D] of the original tensor
+    levels: torch.Tensor | None = None  # [2**bits] non-uniform levels the codes index (kvtuner.quant.codebook)
 
     @property
     def num_tokens(self) -> int:
@@ -111,8 +127,56 @@ def _group_view(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int]:
     return x.reshape(*x.shape[:-2], extent // g, g, x.shape[-1]), -2
 
 
-def quantize(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
-    """Quantize ``x`` ([..., T, D]) into packed storage according to ``spec``."""
+def round_directed(v: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
+    """Float32 ``v`` rounded to ``dtype`` toward +inf (``up``) or toward -inf, not to nearest.
+
+    Rounds to nearest, then steps one ulp on the int16 bit pattern where that landed on the wrong
+    side of ``v``. fp16 and bf16 are sign-magnitude, so ``bits + 1`` moves a positive value up and
+    a negative one down: the step up is ``(bits >> 15) | 1`` (+1, or -1 for a set sign bit). The
+    Triton quantizer takes the same steps, so the two agree bit for bit. A result that overflowed
+    to infinity stays infinite, for :func:`check_representable` to report; float32 is returned as
+    it is.
+    """
+    if dtype == torch.float32:
+        return v
+    r = v.to(dtype)
+    rf = r.float()
+    wrong = ((rf < v) if up else (rf > v)) & (rf.abs() != math.inf)
+    bits = r.view(torch.int16)
+    step_up = (bits >> 15) | 1
+    return (bits + wrong.to(torch.int16) * (step_up if up else -step_up)).view(dtype)
+
+
+def check_representable(x: torch.Tensor, spec: QuantSpec, *stored: torch.Tensor) -> None:
+    """Raise unless every element of ``stored`` (the scales and zeros quantizing ``x``) is finite.
+
+    A non-finite one comes from NaN/Inf in ``x`` (:class:`NonFiniteError`), or from finite values
+    whose zero or scale ``spec.scale_dtype`` cannot hold (``ValueError``). ``sum(t * 0)`` is 0
+    unless ``t`` holds NaN or Inf, and costs a fraction of ``isfinite(t).all()`` on the CPU.
+    """
+    if bool(torch.isfinite(sum((t * 0).sum(dtype=torch.float32) for t in stored))):
+        return
+    nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+    if nan or inf:
+        raise NonFiniteError(f"cannot quantize a tensor holding {nan} NaN and {inf} Inf of {x.numel()} elements")
+    wider = "torch.float32" if spec.scale_dtype == torch.bfloat16 else "torch.bfloat16 or torch.float32"
+    raise ValueError(
+        f"values up to |x| = {x.abs().max().item():.6g} need a zero or scale beyond the largest "
+        f"{spec.scale_dtype} ({torch.finfo(spec.scale_dtype).max:.6g}); quantize with scale_dtype={wider}"
+    )
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec, levels: torch.Tensor | None = None) -> QuantizedTensor:
+    """Quantize ``x`` ([..., T, D]) into packed storage according to ``spec``.
+
+    levels: for asymmetric integer specs, ``2**bits`` sorted levels in ``[0, qmax]`` with the ends
+    at 0 and qmax: each element is stored as the index of the level nearest to its normalized
+    value instead of the rounded value itself (NUQ; see :mod:`kvtuner.quant.codebook`).
+
+    Raises :class:`NonFiniteError` for NaN/Inf in ``x`` and ``ValueError`` when a zero or scale
+    does not fit ``spec.scale_dtype``. Checking the stored scales and zeros suffices, at a ``G``-th
+    of the cost of checking ``x``: the min/max reductions that make them propagate NaN and Inf.
+    """
     shape = x.shape
     if spec.is_passthrough:
         return QuantizedTensor(x.contiguous(), None, None, spec, shape)
@@ -120,14 +184,18 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
     grouped, red = _group_view(xf, spec)
     if spec.fp8 is not None:
         fp8 = FP8_DTYPES[spec.fp8]
-        absmax = grouped.abs().amax(dim=red, keepdim=True)
-        scale = (absmax / torch.finfo(fp8).max).to(spec.scale_dtype)
+        fmax = torch.finfo(fp8).max
+        scale = round_directed(grouped.abs().amax(dim=red, keepdim=True) / fmax, spec.scale_dtype, up=True)
+        check_representable(x, spec, scale)
         safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()
-        payload = (grouped / safe).to(fp8).reshape(shape).view(torch.uint8)
+        # with the scale rounded up only float32 rounding can carry x / scale past fmax, where the
+        # cast would give NaN (e4m3 has no inf)
+        payload = (grouped / safe).clamp_(-fmax, fmax).to(fp8).reshape(shape).view(torch.uint8)
         return QuantizedTensor(payload.contiguous(), scale.squeeze(red).contiguous(), None, spec, shape)
     if spec.symmetric:
         qmax = 2 ** (spec.bits - 1) - 1
-        scale = (grouped.abs().amax(dim=red, keepdim=True) / qmax).to(spec.scale_dtype)
+        scale = round_directed(grouped.abs().amax(dim=red, keepdim=True) / qmax, spec.scale_dtype, up=True)
+        check_representable(x, spec, scale)
         safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()
         codes = torch.clamp(torch.round(grouped / safe), -qmax, qmax) + 2 ** (spec.bits - 1)
         zero = None
@@ -135,13 +203,20 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
         qmax = 2**spec.bits - 1
         lo = grouped.amin(dim=red, keepdim=True)
         hi = grouped.amax(dim=red, keepdim=True)
-        zero = lo.to(spec.scale_dtype)
-        scale = ((hi - zero.float()) / qmax).to(spec.scale_dtype)
+        zero = round_directed(lo, spec.scale_dtype, up=False)
+        scale = round_directed((hi - zero.float()) / qmax, spec.scale_dtype, up=True)
+        check_representable(x, spec, zero, scale)
         safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()
-        codes = torch.clamp(torch.round((grouped - zero.float()) / safe), 0, qmax)
+        normalized = (grouped - zero.float()) / safe
+        if levels is None:
+            codes = torch.clamp(torch.round(normalized), 0, qmax)
+        else:
+            codes = nearest_level(normalized.clamp(0, qmax), levels)
         zero = zero.squeeze(red).contiguous()
+    if levels is not None and (spec.symmetric or levels.numel() != 2**spec.bits):
+        raise ValueError(f"levels need an asymmetric integer spec and {2**spec.bits} entries, not {levels.numel()}")
     payload = pack(codes.to(torch.uint8).reshape(shape), spec.bits)
-    return QuantizedTensor(payload, scale.squeeze(red).contiguous(), zero, spec, shape)
+    return QuantizedTensor(payload, scale.squeeze(red).contiguous(), zero, spec, shape, levels)
 
 
 def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -153,8 +228,11 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.
     if spec.fp8 is not None:
         values = q.payload.view(FP8_DTYPES[spec.fp8]).float()
     else:
-        codes = unpack(q.payload, spec.bits, q.shape[-1]).float()
-        values = codes - 2 ** (spec.bits - 1) if spec.symmetric else codes
+        codes = unpack(q.payload, spec.bits, q.shape[-1])
+        if q.levels is not None:
+            values = q.levels.to(codes.device, torch.float32)[codes.long()]
+        else:
+            values = codes.float() - 2 ** (spec.bits - 1) if spec.symmetric else codes.float()
     grouped, _ = _group_view(values, spec)
     out = grouped * scale
     if q.zero is not None:
@@ -170,4 +248,5 @@ def cat_tokens(parts: list[QuantizedTensor]) -> QuantizedTensor:
     stored = [torch.cat(ts, dim=-2) if ts[0] is not None else None
               for ts in zip(*[(p.payload, p.scale, p.zero) for p in parts])]
     tokens = sum(p.num_tokens for p in parts)
-    return QuantizedTensor(stored[0], stored[1], stored[2], first.spec, torch.Size((*first.shape[:-2], tokens, first.shape[-1])))
+    return QuantizedTensor(stored[0], stored[1], stored[2], first.spec,
+                           torch.Size((*first.shape[:-2], tokens, first.shape[-1])), first.levels)

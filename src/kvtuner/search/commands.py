@@ -1,4 +1,4 @@
-"""``kvtuner profile`` and ``kvtuner search``: flags -> settings -> the public API, then tables.
+"""``kvtuner calibrate``, ``kvtuner profile`` and ``kvtuner search``: flags -> settings -> the public API, then tables.
 
 Both commands check every flag (pairs, methods, budgets, data file) before loading the model,
 and answer a bad one with a single ``error: ...`` line on stderr and exit status 2.
@@ -32,7 +32,8 @@ USER_ERRORS = (KVConfigError, DataError, ModelNotFoundError, SearchError)
 PROFILE_FILE = "profile.json"
 
 ModelOpt = Annotated[str, typer.Option("--model", help="'default' (SmolLM2-135M-Instruct), a Hugging Face id or folder, or a .gguf file")]
-DataOpt = Annotated[Optional[Path], typer.Option("--data", help="calibration text or jsonl (window 0 calibrates, window 1 validates); default: text the model generates from built-in prompts")]
+DataOpt = Annotated[Optional[list[Path]], typer.Option("--data", help="calibration text or jsonl, repeatable: one window of each (window 0 calibrates, window 1 validates); 'generated' or nothing: text the model writes from built-in prompts")]
+CalibrationOpt = Annotated[Optional[Path], typer.Option("--calibration", help="kvtuner calibrate's file: levels and thresholds for +nuq / +ds candidates")]
 TokensOpt = Annotated[int, typer.Option("--tokens", help="tokens per calibration (and validation) window")]
 PairsOpt = Annotated[str, typer.Option("--pairs", help="candidate pairs: K4V2,per_token:K8V4,... or presets default, 3bit, all")]
 MethodsOpt = Annotated[str, typer.Option("--methods", help="methods for unqualified pairs: kivi,per_token,fp8")]
@@ -59,11 +60,25 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
     return values
 
 
-def _check_data(data: Path | None) -> None:
-    if data is not None:
-        from kvtuner.evaluate import read_text
+def _check_data(data: list[Path] | None) -> None:
+    from kvtuner.evaluate import read_text
+    from kvtuner.profile.data import GENERATED
 
-        read_text(data)  # missing or empty file: DataError now, before the model loads
+    for path in data or ():
+        if str(path) != GENERATED:
+            read_text(path)  # missing or empty file: DataError now, before the model loads
+
+
+def _calibration(path: Path | None, model_config):
+    """The calibration file checked against the model (None when no file is given)."""
+    from kvtuner.cache import fingerprint
+    from kvtuner.method import Calibration
+
+    if path is None:
+        return None
+    calibration = Calibration.load(path)
+    calibration.check_model(fingerprint(model_config), str(path))
+    return calibration
 
 
 def _quiet() -> None:
@@ -81,17 +96,22 @@ def _load(model: str, device: str):
         return load_model(model, device=device)
 
 
-def _profile_identity(model: str, data_meta: dict[str, Any], settings: ProfileSettings) -> dict[str, Any]:
+def _profile_identity(model: str, data_meta: dict[str, Any], settings: ProfileSettings,
+                      calibration_path: Path | None) -> dict[str, Any]:
+    import hashlib
+
     return {"model": model, "data": data_meta, "candidates": [s.label for s in settings.candidates()],
             "group_size": settings.group_size, "residual_length": settings.residual_length,
-            "split_bits": settings.split_bits}
+            "split_bits": settings.split_bits,
+            "calibration": None if calibration_path is None else hashlib.sha256(calibration_path.read_bytes()).hexdigest()}
 
 
-def _profile(lm, model: str, calib, settings: ProfileSettings, out: Path, progress: bool) -> tuple[Profile, bool]:
+def _profile(lm, model: str, calib, settings: ProfileSettings, out: Path, progress: bool, calibration=None,
+             calibration_path: Path | None = None) -> tuple[Profile, bool]:
     """The profile for these settings: reused from ``out/profile.json`` when it matches, else measured and saved."""
     from kvtuner.profile.plots import heatmap, kv_split_figure
 
-    identity = _profile_identity(model, calib.describe(), settings)
+    identity = _profile_identity(model, calib.describe(), settings, calibration_path)
     path = out / PROFILE_FILE
     if path.is_file():
         try:
@@ -100,7 +120,7 @@ def _profile(lm, model: str, calib, settings: ProfileSettings, out: Path, progre
             old = None
         if old is not None and old.meta.get("identity") == identity:
             return old, True
-    profile = profile_layers(lm, calib.calibration, settings, progress=progress)
+    profile = profile_layers(lm, calib.calibration, settings, progress=progress, calibration=calibration)
     profile.meta = {"identity": identity, "data": calib.describe(), "model": model}
     profile.save(path)
     heatmap(profile, out / "heatmap.png")
@@ -156,6 +176,7 @@ def profile_command(
     group_size: GroupOpt = 32,
     residual_length: ResidualOpt = 32,
     split_bits: SplitOpt = 2,
+    calibration: CalibrationOpt = None,
     out: OutOpt = Path("runs/profile"),
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
@@ -165,10 +186,14 @@ def profile_command(
         settings = _profile_settings(pairs, methods, group_size, residual_length, split_bits)
         _check_data(data)
         _quiet()
+        from kvtuner.models import load_model_config
+
+        fitted = _calibration(calibration, load_model_config(model))
         lm, tokenizer = _load(model, device)
         out.mkdir(parents=True, exist_ok=True)
         calib = calibration_data(lm, tokenizer, tokens, data, cache_dir=out, progress=not as_json)
-        profile, reused = _profile(lm, model, calib, settings, out, progress=not as_json)
+        profile, reused = _profile(lm, model, calib, settings, out, progress=not as_json, calibration=fitted,
+                                   calibration_path=calibration)
     except USER_ERRORS as e:
         raise _fail(str(e)) from None
     if as_json:
@@ -181,6 +206,38 @@ def profile_command(
         f"({profile.seconds:.0f} s to measure); figures in {out}; mean per-layer Spearman(e_o, KL) "
         f"{np.nanmean(per_layer):.3f}, overall {overall:.3f}"
     )
+
+
+def calibrate_command(
+    pairs: Annotated[str, typer.Option("--pairs", help="the specs to fit, e.g. KV3+sink+prerope+nuq+ds1,KV2+nuq (those with +nuq or +ds)")],
+    model: ModelOpt = "default",
+    data: DataOpt = None,
+    tokens: Annotated[int, typer.Option("--tokens", help="tokens per window (one window per --data source)")] = 1024,
+    group_size: GroupOpt = 32,
+    residual_length: ResidualOpt = 32,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the k-means sample")] = 0,
+    out: Annotated[Path, typer.Option("--out", help="calibration file to write")] = Path("runs/calibration.json"),
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Fit NUQ levels (Fisher-weighted k-means) and dense-and-sparse thresholds on calibration text, per layer."""
+    from kvtuner.profile.calibrate import calibrate
+    from kvtuner.profile.candidates import candidate_specs
+
+    try:
+        specs = [s for s in candidate_specs(pairs, ("kivi",), group_size, residual_length) if s.codebook or s.outliers]
+        if not specs:
+            raise KVConfigError(f"nothing to calibrate in {pairs!r}: give specs with +nuq or +ds (e.g. KV3+nuq+ds1)")
+        _check_data(data)
+        _quiet()
+        lm, tokenizer = _load(model, device)
+        calib = calibration_data(lm, tokenizer, tokens, data, cache_dir=out.parent, progress=True)
+        result = calibrate(lm, calib.calibration, specs, seed=seed, progress=True,
+                           meta={"model": model, "data": calib.describe()})
+        result.save(out)
+    except USER_ERRORS as e:
+        raise _fail(str(e)) from None
+    console.print(f"calibration for {', '.join(s.label for s in specs)} on {calib.calibration.shape[0]} window(s) "
+                  f"of {tokens} tokens written to {out}")
 
 
 def _mix(labels: list[str]) -> str:
@@ -288,6 +345,7 @@ def search_command(
     gsm8k_problems: Annotated[int, typer.Option("--gsm8k-problems", help="problems scored per trial")] = 16,
     gsm8k_max_new_tokens: Annotated[int, typer.Option("--gsm8k-max-new-tokens")] = 256,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    calibration: CalibrationOpt = None,
     out: OutOpt = Path("runs/search"),
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
@@ -311,14 +369,19 @@ def search_command(
             if len(rows) <= 4:
                 raise SearchError(f"{gsm8k_data}: needs more than 4 problems (the first 4 are the worked examples)")
         _quiet()
+        from kvtuner.models import load_model_config
+
+        fitted = _calibration(calibration, load_model_config(model))
         lm, tokenizer = _load(model, device)
         out.mkdir(parents=True, exist_ok=True)
         calib = calibration_data(lm, tokenizer, tokens, data, cache_dir=out, progress=not as_json)
-        profile, _ = _profile(lm, model, calib, profile_settings, out, progress=not as_json)
+        profile, _ = _profile(lm, model, calib, profile_settings, out, progress=not as_json, calibration=fitted,
+                              calibration_path=calibration)
         measure = _gsm8k_error(lm, tokenizer, rows, gsm8k_problems, gsm8k_max_new_tokens) if objective == "gsm8k" else None
         meta = {"model": model, "data": calib.describe(), "profile": str(out / PROFILE_FILE)}
         result = run_search(lm, profile, calib.calibration, calib.validation, settings, out, measure=measure,
-                            meta=meta, progress=not as_json)
+                            meta=meta, progress=not as_json, calibration=fitted,
+                            calibration_path=None if calibration is None else calibration.resolve())
     except USER_ERRORS as e:
         raise _fail(str(e)) from None
     except KeyboardInterrupt:

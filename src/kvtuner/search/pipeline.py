@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from scipy.stats import pearsonr, spearmanr
 from transformers import PreTrainedModel
 
 from kvtuner.cache import MixedPrecisionLayer, fingerprint
-from kvtuner.method import Calibration, method_for
+from kvtuner.method import Calibration, method_for, needs_calibration
 from kvtuner.config import KVConfig, LayerSpec, ModelFingerprint, parse_shorthand, write_atomic
 from kvtuner.evaluate import Evaluator
 from kvtuner.profile import DEFAULT_PAIRS, BlockwiseEvaluator, Profile
@@ -65,6 +66,7 @@ class SearchSettings:
     budgets: tuple[float, ...] = (3.0, 3.25, 4.0, 5.0, 6.0)
     max_avg_bits: float | None = None
     max_kv_bytes: int | None = None
+    max_effective_bits: float | None = None  # hard limit on real stored bits per element (a byte limit at the tokens)
     size: str = "avg_bits"
     objective: str = "kl"
     storage: str | None = None
@@ -94,6 +96,8 @@ class SearchSettings:
                 )
         if self.max_kv_bytes is not None and self.max_kv_bytes <= 0:
             raise SearchError(f"--max-kv-bytes must be positive, not {self.max_kv_bytes}")
+        if self.max_effective_bits is not None and not 0 < self.max_effective_bits <= 16:
+            raise SearchError(f"--max-effective-bits must be in (0, 16], not {self.max_effective_bits}")
 
 
 @dataclass
@@ -107,12 +111,14 @@ class Point:
     kv_bytes: int
     loss: float
     predicted: float | None = None
+    effective_bits: float | None = None  # 16 * kv_bytes / fp16 bytes: real stored bits per element
     heldout: float | None = None  # KL on the held-out tokens (one-pass evaluator)
     heldout_reference: float | None = None  # the same by the chunked Evaluator
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "source": self.source, "avg_bits": self.avg_bits, "kv_bytes": self.kv_bytes,
+            "effective_bits": self.effective_bits,
             "loss": self.loss, "predicted": self.predicted, "heldout": self.heldout,
             "heldout_reference": self.heldout_reference, "layers": [s.label for s in self.config.layers],
         }
@@ -259,8 +265,10 @@ def _additive(profile: Profile, space: SearchSpace, sizes: SpaceReport, settings
 
 
 def _uniform_points(profile: Profile, model_fp: ModelFingerprint, tokens: int, dtype: torch.dtype,
-                    measure: Callable[[KVConfig], float]) -> list[Point]:
-    """The KIVI baselines: every default pair and every KIVI candidate, used in all layers."""
+                    measure: Callable[[KVConfig], float], nbytes: np.ndarray) -> list[Point]:
+    """The KIVI baselines: every default pair and every KIVI candidate, used in all layers.
+
+    nbytes: a layer's bytes for each candidate (what the search costs them by)."""
     candidates, layers = profile.candidates, profile.num_layers
     g, r = candidates[0].group_size, candidates[0].residual_length
     kivi = [LayerSpec("kivi", *parse_shorthand(p), g, r) for p in DEFAULT_PAIRS]
@@ -268,8 +276,10 @@ def _uniform_points(profile: Profile, model_fp: ModelFingerprint, tokens: int, d
     for spec in dict.fromkeys([*kivi, *(s for s in candidates if s.method == "kivi")]):
         config = KVConfig([spec] * layers, model=model_fp, name=spec.label)
         predicted = predicted_loss(profile.loss, [candidates.index(spec)] * layers) if spec in candidates else None
-        points.append(Point(f"uniform {spec.label}", "uniform", config, spec.avg_bits,
-                            layers * candidate_bytes(spec, model_fp, tokens, dtype), measure(config), predicted))
+        layer_bytes = nbytes[candidates.index(spec)] if spec in candidates else \
+            candidate_bytes(spec, model_fp, tokens, dtype)
+        points.append(Point(f"uniform {spec.label}", "uniform", config, spec.avg_bits, int(layers * layer_bytes),
+                            measure(config), predicted))
     return points
 
 
@@ -285,14 +295,14 @@ def _pick(budget: float, points: list[Point], uniform: list[Point], additive: Po
 
 
 def _validate(model: PreTrainedModel, validation_ids: torch.Tensor, front: list[Point], uniform: list[Point],
-              picks: list[BudgetPick], reference_check: bool) -> None:
+              picks: list[BudgetPick], reference_check: bool, calibration: Calibration | None) -> None:
     """Held-out KL of the front, the baselines and the picks; the chunked ``Evaluator`` re-checks picks."""
-    held = BlockwiseEvaluator(model, validation_ids)
+    held = BlockwiseEvaluator(model, validation_ids, calibration=calibration)
     chosen = [x for pick in picks for x in (pick.best, pick.additive) if x is not None]
     for p in {id(p): p for p in [*front, *uniform, *chosen]}.values():
         p.heldout = held.kl(p.config)
     if reference_check:
-        reference = Evaluator(model, validation_ids)
+        reference = Evaluator(model, validation_ids, calibration=calibration)
         for p in {id(p): p for pick in picks for p in (pick.best, pick.uniform) if p is not None}.values():
             p.heldout_reference = reference.evaluate(p.config).kl
 
@@ -307,12 +317,16 @@ def run_search(
     measure: Callable[[KVConfig], float] | None = None,
     meta: dict[str, Any] | None = None,
     progress: bool = False,
+    calibration: Calibration | None = None,
+    calibration_path: str | Path | None = None,
 ) -> SearchResult:
     """Search mixed-precision configs for ``model`` from its ``profile``; see the module docstring.
 
     measure: the objective's quality measurement of a config; default: decode-faithful KL on
     ``calibration_ids`` (the CLI passes a GSM8K error rate for ``--objective gsm8k``).
     meta: provenance recorded with the study, the result and every written config.
+    calibration: levels and thresholds for candidates with codebooks or outliers; the written
+    configs reference ``calibration_path`` (relative to ``out_dir`` when it lies there).
     """
     settings = settings or SearchSettings()
     settings.check(profile.candidates)
@@ -324,7 +338,14 @@ def run_search(
     tokens = calibration_ids.shape[1]
     dtype = next(model.parameters()).dtype
     bits = np.array([s.avg_bits for s in profile.candidates])
-    nbytes = np.array([candidate_bytes(s, model_fp, tokens, dtype) for s in profile.candidates])
+    fp16_layer = 2 * model_fp.num_kv_heads * tokens * model_fp.head_dim * 2
+    if profile.effective_bits is not None:  # real bytes on the calibration tokens, outliers included
+        nbytes = np.rint(profile.effective_bits.mean(axis=0) / 16 * fp16_layer).astype(np.int64)
+    else:
+        nbytes = np.array([candidate_bytes(s, model_fp, tokens, dtype, calibration) for s in profile.candidates])
+    if settings.max_effective_bits is not None:
+        cap = int(settings.max_effective_bits / 16 * fp16_layer * model_fp.num_layers)
+        settings = replace(settings, max_kv_bytes=min(cap, settings.max_kv_bytes or cap))
     cost = bits if settings.size == "avg_bits" else nbytes.astype(float)
     timings: dict[str, float] = {}
 
@@ -337,7 +358,7 @@ def run_search(
     timings["additive_solve"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    measure = measure or BlockwiseEvaluator(model, calibration_ids).kl
+    measure = measure or BlockwiseEvaluator(model, calibration_ids, calibration=calibration).kl
     storage = settings.storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
     identity = {
         "space": space.describe(), "model": asdict(model_fp), "tokens": tokens, "objective": settings.objective,
@@ -369,14 +390,16 @@ def run_search(
             known[tuple(config.layers)] = point
             points.append(point)
         additive_points[b] = None if choice is None else known[tuple(space.config(choice).layers)]
-    uniform = _uniform_points(profile, model_fp, tokens, dtype, measure)
+    uniform = _uniform_points(profile, model_fp, tokens, dtype, measure, nbytes)
+    for p in [*points, *uniform]:
+        p.effective_bits = 16 * p.kv_bytes / (fp16_layer * model_fp.num_layers)
     timings["measure_additive_uniform"] = time.perf_counter() - t
 
     front = pareto_front(points, settings.size)
     picks = [_pick(b, points, uniform, additive_points[b], settings) for b in settings.budgets]
     t = time.perf_counter()
     if validation_ids is not None:
-        _validate(model, validation_ids, front, uniform, picks, settings.reference_check)
+        _validate(model, validation_ids, front, uniform, picks, settings.reference_check, calibration)
     timings["validation"] = time.perf_counter() - t
 
     provenance = {
@@ -385,11 +408,15 @@ def run_search(
                      "optuna": optuna.__version__, "python": platform.python_version()},
     }
     files = {}
+    reference = None
+    if calibration_path is not None and any(needs_calibration(s) for p in picks if p.best for s in p.best.config.layers):
+        reference = os.path.relpath(Path(calibration_path).resolve(), out_dir.resolve())
     for pick in picks:
         if pick.best is None:
             continue
         p = pick.best
-        config = KVConfig(p.config.layers, model=model_fp, name=f"kvtuner-{pick.budget:g}bits", meta={
+        config = KVConfig(p.config.layers, model=model_fp, name=f"kvtuner-{pick.budget:g}bits", calibration=reference,
+                          meta={
             **provenance, "budget_avg_bits": pick.budget, "avg_bits": p.avg_bits, "kv_bytes": p.kv_bytes,
             "source": p.name, "objective": settings.objective, "loss_calibration": p.loss,
             "kl_heldout": p.heldout, "kl_heldout_reference": p.heldout_reference, "predicted_kl": p.predicted,
