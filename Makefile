@@ -23,13 +23,23 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest
 
-# profile -> prune -> cluster -> search -> validation on the default model (~11 min on 2 cores).
+# calibrate -> profile -> prune -> cluster -> search -> validation on the default model, then the
+# searched configs on a domain no step calibrated on (a novel). Calibration text: one window of
+# WikiText-2 and one of GSM8K-train; candidates: KIVI pairs with an attention sink and pre-RoPE keys,
+# 3 bits with codebooks and outliers, KVQuant's layout at 2 bits (see README, "KVQuant's methods");
+# the uniform KIVI pairs are measured beside them as baselines.
 # One thread: with torch's default two, any other busy process makes OpenMP spin-waits far slower.
+DEMO_SOURCES := --data $(DATA)/wikitext2_raw_test.txt --data $(DATA)/gsm8k_train.jsonl
+DEMO_PAIRS ?= K8V4+sink1+prerope,K4V4+sink1+prerope,K4V3+sink1+prerope,KV3+sink1+prerope,K4V2+sink1+prerope,K3V2+sink1+prerope,KV2+sink1+prerope,KV3+sink1+prerope+nuq+ds1,kvquant:KV2+sink1+prerope+nuq+ds1
 demo: $(STAMP)
-	OMP_NUM_THREADS=1 $(VENV)/bin/kvtuner profile --model default --data $(DATA)/wikitext2_raw_test.txt \
-		--tokens 512 --pairs default,KV3,K4V3,K3V2 --out $(DEMO_OUT)
-	OMP_NUM_THREADS=1 $(VENV)/bin/kvtuner search --model default --data $(DATA)/wikitext2_raw_test.txt \
-		--tokens 512 --pairs default,KV3,K4V3,K3V2 --groups 6 --trials 40 --budgets 3.25,4.0 --resume --out $(DEMO_OUT)
+	OMP_NUM_THREADS=1 $(VENV)/bin/kvtuner calibrate --model default $(DEMO_SOURCES) --tokens 256 \
+		--pairs $(DEMO_PAIRS) --out $(DEMO_OUT)/calibration.json
+	OMP_NUM_THREADS=1 $(VENV)/bin/kvtuner search --model default $(DEMO_SOURCES) --tokens 256 --pairs $(DEMO_PAIRS) \
+		--split-bits 0 --calibration $(DEMO_OUT)/calibration.json --groups 6 --trials 40 --budgets 3.25,4.0 \
+		--max-overhead-bits 0.95 --resume --out $(DEMO_OUT)
+	OMP_NUM_THREADS=1 $(VENV)/bin/kvtuner eval --model default --data $(DATA)/gutenberg_1342_pride_and_prejudice.txt \
+		--max-tokens 1024 --skip-windows 8 --kv fp16 --kv K4V4 --config $(DEMO_OUT)/config_3.25.json \
+		--config $(DEMO_OUT)/config_4.0.json
 
 # Peers for the side-by-side benchmark (not part of the default setup): llama-cpp-python builds
 # llama.cpp from source, about 7 minutes on 2 cores.

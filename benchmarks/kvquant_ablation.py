@@ -6,8 +6,9 @@ uniform KIVI K4V4. Every row is scored by the chunked, decode-faithful ``Evaluat
 the full-precision cache on WikiText-2 test windows that no calibration saw, with effective bits
 from the cache's real stored bytes (codes, scales, zeros, outliers, sink tokens, level tables).
 
-Calibration (levels, thresholds): one window of each ``--calib`` source, fitted once for every
-row that needs it (``kvtuner.profile.calibrate``), written beside the results.
+Calibration (levels, thresholds): ``--calib-windows`` windows of each ``--calib`` source (window 1,
+a search's validation window, skipped), fitted once for every row that needs it
+(``kvtuner.profile.calibrate``), written beside the results.
 
     python benchmarks/kvquant_ablation.py --out runs/ablation
 """
@@ -33,45 +34,54 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LADDER = ("KV{b}", "KV{b}+sink1", "KV{b}+sink1+prerope", "KV{b}+sink1+prerope+nuq", "KV{b}+sink1+prerope+nuq+ds1")
 
 
-def rows_for(bits: list[int], extra: list[str]) -> list[str]:
+def rows_for(bits: list[int], extra: list[str], ladder: bool = True) -> list[str]:
     rows = ["KV4"]
     for b in bits:
-        rows += [r.format(b=b) for r in LADDER]
-        rows += [r.format(b=b) for r in extra]
+        rows += [r.format(b=b) for r in (*LADDER, *extra)] if ladder else [r.format(b=b) for r in extra]
     return list(dict.fromkeys(rows))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", default="3,2", help="bit widths of the ladder")
-    parser.add_argument("--extra", default="KV{b}+sink1+prerope+ds1,KV{b}+sink1+prerope+nuq+ds0.5,"
-                                           "KV{b}+sink1+prerope+ds0.5,KV{b}+sink1+nuq",
+    parser.add_argument("--extra", default="KV{b}+sink1+prerope+ds1,kvquant:KV{b}+sink1+prerope+nuq,"
+                                           "kvquant:KV{b}+sink1+prerope+nuq+ds1,kvquant:KV{b}+sink1+prerope+nuq+ds1.5",
                         help="more rows per bit width ({b} is the width)")
+    parser.add_argument("--no-ladder", action="store_true", help="only KV4 and the --extra rows")
     parser.add_argument("--eval-data", type=Path, default=DATA / "wikitext2_raw_test.txt")
     parser.add_argument("--eval-skip", type=int, default=4, help="windows of --tokens skipped before the evaluation")
     parser.add_argument("--eval-windows", type=int, default=2)
     parser.add_argument("--calib", default=f"{DATA / 'wikitext2_raw_test.txt'},{DATA / 'gsm8k_train.jsonl'},generated",
                         help="calibration sources (window 0 of each), comma-separated; 'generated': the model's own text")
+    parser.add_argument("--calib-windows", type=int, default=3,
+                        help="windows of each file source (never more than --eval-skip - 1 of the evaluation file)")
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     bits = [int(b) for b in args.bits.split(",")]
-    labels = rows_for(bits, [e for e in args.extra.split(",") if e])
+    labels = rows_for(bits, [e for e in args.extra.split(",") if e], ladder=not args.no_ladder)
     try:
         specs = [parse_label(label) for label in labels]
     except KVConfigError as e:
         parser.error(str(e))
     if args.eval_skip < 2:
         parser.error("--eval-skip must be at least 2: windows 0 and 1 of the evaluation file calibrate and validate")
+    if not 1 <= args.calib_windows <= args.eval_skip - 1:
+        parser.error(f"--calib-windows must be in 1..{args.eval_skip - 1} (disjoint from the evaluation windows)")
     args.out.mkdir(parents=True, exist_ok=True)
 
     model, tokenizer = load_model("default")
     layers = model.config.num_hidden_layers
     calib = calibration_data(model, tokenizer, args.tokens, args.calib.split(","), cache_dir=args.out, progress=True)
+    windows = calib.calibration
+    if args.calib_windows > 1:  # more windows of each file source (window 1 is the search's validation: skipped)
+        more = [token_windows(Path(source), tokenizer, args.tokens, count=args.calib_windows - 1, skip_windows=2)
+                for source in calib.source.split(", ") if Path(source).suffix in (".txt", ".jsonl")]
+        windows = torch.cat([windows, *more])
     t0 = time.perf_counter()
-    fitted = calibrate(model, calib.calibration, specs, progress=True, meta={"data": calib.describe()})
+    fitted = calibrate(model, windows, specs, progress=True, meta={"data": calib.describe(), "windows": windows.shape[0]})
     calibration_seconds = time.perf_counter() - t0
     fitted.save(args.out / "calibration.json")
 
@@ -80,7 +90,7 @@ def main() -> None:
     results = []
     print(f"\nfull-precision ppl {evaluator.reference_ppl():.3f} on {eval_ids.numel()} tokens "
           f"(windows {args.eval_skip}..{args.eval_skip + args.eval_windows - 1} of {args.tokens} of {args.eval_data.name})")
-    print(f"calibration: {calib.source} ({calib.calibration.shape[0]} x {args.tokens} tokens, {calibration_seconds:.0f} s)\n")
+    print(f"calibration: {calib.source} ({windows.shape[0]} x {args.tokens} tokens, {calibration_seconds:.0f} s)\n")
     header = f"| {'config':<34} | {'ppl':>7} | {'KL':>8} | {'top-1':>6} | {'bits':>5} | {'effective bits':>14} |"
     print(header + "\n|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for label, spec in zip(labels, specs):

@@ -78,12 +78,15 @@ def test_pre_rope_keys_keep_the_outlier_channel_and_halve_the_error():
     assert torch.equal(pre_rope.roundtrip(post, v, positions)[1], plain.roundtrip(post, v, positions)[1])
 
 
-def test_pre_rope_round_trip_is_exact_without_quantization_error():
-    """With 8-bit keys on values that sit on the grid, only the rotation is left: it undoes itself."""
-    _, post, positions = keys_with_outlier_channel(tokens=32)
-    method = KVMethod(LayerSpec("kivi", 8, 8, 32, 32, pre_rope=True), inv_freq=INV_FREQ)
-    got, _ = method.roundtrip(post.double(), post.double(), positions)
-    assert (got - post.double()).abs().max() < 0.1  # 8-bit steps of a range ~40: ~0.08 at most
+def test_pre_rope_stores_the_unrotated_keys():
+    """What is quantized is R^T k: reading back without the re-rotation gives the pre-RoPE keys, to 8-bit error."""
+    pre, post, positions = keys_with_outlier_channel(tokens=32)
+    method = KVMethod(LayerSpec("kivi", 8, 16, 32, 32, pre_rope=True), inv_freq=INV_FREQ)
+    stored = method.quantize(post, post, 0, positions)
+    unrotated = stored.keys.codes.dequantize()
+    step = stored.keys.codes.scale.float().max()
+    assert (unrotated - pre).abs().max() <= step / 2 + 1e-4  # half a step of the pre-RoPE grid
+    assert (method.dequantize(stored, 0, positions, torch.float32)[0] - post).abs().max() <= step  # re-rotated
 
 
 def test_pre_rope_needs_the_frequencies():
@@ -130,3 +133,50 @@ def test_batch_operations_keep_every_part():
     for a, b in zip(method.dequantize(picked, 0, positions, torch.float32),
                     method.dequantize(alone, 0, positions, torch.float32)):
         assert torch.equal(a, b)
+
+
+def test_kvquant_keys_store_bare_codes_over_the_calibrated_range():
+    torch.manual_seed(6)
+    k, v = torch.randn(2, 2, 32, D), torch.randn(2, 2, 32, D)
+    lo, hi = k.amin(dim=(0, 2), keepdim=True), k.amax(dim=(0, 2), keepdim=True)  # [1, H, 1, D]
+    spec = LayerSpec("kvquant", 4, 4, 32, 32)
+    method = KVMethod(spec, SideCalibration(lo=lo, hi=hi), SideCalibration())
+    stored = method.quantize(k, v, 0, torch.arange(32)[None])
+    assert stored.keys.codes.scale is None and stored.keys.codes.zero is None  # nothing per group
+    assert stored.values.codes.scale.shape == (2, 2, 32, 1)  # one group per token and head
+    got_k, _ = method.dequantize(stored, 0, torch.arange(32)[None], torch.float32)
+    step = (hi - lo) / 15
+    assert torch.all((got_k - k).abs() <= step / 2 * (1 + 1e-5) + 1e-6)  # uniform levels: half a step
+    assert not method.packed_decode_supported()
+    assert method.table_bytes() == 2 * 2 * D * 4  # the range is a per-layer table (fp32 lo and hi)
+
+
+def test_kvquant_per_channel_levels():
+    torch.manual_seed(7)
+    k = torch.randn(1, 2, 64, D)
+    lo, hi = k.amin(dim=(0, 2), keepdim=True), k.amax(dim=(0, 2), keepdim=True)
+    levels = torch.sort(torch.rand(2, D, 4) * 3, dim=-1).values
+    levels[..., 0], levels[..., -1] = 0, 3
+    method = KVMethod(LayerSpec("kvquant", 2, 16, 32, 32, codebook=True), SideCalibration(levels.half(), lo, hi))
+    got, _ = method.roundtrip(k, k)
+    y = (k - lo) / ((hi - lo) / 3)
+    table = levels.half().float()
+    nearest = (y.permute(1, 3, 0, 2)[..., None] - table[:, :, None, None, :]).abs().argmin(-1)  # [H, D, B, T]
+    expected = lo + table.gather(-1, nearest.flatten(2)).reshape(nearest.shape).permute(2, 0, 3, 1) * (hi - lo) / 3
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_outlier_leaves_its_group_range_to_the_inliers():
+    """Dense-and-sparse: the group holding an outlier is quantized over its inliers' range, as if it were absent."""
+    torch.manual_seed(9)
+    v = torch.randn(1, 2, 32, D)
+    spiked = v.clone()
+    spiked[0, 1, 4, 3] = 40.0
+    cal = SideCalibration(lo=torch.tensor(-5.0), hi=torch.tensor(5.0))
+    method = KVMethod(LayerSpec("kivi", 16, 2, 32, 32, outliers=0.01), None, cal)
+    got, want = method.roundtrip(spiked, spiked)[1], method.roundtrip(v, v)[1]
+    assert got[0, 1, 4, 3] == 40.0
+    others = torch.ones_like(v, dtype=torch.bool)
+    others[0, 1, 4, :] = False  # the spiked token's group is re-fitted; every other group is untouched
+    assert torch.equal(got[others], want[others])
+    assert (got[0, 1, 4] - v[0, 1, 4]).abs()[torch.arange(D) != 3].max() < 1.0  # inlier range, not 45 wide

@@ -26,9 +26,10 @@ stdout = Console(width=None if sys.stdout.isatty() else 160)
 ModelOpt = Annotated[str, typer.Option("--model", help="'default' (SmolLM2-135M-Instruct), a Hugging Face id or folder, or a .gguf file")]
 KvOpt = Annotated[Optional[list[str]], typer.Option("--kv", help="uniform shorthand: fp16, KV8, K8V4, K4V2, ... (eval: repeatable)")]
 ConfigOpt = Annotated[Optional[list[Path]], typer.Option("--config", help="per-layer config: kvtuner JSON or KVTuner YAML preset (eval: repeatable)")]
-MethodOpt = Annotated[str, typer.Option("--method", help="with --kv: kivi, per_token or fp8")]
+MethodOpt = Annotated[str, typer.Option("--method", help="with --kv: kivi, per_token, fp8 or kvquant")]
 GroupOpt = Annotated[int, typer.Option("--group-size", help="with --kv: quantization group size")]
 ResidualOpt = Annotated[int, typer.Option("--residual-length", help="with --kv: full-precision window of recent tokens")]
+CalibrationOpt = Annotated[Optional[Path], typer.Option("--calibration", help="with --kv: kvtuner calibrate's file, for +nuq / +ds / kvquant shorthands")]
 
 USER_ERRORS = (KVConfigError, DataError, ModelNotFoundError)
 
@@ -40,11 +41,12 @@ def fail(message: str) -> typer.Exit:
 
 
 def resolve_configs(model: str, kv: list[str] | None, config: list[Path] | None, method: str, group_size: int,
-                    residual_length: int, single: bool = False) -> list[KVConfig]:
-    """The KVConfigs the flags ask for, checked against the model's config before any weights load."""
+                    residual_length: int, single: bool = False, calibration: Path | None = None) -> list[KVConfig]:
+    """The KVConfigs the flags ask for, checked against the model's config before any weights load
+    (layer count, head shape, RoPE support, calibration file and its fingerprint)."""
     import transformers
 
-    from kvtuner.cache import fingerprint
+    from kvtuner.cache import fingerprint, layer_methods
     from kvtuner.models import load_model_config
 
     transformers.logging.set_verbosity_error()
@@ -53,12 +55,15 @@ def resolve_configs(model: str, kv: list[str] | None, config: list[Path] | None,
     if count == 0 or (single and count > 1):
         raise KVConfigError("give exactly one of --kv SHORTHAND or --config FILE" if single else "give --kv SHORTHAND or --config FILE")
     loaded = [KVConfig.load(path) for path in config]  # a malformed file fails before the model is looked up
-    fp = fingerprint(load_model_config(model))
+    model_config = load_model_config(model)
+    fp = fingerprint(model_config)
     for cfg, path in zip(loaded, config):
         cfg.check_model(fp)
         cfg.name = cfg.name or path.stem
-    uniform = [KVConfig.uniform(k, fp.num_layers, method=method, group_size=group_size,
-                                residual_length=residual_length, model=fp) for k in kv]
+    uniform = [KVConfig.uniform(k, fp.num_layers, method=method, group_size=group_size, residual_length=residual_length,
+                                model=fp, calibration=None if calibration is None else str(calibration)) for k in kv]
+    for cfg in uniform + loaded:
+        layer_methods(cfg, model_config)
     return uniform + loaded
 
 
@@ -78,7 +83,9 @@ def eval_command(
     method: MethodOpt = "kivi",
     group_size: GroupOpt = 32,
     residual_length: ResidualOpt = 32,
+    calibration: CalibrationOpt = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="tokens to score")] = 2048,
+    skip_windows: Annotated[int, typer.Option("--skip-windows", help="windows of --max-tokens tokens skipped first (e.g. past front matter or calibration text)")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object per config instead of a table")] = False,
 ) -> None:
     """Perplexity, KL and top-1 agreement against the full-precision cache, decode-faithful; and real KV bytes."""
@@ -87,13 +94,17 @@ def eval_command(
     try:
         if not data.is_file():
             raise DataError(f"{data}: no such data file")
-        configs = resolve_configs(model, kv, config, method, group_size, residual_length)
+        if skip_windows < 0:
+            raise DataError(f"--skip-windows must not be negative, not {skip_windows}")
+        configs = resolve_configs(model, kv, config, method, group_size, residual_length, calibration=calibration)
         lm, tokenizer = load(model)
-        evaluator = Evaluator(lm, token_windows(data, tokenizer, max_tokens), progress=not as_json)
+        evaluator = Evaluator(lm, token_windows(data, tokenizer, max_tokens, skip_windows=skip_windows),
+                              progress=not as_json)
     except USER_ERRORS as e:
         raise fail(str(e)) from None
     columns = ("config", "ppl", "kl", "top1", "avg_bits", "effective_bits", "kv_bytes", "kv_bytes_fp16", "kv_ratio")
-    table = Table(title=f"kvtuner eval on {evaluator.tokens} tokens of {data.name} "
+    after = f" after the first {skip_windows * max_tokens}" if skip_windows else ""
+    table = Table(title=f"kvtuner eval on {evaluator.tokens} tokens of {data.name}{after} "
                         f"(full-precision ppl {evaluator.reference_ppl():.3f}, model dtype {lm.dtype})")
     for key in columns:
         table.add_column(key, justify="left" if key == "config" else "right")
@@ -120,6 +131,7 @@ def generate(
     method: MethodOpt = "kivi",
     group_size: GroupOpt = 32,
     residual_length: ResidualOpt = 32,
+    calibration: CalibrationOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 128,
     chat: Annotated[bool, typer.Option("--chat/--raw", help="wrap the prompt in the model's chat template")] = True,
 ) -> None:
@@ -129,7 +141,8 @@ def generate(
     from kvtuner.cache import MixedPrecisionCache, cache_kwargs
 
     try:
-        [cfg] = resolve_configs(model, kv, config, method, group_size, residual_length, single=True)
+        [cfg] = resolve_configs(model, kv, config, method, group_size, residual_length, single=True,
+                                 calibration=calibration)
         lm, tokenizer = load(model)
     except USER_ERRORS as e:
         raise fail(str(e)) from None
@@ -159,6 +172,7 @@ def gsm8k(
     method: MethodOpt = "kivi",
     group_size: GroupOpt = 32,
     residual_length: ResidualOpt = 32,
+    calibration: CalibrationOpt = None,
     limit: Annotated[int, typer.Option("--limit", help="questions to score")] = 50,
     shots: Annotated[int, typer.Option("--shots")] = 4,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 256,
@@ -170,7 +184,8 @@ def gsm8k(
     try:
         rows = load_gsm8k(data)
         shot_rows = load_gsm8k(shots_file) if shots_file else rows
-        [cfg] = resolve_configs(model, kv, config, method, group_size, residual_length, single=True)
+        [cfg] = resolve_configs(model, kv, config, method, group_size, residual_length, single=True,
+                                 calibration=calibration)
         lm, tokenizer = load(model)
     except USER_ERRORS as e:
         raise fail(str(e)) from None

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 SCHEMA_VERSION = 1
-METHODS = ("kivi", "per_token", "fp8", "fp16")
+METHODS = ("kivi", "per_token", "fp8", "kvquant", "fp16")
 INT_BITS = (1, 2, 3, 4, 8, 16)
 FP8_BITS = (8, 16)
 CODEBOOK_BITS = (2, 3, 4)
@@ -35,7 +35,9 @@ class LayerSpec:
 
     method: ``kivi`` (keys per channel, values per token, asymmetric, grouped, with a
     full-precision window of recent tokens), ``per_token`` (both per token, as llama.cpp does),
-    ``fp8`` (e4m3 with a scale per group) or ``fp16`` (unquantized).
+    ``fp8`` (e4m3 with a scale per group), ``kvquant`` (KVQuant's layout: keys per channel over
+    a calibrated range, no per-group scales at all; values per token over the whole head; 2-4
+    bits, needs a calibration file) or ``fp16`` (unquantized).
     k_bits / v_bits: 16 leaves that side unquantized.
     residual_length: recent tokens kept in full precision; when the window fills it is
     quantized in one go (for ``kivi`` it must be a multiple of ``group_size``, since keys are
@@ -62,7 +64,7 @@ class LayerSpec:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise KVConfigError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
-        allowed = {"fp16": (16,), "fp8": FP8_BITS}.get(self.method, INT_BITS)
+        allowed = {"fp16": (16,), "fp8": FP8_BITS, "kvquant": CODEBOOK_BITS + (16,)}.get(self.method, INT_BITS)
         for side, bits in (("k_bits", self.k_bits), ("v_bits", self.v_bits)):
             if not isinstance(bits, int) or isinstance(bits, bool) or bits not in allowed:
                 raise KVConfigError(
@@ -84,10 +86,12 @@ class LayerSpec:
                 raise KVConfigError(f"{name} must be true or false, not {getattr(self, name)!r}")
         if isinstance(self.outliers, bool) or not isinstance(self.outliers, (int, float)) or not 0 <= self.outliers < 0.5:
             raise KVConfigError(f"outliers must be a fraction in [0, 0.5), not {self.outliers!r}")
-        object.__setattr__(self, "outliers", float(self.outliers))
+        # a label carries the percentage to 4 decimals; so does the spec, or the two would not round-trip
+        object.__setattr__(self, "outliers", round(float(self.outliers), 6))
         if self.codebook or self.outliers:
-            if self.method not in ("kivi", "per_token"):
-                raise KVConfigError(f"codebooks and outliers apply to integer methods (kivi, per_token), not {self.method!r}")
+            if self.method not in ("kivi", "per_token", "kvquant"):
+                raise KVConfigError(
+                    f"codebooks and outliers apply to integer methods (kivi, per_token, kvquant), not {self.method!r}")
         if self.codebook:
             for side, bits in (("k_bits", self.k_bits), ("v_bits", self.v_bits)):
                 if bits not in CODEBOOK_BITS + (16,):
@@ -121,11 +125,6 @@ class LayerSpec:
         text = "+".join([pair, *options])
         return text if self.method == "kivi" else f"{self.method}:{text}"
 
-    @property
-    def options(self) -> dict[str, Any]:
-        """The KVQuant options that differ from their defaults."""
-        return {k: getattr(self, k) for k in ("sink", "pre_rope", "codebook", "outliers") if getattr(self, k)}
-
 
 @dataclass(frozen=True)
 class ModelFingerprint:
@@ -140,7 +139,7 @@ class ModelFingerprint:
 _SHORTHAND = re.compile(r"^(?:KV(?P<kv>\d+)|K(?P<k>\d+)V(?P<v>\d+))$", re.IGNORECASE)
 
 
-_OPTION = re.compile(r"^(?:sink(?P<sink>\d*)|(?P<prerope>prerope)|(?P<nuq>nuq)|ds(?P<ds>\d*\.?\d*))$", re.IGNORECASE)
+_OPTION = re.compile(r"^(?:sink(?P<sink>\d*)|(?P<prerope>prerope)|(?P<nuq>nuq)|ds(?P<ds>\d+(?:\.\d+)?)?)$", re.IGNORECASE)
 
 
 def parse_label(text: str, group_size: int = 32, residual_length: int = 32, method: str = "kivi") -> LayerSpec:
@@ -259,8 +258,8 @@ class KVConfig:
                 mine, theirs = getattr(self.model, attr), getattr(fingerprint, attr)
                 if mine != theirs:
                     raise KVConfigError(f"config was made for {attr}={mine} but the model has {attr}={theirs}")
-        for i, spec in enumerate(self.layers):
-            if spec.is_quantized and fingerprint.head_dim % spec.group_size:
+        for i, spec in enumerate(self.layers):  # kvquant groups whole heads and never uses group_size
+            if spec.is_quantized and spec.method != "kvquant" and fingerprint.head_dim % spec.group_size:
                 raise KVConfigError(
                     f"layer {i}: group_size {spec.group_size} does not divide head_dim {fingerprint.head_dim}"
                 )
@@ -398,9 +397,10 @@ class KVConfig:
         return cls.from_json(text, str(path))._resolve_calibration(path)
 
     def _resolve_calibration(self, path: Path) -> "KVConfig":
-        """A calibration path relative to the config file, made usable from any working directory."""
+        """A calibration path relative to the config file, made absolute: usable from any working directory,
+        and still right when the config is saved elsewhere."""
         resolved = self.calibration_path(path.parent)
-        self.calibration = None if resolved is None else str(resolved)
+        self.calibration = None if resolved is None else str(resolved.resolve())
         return self
 
 

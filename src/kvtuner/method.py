@@ -7,17 +7,21 @@ reads them with :meth:`KVMethod.dequantize`; the one-pass profiler
 (:mod:`kvtuner.profile.blockwise`) quantizes a whole calibration sequence with
 :meth:`KVMethod.roundtrip`, which is the same code on the same windows; the packed decode
 kernel is used only where :meth:`KVMethod.packed_decode_supported` says so. Adding a method or
-an option touches this module (and ``LayerSpec``'s validation), nothing else.
+an option touches this module and ``LayerSpec``'s validation (and, for fitted tables,
+:mod:`kvtuner.profile.calibrate`, which asks this module how a side is normalized).
 
 What a method stores for a flushed block of tokens (:class:`StoredKV`):
 
 * keys and values as grouped codes (:class:`~kvtuner.quant.QuantizedTensor`): ``kivi`` keys per
   channel (groups of ``group_size`` tokens) and values per token; ``per_token`` both per token
-  (llama.cpp's layout); ``fp8`` e4m3 with a scale per group;
+  (llama.cpp's layout); ``fp8`` e4m3 with a scale per group; ``kvquant`` keys as bare codes over
+  a calibrated per-channel range (no scales or zeros stored: the range is the calibration's, the
+  few values beyond it clamped, or kept as outliers) and values per token over the whole head;
 * with ``codebook``: the codes index calibrated non-uniform levels inside each group
   (:mod:`kvtuner.quant.codebook`) instead of the uniform grid;
 * with ``outliers`` > 0: elements outside calibrated per-channel (keys) or per-head (values)
-  thresholds, kept exactly in fp16 (:mod:`kvtuner.quant.outliers`);
+  thresholds, kept exactly in fp16 (:mod:`kvtuner.quant.outliers`); each group's range is then
+  its inliers' range (the outliers' own codes are never read);
 * with ``pre_rope``: keys are un-rotated to their pre-RoPE coordinates before quantization and
   rotated back on read (:mod:`kvtuner.quant.rope`);
 * with ``sink`` = N: the first N tokens of the sequence in full precision; inside their block
@@ -39,14 +43,14 @@ from typing import Any, Callable
 import torch
 
 from kvtuner.config import KVConfigError, LayerSpec, ModelFingerprint, write_atomic
-from kvtuner.quant import QuantizedTensor, QuantSpec, cat_tokens
+from kvtuner.quant import QuantizedTensor, QuantSpec, cat_tokens, pack, unpack
 from kvtuner.quant import quantize as quantize_reference
-from kvtuner.quant.outliers import SparseOutliers, cat_blocks, split
+from kvtuner.quant.codebook import nearest_level, uniform_levels
+from kvtuner.quant.outliers import INDEX_LIMIT, SparseOutliers, cat_blocks, extract
 from kvtuner.quant.rope import rotate
 
 Side = str  # "k" or "v"
 CALIBRATION_VERSION = 1
-OUTLIER_INDEX_LIMIT = 2**15
 
 
 def quant_specs(spec: LayerSpec) -> tuple[QuantSpec, QuantSpec]:
@@ -55,6 +59,8 @@ def quant_specs(spec: LayerSpec) -> tuple[QuantSpec, QuantSpec]:
         return QuantSpec(spec.k_bits, spec.group_size, "channel"), QuantSpec(spec.v_bits, spec.group_size, "token")
     if spec.method == "per_token":
         return QuantSpec(spec.k_bits, spec.group_size, "token"), QuantSpec(spec.v_bits, spec.group_size, "token")
+    if spec.method == "kvquant":  # keys: one calibrated range per channel; values: one group per token and head
+        return QuantSpec(spec.k_bits, -1, "channel"), QuantSpec(spec.v_bits, -1, "token")
     if spec.method == "fp8":
         fp8 = {16: None, 8: "e4m3"}
         k = QuantSpec(spec.k_bits, spec.group_size, "token", fp8=fp8[spec.k_bits])
@@ -78,15 +84,22 @@ def thresholds_key(spec: LayerSpec, side: Side) -> str:
 
 
 def needs_calibration(spec: LayerSpec) -> bool:
-    return spec.is_quantized and (spec.codebook or spec.outliers > 0)
+    return spec.is_quantized and (spec.codebook or spec.outliers > 0 or spec.method == "kvquant")
+
+
+def calibrated_range(spec: LayerSpec, side: Side) -> bool:
+    """Whether a side is normalized by a calibrated range instead of per-group statistics (kvquant keys)."""
+    return spec.method == "kvquant" and side == "k"
 
 
 @dataclass
 class SideCalibration:
     """Fitted data one side of one layer uses: NUQ levels and/or outlier thresholds.
 
-    levels: ``[2**bits]`` fp16 levels in the normalized group domain ``[0, qmax]``.
-    lo / hi: thresholds broadcastable to ``[B, H, T, D]`` (keys ``[1, H, 1, D]``, values ``[1, H, 1, 1]``).
+    levels: fp16 levels in the normalized domain ``[0, qmax]``: ``[2**bits]``, or ``[H, D, 2**bits]``
+    (one table per channel) for a side normalized by a calibrated range.
+    lo / hi: thresholds broadcastable to ``[B, H, T, D]`` (keys ``[1, H, 1, D]``, values ``[1, H, 1, 1]``):
+    the dense-and-sparse cut, and for ``kvquant`` keys also the normalization range.
     """
 
     levels: torch.Tensor | None = None
@@ -96,10 +109,12 @@ class SideCalibration:
 
 @dataclass
 class Calibration:
-    """Per-layer NUQ levels and outlier thresholds for one model, as ``kvtuner calibrate`` writes them.
+    """Per-layer NUQ levels and outlier thresholds (kvquant: key ranges) for one model, as ``kvtuner calibrate``
+    writes them.
 
-    levels[key][layer]: ``[2**bits]``; thresholds[key][layer]: ``(lo, hi)``. Keys come from
-    :func:`levels_key` / :func:`thresholds_key`.
+    levels[key][layer]: ``[2**bits]`` (``[H, D, 2**bits]`` for kvquant keys); thresholds[key][layer]:
+    ``(lo, hi)``, ``[H, D]`` each for keys, ``[H]`` for values. Keys come from :func:`levels_key` /
+    :func:`thresholds_key`.
     """
 
     model: ModelFingerprint
@@ -113,20 +128,27 @@ class Calibration:
         if bits == 16:
             return SideCalibration()
         result = SideCalibration()
-        if spec.outliers > 0:
+        shape = (self.model.num_kv_heads, self.model.head_dim) if side == "k" else (self.model.num_kv_heads,)
+        if spec.outliers > 0 or calibrated_range(spec, side):
             key = thresholds_key(spec, side)
             if key not in self.thresholds:
                 raise KVConfigError(f"{source} has no outlier thresholds {key!r} (layer {layer}, {spec.label}); "
                                     f"re-run kvtuner calibrate with --pairs {spec.label}")
             lo, hi = self.thresholds[key][layer]
-            shape = (1, -1, 1, lo.shape[-1]) if side == "k" else (1, -1, 1, 1)
-            result.lo, result.hi = lo.reshape(shape), hi.reshape(shape)
+            if lo.shape != shape or hi.shape != shape:
+                raise KVConfigError(f"{source}: thresholds {key!r} of layer {layer} are {tuple(lo.shape)}, not {shape}")
+            view = (1, -1, 1, lo.shape[-1]) if side == "k" else (1, -1, 1, 1)
+            result.lo, result.hi = lo.reshape(view), hi.reshape(view)
         if spec.codebook:
             key = levels_key(spec, side)
             if key not in self.levels:
                 raise KVConfigError(f"{source} has no codebook {key!r} (layer {layer}, {spec.label}); "
                                     f"re-run kvtuner calibrate with --pairs {spec.label}")
-            result.levels = self.levels[key][layer]
+            levels = self.levels[key][layer]
+            want = (*shape, 2**bits) if calibrated_range(spec, side) else (2**bits,)
+            if tuple(levels.shape) != want:
+                raise KVConfigError(f"{source}: codebook {key!r} of layer {layer} is {tuple(levels.shape)}, not {want}")
+            result.levels = levels
         return result
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,7 +169,7 @@ class Calibration:
             levels = {k: [torch.tensor(t, dtype=torch.float16) for t in v] for k, v in data["levels"].items()}
             thresholds = {k: [(torch.tensor(e["lo"], dtype=torch.float32), torch.tensor(e["hi"], dtype=torch.float32))
                               for e in v] for k, v in data["thresholds"].items()}
-        except (KeyError, TypeError, ValueError) as e:
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise KVConfigError(f"{source}: malformed calibration file ({e})") from None
         for key, per_layer in [*levels.items(), *thresholds.items()]:
             if len(per_layer) != model.num_layers:
@@ -235,8 +257,8 @@ class KVMethod:
     """What one layer's spec means for storage; see the module docstring.
 
     key_calibration / value_calibration: fitted levels and thresholds (required when the spec
-    uses ``codebook`` or ``outliers``). inv_freq: the model's RoPE frequencies ``[D/2]``
-    (required with ``pre_rope``).
+    uses ``codebook`` or ``outliers``, and kvquant's key range). inv_freq: the model's RoPE
+    frequencies ``[D/2]`` (required with ``pre_rope``).
     """
 
     def __init__(
@@ -257,8 +279,9 @@ class KVMethod:
                 continue
             if spec.codebook and cal.levels is None:
                 raise KVConfigError(f"{spec.label}: {side} codebook levels are missing (needs a calibration file)")
-            if spec.outliers > 0 and cal.lo is None:
-                raise KVConfigError(f"{spec.label}: {side} outlier thresholds are missing (needs a calibration file)")
+            if (spec.outliers > 0 or calibrated_range(spec, side[0])) and cal.lo is None:
+                what = "range" if calibrated_range(spec, side[0]) and not spec.outliers else "outlier thresholds"
+                raise KVConfigError(f"{spec.label}: {side} {what} missing (needs a calibration file)")
         if spec.pre_rope and spec.k_bits < 16 and inv_freq is None:
             raise KVConfigError(f"{spec.label}: pre-RoPE keys need the model's rotary frequencies")
         self.inv_freq = inv_freq if spec.pre_rope else None
@@ -279,12 +302,14 @@ class KVMethod:
         """Whether the packed decode kernel can read this storage as it is: plain grouped integer codes,
         no codebook, outliers, sink or pre-RoPE keys (those stay on the torch path)."""
         s = self.spec
-        return not (s.codebook or s.outliers > 0 or s.sink or (s.pre_rope and s.k_bits < 16))
+        return s.method != "kvquant" and not (s.codebook or s.outliers > 0 or s.sink or (s.pre_rope and s.k_bits < 16))
 
-    def codebook_bytes(self) -> int:
-        """Bytes of the per-layer level tables (stored once per layer, whatever the batch and length)."""
-        return sum(c.levels.numel() * c.levels.element_size()
-                   for c in (self.key_calibration, self.value_calibration) if c.levels is not None)
+    def table_bytes(self) -> int:
+        """Bytes of the per-layer calibration tables the stored codes need (levels, ranges, thresholds):
+        stored once per layer, whatever the batch and length."""
+        tables = [t for c in (self.key_calibration, self.value_calibration) for t in (c.levels, c.lo, c.hi)
+                  if t is not None]
+        return sum(t.numel() * t.element_size() for t in tables)
 
     # --- store and read ---------------------------------------------------------------------------
     def quantize(self, keys: torch.Tensor, values: torch.Tensor, start: int, positions: torch.Tensor,
@@ -297,21 +322,18 @@ class KVMethod:
         sink_values = values[..., :in_sink, :].clone() if in_sink else None
         if self.inv_freq is not None:
             keys = rotate(keys, positions, self.inv_freq, inverse=True)
-        if 0 < in_sink < n:  # the sink's own codes are never read; keep it out of the group statistics
-            keys, values = keys.clone(), values.clone()
-            keys[..., :in_sink, :] = keys[..., in_sink : in_sink + 1, :]
-            values[..., :in_sink, :] = values[..., in_sink : in_sink + 1, :]
+        keys, values = _without_sink(keys, in_sink), _without_sink(values, in_sink)
         return StoredKV(
-            self._quantize_side(keys, self.key_spec, self.key_calibration, backend),
-            self._quantize_side(values, self.value_spec, self.value_calibration, backend),
+            self._quantize_side("k", keys, backend),
+            self._quantize_side("v", values, backend),
             sink_keys, sink_values,
         )
 
     def dequantize(self, stored: StoredKV, start: int, positions: torch.Tensor,
                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[B, H, n, D]`` of a stored segment that begins at token ``start``."""
-        keys = _dequantize_side(stored.keys, self.key_calibration, dtype)
-        values = _dequantize_side(stored.values, self.value_calibration, dtype)
+        keys = self._dequantize_side("k", stored.keys, dtype)
+        values = self._dequantize_side("v", stored.values, dtype)
         if self.inv_freq is not None:
             keys = rotate(keys, positions, self.inv_freq)
         if stored.sink_keys is not None and start < self.sink:
@@ -336,16 +358,20 @@ class KVMethod:
         stored = self.quantize(keys[..., :n, :], values[..., :n, :], 0, positions, backend)
         return self.dequantize(stored, 0, positions, keys.dtype)
 
-    def group_domain(self, side: Side, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(y, step)`` for one side ``[B, H, T, D]`` (whole groups): each element normalized into its group's
-        ``[0, qmax]`` as this method quantizes it (pre-RoPE rotation, outlier clamping, min/max grouping),
-        and the stored step (scale) it is multiplied by on read. Calibration fits codebook levels on ``y``
-        (an error ``e`` in ``y`` is an error ``e * step`` in ``x``)."""
-        spec, cal = (self.key_spec, self.key_calibration) if side == "k" else (self.value_spec, self.value_calibration)
+    def group_domain(self, side: Side, x: torch.Tensor,
+                     positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(y, step, outliers)`` for one side ``[B, H, T, D]`` from token 0 (whole windows): each element
+        normalized into its group's ``[0, qmax]`` exactly as :meth:`quantize` does it (pre-RoPE rotation,
+        sink, outliers taken out, grouping), the stored step (scale) it is multiplied by on read, and the
+        mask of the elements stored exactly as outliers (or None). Calibration fits codebook levels on
+        ``y`` (an error ``e`` in ``y`` is an error ``e * step`` in ``x``)."""
+        spec = self.key_spec if side == "k" else self.value_spec
         if side == "k" and self.inv_freq is not None:
             x = rotate(x, positions, self.inv_freq, inverse=True)
-        if cal.lo is not None:
-            x = torch.minimum(torch.maximum(x, cal.lo.to(x.dtype)), cal.hi.to(x.dtype))
+        x, outliers = self._dense_part(side, _without_sink(x, min(self.sink, x.shape[-2])))
+        if calibrated_range(self.spec, side):
+            lo, step = self._range(side, x)
+            return (x.float() - lo) / step, step.expand_as(x), outliers
         q = quantize_reference(x, spec)
         red = -1 if spec.axis == "token" else -2
         g = spec.group_len(x.shape)
@@ -355,7 +381,7 @@ class KVMethod:
 
         step = per_element(q.scale)
         safe = torch.where(step == 0, torch.ones_like(step), step)
-        return (x.float() - per_element(q.zero)) / safe, step
+        return (x.float() - per_element(q.zero)) / safe, step, outliers
 
     def effective_bits(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor | None = None) -> float:
         """Bits per element this method really stores for ``keys`` / ``values`` ``[B, H, T, D]`` (their whole
@@ -369,34 +395,111 @@ class KVMethod:
         sink_fp16 = sum(t.numel() * (2 - t.element_size()) for t in (stored.sink_keys, stored.sink_values)
                         if t is not None)  # the sink counts as the fp16 it would be stored as
         fp16 = 2 * 2 * keys[..., :n, :].numel()
-        return 16 * (stored.nbytes() + sink_fp16 + self.codebook_bytes()) / fp16
+        return 16 * (stored.nbytes() + sink_fp16 + self.table_bytes()) / fp16
 
-    def _quantize_side(self, x: torch.Tensor, spec: QuantSpec, cal: SideCalibration, backend: str) -> StoredSide:
+    def _range(self, side: Side, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(offset, step) of a side normalized by its calibrated range: ``y = (x - offset) / step`` in ``[0, qmax]``."""
+        cal = self.key_calibration if side == "k" else self.value_calibration
+        qmax = 2 ** (self.key_spec if side == "k" else self.value_spec).bits - 1
+        lo, hi = cal.lo.to(x.device, torch.float32), cal.hi.to(x.device, torch.float32)
+        return lo, ((hi - lo) / qmax).clamp_min(torch.finfo(torch.float32).tiny)
+
+    def _dense_part(self, side: Side, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(what the codes quantize, the outlier mask or None). Outliers are replaced by their group's inlier
+        mean, so each group's min/max is its inliers'; a calibrated range simply clamps them."""
+        cal = self.key_calibration if side == "k" else self.value_calibration
+        if cal.lo is None:
+            return x, None
+        lo, hi = cal.lo.to(x.device, x.dtype), cal.hi.to(x.device, x.dtype)
+        if self.spec.outliers == 0:  # a calibrated range without outliers: the rare values beyond it are clamped
+            return torch.minimum(torch.maximum(x, lo), hi), None
+        mask = (x < lo) | (x > hi)
+        if calibrated_range(self.spec, side):
+            return torch.minimum(torch.maximum(x, lo), hi), mask
+        return _inlier_fill(x, mask, self.key_spec if side == "k" else self.value_spec), mask
+
+    def _quantize_side(self, side: Side, x: torch.Tensor, backend: str) -> StoredSide:
         from kvtuner.kernels import quantize  # the Triton quantizer where it applies
 
-        outliers = None
-        if cal.lo is not None:
-            x, outliers = split(x, cal.lo, cal.hi, outlier_block(x.shape[-2], x.shape[-1], self.window))
+        spec, cal = (self.key_spec, self.key_calibration) if side == "k" else (self.value_spec, self.value_calibration)
+        if spec.is_passthrough:
+            return StoredSide(quantize_reference(x, spec))
+        dense, mask = self._dense_part(side, x)
+        outliers = None if mask is None else extract(x, mask, outlier_block(x.shape[-2], x.shape[-1], self.window))
+        x = dense
+        if calibrated_range(self.spec, side):  # bare codes: the range is the calibration's
+            lo, step = self._range(side, x)
+            qmax = 2**spec.bits - 1
+            y = ((x.float() - lo) / step).clamp(0, qmax)
+            levels = cal.levels if cal.levels is not None else uniform_levels(spec.bits).to(torch.float16)
+            codes = _nearest_per_channel(y, levels)
+            return StoredSide(QuantizedTensor(pack(codes, spec.bits), None, None, spec, x.shape, levels), outliers)
         if cal.levels is not None:
             return StoredSide(quantize_reference(x, spec, levels=cal.levels), outliers)
         return StoredSide(quantize(x, spec, backend), outliers)
+
+    def _dequantize_side(self, side: Side, stored: StoredSide, dtype: torch.dtype) -> torch.Tensor:
+        exact = stored.outliers is None and not calibrated_range(self.spec, side)
+        if calibrated_range(self.spec, side):
+            codes = unpack(stored.codes.payload, stored.codes.spec.bits, stored.codes.shape[-1]).long()
+            y = _gather_per_channel(codes, stored.codes.levels)
+            lo, step = self._range(side, y)
+            x = lo + y * step
+        else:
+            x = stored.codes.dequantize(dtype if exact else torch.float32)
+        if stored.outliers is not None:
+            x = stored.outliers.scatter_into(x)
+        return x.to(dtype)
 
 
 def outlier_block(tokens: int, head_dim: int, window: int) -> int:
     """Tokens per outlier block: the window, halved until int16 in-block indices fit."""
     block = window
-    while block * head_dim >= OUTLIER_INDEX_LIMIT and block % 2 == 0:
+    while block * head_dim >= INDEX_LIMIT and block % 2 == 0:
         block //= 2
-    if tokens % block or block * head_dim >= OUTLIER_INDEX_LIMIT:
+    if tokens % block or block * head_dim >= INDEX_LIMIT:
         raise KVConfigError(f"cannot index outliers of {tokens} tokens x {head_dim} channels in int16 blocks")
     return block
 
 
-def _dequantize_side(side: StoredSide, cal: SideCalibration, dtype: torch.dtype) -> torch.Tensor:
-    x = side.codes.dequantize(torch.float32 if side.outliers is not None else dtype)
-    if side.outliers is not None:
-        x = side.outliers.scatter_into(x).to(dtype)
+def _without_sink(x: torch.Tensor, count: int) -> torch.Tensor:
+    """``x`` [B, H, n, D] with its first ``count`` tokens (sink tokens, kept in full precision elsewhere) replaced
+    by the next token, so that they never widen a group's range; a block made only of sink tokens is left as is."""
+    if not 0 < count < x.shape[-2]:
+        return x
+    x = x.clone()
+    x[..., :count, :] = x[..., count : count + 1, :]
     return x
+
+
+def _inlier_fill(x: torch.Tensor, mask: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``x`` with the ``mask``ed elements replaced by the mean of their quantization group's other elements."""
+    g = spec.group_len(x.shape)
+    dim = -1 if spec.axis == "token" else -2
+    shape = (*x.shape[:-1], -1, g) if spec.axis == "token" else (*x.shape[:-2], -1, g, x.shape[-1])
+    view, outlier = x.reshape(shape), mask.reshape(shape)
+    inlier = (~outlier).to(x.dtype)
+    mean = (view * inlier).sum(dim, keepdim=True) / inlier.sum(dim, keepdim=True).clamp_min(1)
+    return torch.where(outlier, mean, view).reshape(x.shape)
+
+
+def _nearest_per_channel(y: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Codes of ``y`` ``[B, H, T, D]`` against one level table per (head, channel) ``[H, D, K]`` (or one ``[K]``)."""
+    if levels.dim() == 1:
+        return nearest_level(y, levels)
+    b, h, t, d = y.shape
+    rows = y.permute(1, 3, 0, 2).reshape(h, d, b * t)
+    return nearest_level(rows, levels).reshape(h, d, b, t).permute(2, 0, 3, 1)
+
+
+def _gather_per_channel(codes: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """The levels ``codes`` ``[B, H, T, D]`` index, per (head, channel) when ``levels`` is ``[H, D, K]``."""
+    levels = levels.to(codes.device, torch.float32)
+    if levels.dim() == 1:
+        return levels[codes]
+    b, h, t, d = codes.shape
+    rows = codes.permute(1, 3, 0, 2).reshape(h, d, b * t)
+    return levels.gather(-1, rows).reshape(h, d, b, t).permute(2, 0, 3, 1)
 
 
 def method_for(
@@ -415,8 +518,8 @@ def method_for(
     cals = (None, None)
     if needs_calibration(spec):
         if calibration is None:
-            raise KVConfigError(f"layer {layer} ({spec.label}) needs a calibration file: set the config's "
-                                "'calibration' (kvtuner calibrate writes one)")
+            raise KVConfigError(f"layer {layer} ({spec.label}) needs a calibration file (kvtuner calibrate writes "
+                                "one): a config names it as 'calibration', the CLI takes --calibration")
         cals = (calibration.side(layer, spec, "k", source), calibration.side(layer, spec, "v", source))
     freq = None
     if spec.pre_rope and spec.k_bits < 16:

@@ -162,3 +162,23 @@ def test_mixed_per_layer_specs(tiny_qwen2):
     assert out.shape == (1, 32)
     assert [type(layer).__name__ for layer in cache.layers] == ["MixedPrecisionLayer", "DynamicLayer", "MixedPrecisionLayer"]
     assert 0 < cache.nbytes() < 2 * cache.nbytes_fp16()
+
+
+def test_pre_rope_positions_follow_left_padding_and_stay_put(tiny_llama):
+    """Where transformers passes position_ids to the cache (5.18+), a left-padded row's keys are un-rotated at
+    their true positions; the offset is learned once, so later position_ids cannot move stored keys."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version("5.18"):
+        pytest.skip("transformers < 5.18 passes no position_ids to the cache: positions are cache indices")
+    short = ids(1, 24, 2)
+    batch = torch.cat([ids(1, 32, 1), torch.cat([torch.zeros(1, 8, dtype=torch.long), short], 1)])
+    mask = torch.cat([torch.ones(1, 32), torch.cat([torch.zeros(1, 8), torch.ones(1, 24)], 1)]).long()
+    cache = MixedPrecisionCache(uniform("KV4+prerope"), tiny_llama.config)
+    gen(tiny_llama, cache, {"input_ids": batch, "attention_mask": mask})
+    layer = cache.layers[0]
+    assert layer.position_offset.tolist() == [0, -8]
+    before = layer.dequantized_history()[0].clone()
+    layer.update(torch.zeros(2, 2, 1, 16), torch.zeros(2, 2, 1, 16), kwargs={"position_ids": torch.tensor([[500], [900]])})
+    assert torch.equal(layer.dequantized_history()[0][..., : before.shape[-2], :], before)

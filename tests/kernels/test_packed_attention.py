@@ -85,3 +85,20 @@ def test_padded_batch_falls_back_to_full_attention(model):
     with use_packed_attention(model, cache, backend="triton"):
         out = run(model, cache, prompt, steps, mask)
     assert rel(out, ref) < TOL["torch"]
+
+
+def test_layers_the_kernel_cannot_read_stay_on_the_torch_path_with_one_warning(model):
+    """A sink and pre-RoPE keys: the kernel does not read them, so those layers decode as the reference, said once."""
+    from kvtuner.config import LayerSpec, parse_label
+
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 128, (1, 37), generator=g).to(DEVICE)
+    steps = torch.randint(0, 128, (1, 6), generator=g).to(DEVICE)
+    config = KVConfig([parse_label("KV4+sink1+prerope", 16, 16), LayerSpec("kivi", 4, 4, 16, 16)])
+    ref = run(model, MixedPrecisionCache(config, model.config), prompt, steps)
+    cache = MixedPrecisionCache(config, model.config)
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) \(KV4\+sink1\+prerope\) use options the packed decode kernel"):
+        with use_packed_attention(model, cache, backend="torch"):
+            out = run(model, cache, prompt, steps)
+    assert cache.layers[0].packed_decode is False
+    assert rel(out, ref) < TOL["torch"]

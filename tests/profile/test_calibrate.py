@@ -13,6 +13,7 @@ from kvtuner.profile.calibrate import calibrate, capture_activations
 
 G = 16  # tiny_llama: head_dim 16
 SPEC = parse_label("KV3+sink1+prerope+nuq+ds2", group_size=G, residual_length=32)
+KVQUANT = parse_label("kvquant:KV2+sink1+prerope+nuq+ds2", group_size=G, residual_length=32)
 
 
 def windows(count=2, length=96, seed=0):
@@ -21,7 +22,7 @@ def windows(count=2, length=96, seed=0):
 
 @pytest.fixture(scope="module")
 def fitted(tiny_llama):
-    return calibrate(tiny_llama, windows(), [SPEC, parse_label("K2V4+nuq", group_size=G, residual_length=32)])
+    return calibrate(tiny_llama, windows(), [SPEC, parse_label("K2V4+nuq", group_size=G, residual_length=32), KVQUANT])
 
 
 def test_gradients_are_the_loss_gradients_wrt_k_and_v(tiny_llama):
@@ -52,9 +53,10 @@ def test_gradients_are_the_loss_gradients_wrt_k_and_v(tiny_llama):
 
 
 def test_fits_what_each_spec_needs(fitted):
-    assert set(fitted.levels) == {levels_key(SPEC, "k"), levels_key(SPEC, "v"),
-                                  "k:kivi:g16:b2:post:o0", "v:kivi:g16:b4:post:o0"}
-    assert set(fitted.thresholds) == {thresholds_key(SPEC, "k"), thresholds_key(SPEC, "v")}
+    assert set(fitted.levels) == {levels_key(SPEC, "k"), levels_key(SPEC, "v"), levels_key(KVQUANT, "k"),
+                                  levels_key(KVQUANT, "v"), "k:kivi:g16:b2:post:o0", "v:kivi:g16:b4:post:o0"}
+    assert set(fitted.thresholds) == {thresholds_key(SPEC, "k"), thresholds_key(SPEC, "v")}  # kvquant's are the same
+    assert fitted.levels[levels_key(KVQUANT, "k")][0].shape == (2, 16, 4)  # one table per (head, channel)
     for levels in fitted.levels[levels_key(SPEC, "k")]:
         assert levels.shape == (8,) and levels[0] == 0 and levels[-1] == 7 and torch.all(levels.diff() > 0)
     lo, hi = fitted.thresholds[thresholds_key(SPEC, "k")][0]
@@ -67,6 +69,9 @@ def test_file_round_trip_and_model_check(fitted, tmp_path, tiny_llama):
     loaded = Calibration.load(fitted.save(tmp_path / "cal.json"))
     for key, layers in fitted.levels.items():
         assert all(torch.equal(a, b) for a, b in zip(layers, loaded.levels[key]))
+    for key, layers in fitted.thresholds.items():
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(layers, loaded.thresholds[key]))
+    assert loaded.model == fitted.model and loaded.meta == fitted.meta
     from kvtuner.cache import fingerprint
 
     loaded.check_model(fingerprint(tiny_llama.config))
@@ -83,7 +88,7 @@ def test_profile_equals_evaluator_with_every_option(tiny_llama, fitted, tmp_path
     tokens = windows(1, 160, seed=3)
     fast = BlockwiseEvaluator(model, tokens, capture=True, calibration=fitted)
     reference = Evaluator(model, tokens, calibration=fitted)
-    for spec in (SPEC, parse_label("K4V2+sink2+prerope", group_size=G, residual_length=32)):
+    for spec in (SPEC, KVQUANT, parse_label("K4V2+sink2+prerope", group_size=G, residual_length=32)):
         config = KVConfig([spec if i == 1 else LayerSpec("fp16") for i in range(3)])
         assert fast.kl_single(1, spec) == pytest.approx(reference.evaluate(config).kl, rel=1e-5, abs=1e-12)
 

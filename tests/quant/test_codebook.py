@@ -28,14 +28,39 @@ def test_fit_pins_the_ends_and_never_loses_to_the_uniform_grid(bits):
 
 
 def test_weights_pull_levels_toward_what_matters():
-    y = torch.cat([torch.full((1000,), 1.2), torch.full((1000,), 5.6)])
-    heavy_right = torch.cat([torch.full((1000,), 1e-3), torch.ones(1000)])
-    levels = fit_levels(y, heavy_right, 3)
-    assert (levels - 5.6).abs().min() < 1e-6  # the heavily weighted mode gets an exact level
+    """One free level (2 bits, ends pinned) over a cluster of values: it lands on the weighted mean."""
+    y = torch.linspace(1.0, 1.4, 1000)  # nearest interior level: 1
+    w = torch.where(y > 1.3, 1.0, 1e-3)  # the loss cares about the top of the cluster
+    levels = fit_levels(y, w, 2)
+    weighted_mean = float((w * y).sum() / w.sum())
+    assert abs(float(levels[1]) - weighted_mean) < 1e-4 and weighted_mean > 1.3
+    assert abs(float(fit_levels(y, torch.ones_like(y), 2)[1]) - 1.2) < 1e-4  # unweighted: the plain mean
 
 
 def test_fit_refuses_bad_input():
     with pytest.raises(ValueError, match="finite"):
         fit_levels(torch.tensor([float("nan")]), torch.ones(1), 2)
-    with pytest.raises(ValueError, match="1-D"):
-        fit_levels(torch.zeros(2, 2), torch.ones(2, 2), 2)
+    with pytest.raises(ValueError, match="one shape"):
+        fit_levels(torch.zeros(2, 2), torch.ones(2), 2)
+
+
+def test_rows_fit_independently():
+    torch.manual_seed(5)
+    y = torch.stack([torch.rand(2000) * 3, (torch.randn(2000) * 0.3 + 1.5).clamp(0, 3)])
+    w = torch.ones_like(y)
+    rows = fit_levels(y, w, 2)
+    assert rows.shape == (2, 4)
+    for r in range(2):
+        torch.testing.assert_close(rows[r], fit_levels(y[r], w[r], 2))
+    assert torch.equal(nearest_level(y, rows)[1], nearest_level(y[1], rows[1]))
+
+
+def test_free_ends_follow_the_data_when_the_range_is_calibrated():
+    """A calibrated range's ends are rare quantiles: free levels move in to where the mass is."""
+    torch.manual_seed(8)
+    y = (torch.randn(20000) * 0.4 + 1.5).clamp(0, 3)  # 2 bits: qmax 3, mass in the middle
+    w = torch.ones_like(y)
+    pinned, free = fit_levels(y, w, 2), fit_levels(y, w, 2, pin_ends=False)
+    assert pinned[0] == 0 and pinned[-1] == 3
+    assert free[0] > 0.5 and free[-1] < 2.5
+    assert weighted_error(y, w, free) < 0.5 * weighted_error(y, w, pinned)

@@ -5,9 +5,10 @@ import typer
 from typer.testing import CliRunner
 
 from kvtuner.config import KVConfig
-from kvtuner.search.commands import profile_command, search_command
+from kvtuner.search.commands import calibrate_command, profile_command, search_command
 
 app = typer.Typer()
+app.command("calibrate")(calibrate_command)
 app.command("profile")(profile_command)
 app.command("search")(search_command)
 runner = CliRunner()
@@ -72,3 +73,23 @@ def test_gsm8k_objective_runs(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert all(0.0 <= p["loss"] <= 1.0 for p in out["points"])  # error rates, not KL
+
+
+def test_candidates_are_checked_against_model_and_calibration_before_weights_load(tiny_model_dir, tiny_llama, tmp_path):
+    """A tiny Llama folder: its config loads in a moment, and every refusal comes before its weights do."""
+    from kvtuner.method import Calibration
+    from kvtuner.cache import fingerprint
+
+    model = str(tiny_model_dir)
+    result = run("profile", "--model", model, "--pairs", "KV4,KV3+nuq", "--group-size", 16)
+    assert result.exit_code == 2
+    assert result.stderr == "error: candidate KV3+nuq needs --calibration FILE (kvtuner calibrate writes one)\n"
+    other = Calibration(fingerprint(tiny_llama.config).__class__("llama", 4, 2, 16))
+    other.save(tmp_path / "other.json")
+    result = run("search", "--model", model, "--pairs", "KV3+nuq", "--group-size", 16, "--calibration",
+                 tmp_path / "other.json")
+    assert result.exit_code == 2 and "was fitted for" in result.stderr and result.stderr.count("\n") == 1
+    result = run("calibrate", "--model", model, "--pairs", "KV4,K2V4", "--group-size", 16)
+    assert result.exit_code == 2 and result.stderr.startswith("error: nothing to calibrate in 'KV4,K2V4'")
+    result = run("calibrate", "--model", model, "--pairs", "KV4+nuq")  # group 32 does not divide head_dim 16
+    assert result.exit_code == 2 and "group_size 32 does not divide head_dim 16" in result.stderr

@@ -72,3 +72,13 @@ def test_knapsack_matches_brute_force(seed):
 
 def test_knapsack_infeasible_budget():
     assert solve_knapsack(np.ones((2, 2)), [[0, 1], [0, 1]], [1, 1], [(np.array([4.0, 8.0]), 7.0)]) is None
+
+
+def test_pruning_keeps_what_is_cheaper_in_any_cost():
+    """Same nominal bits, lower loss, more real bytes (outliers): it does not push out the option with fewer
+    bytes, which a byte budget may still need; one worse in every cost and in loss goes."""
+    nominal = np.array([3.0, 3.0, 4.0, 4.0])
+    nbytes = np.array([100.0, 120.0, 130.0, 140.0])
+    loss = np.array([0.2, 0.1, 0.05, 0.3])
+    assert pareto_options(nominal, loss) == [1, 2]  # by nominal bits alone option 0 is dominated
+    assert pareto_options(np.stack([nominal, nbytes]), loss) == [0, 1, 2]

@@ -4,7 +4,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from kvtuner.config import KVConfig
+from kvtuner.config import KVConfig, LayerSpec
 from kvtuner.profile import BlockwiseEvaluator
 from kvtuner.search import SearchError, SearchSettings, run_search
 
@@ -101,3 +101,27 @@ def test_kv_bytes_objective_and_limit(tiny_llama, tiny_profile, tiny_ids, tmp_pa
     for t in study.get_trials(states=(TrialState.COMPLETE,)):
         assert t.values[1] == t.user_attrs["kv_bytes"] and "kv_bytes" in t.constraints
         assert t.user_attrs["measured"] == (t.user_attrs["kv_bytes"] <= limit)
+
+
+def test_costs_are_real_bytes_and_overhead_caps_the_picks(tiny_llama, tiny_ids, tmp_path):
+    """Candidates are costed by the bytes they really store on the calibration tokens (a sink and pre-RoPE
+    keys cost their full-precision token), and --max-overhead-bits keeps a budget's pick under budget + cap."""
+    from kvtuner.profile import ProfileSettings, profile_layers
+
+    pairs = ("KV8", "K4V4", "K4V4+sink1+prerope", "KV2", "KV2+sink1+prerope")
+    profile = profile_layers(tiny_llama, tiny_ids[0], ProfileSettings(pairs=pairs, group_size=16, split_bits=None))
+    plain, sink = profile.candidates.index(LayerSpec("kivi", 4, 4, 16)), [s.label for s in profile.candidates].index(
+        "KV4+sink1+prerope")
+    # 4 bits + fp16 scale and zero per 16 = 6 bits; one fp16 token of 96 in full precision on top
+    assert profile.effective_bits[:, plain] == pytest.approx(6.0)
+    assert profile.effective_bits[:, sink] == pytest.approx(6.0 + 16 / 96, rel=1e-6)
+    result = run_search(tiny_llama, profile, tiny_ids[0], tiny_ids[1],
+                        settings(trials=8, budgets=(4.0,), max_overhead_bits=2.0, reference_check=False), tmp_path)
+    for p in result.points + result.uniform:
+        assert p.effective_bits == pytest.approx(16 * p.kv_bytes / (2 * 2 * 2 * 96 * 16 * 3))
+    pick = result.budgets[0].best
+    assert pick.avg_bits <= 4.0 and pick.effective_bits <= 6.0 + 1e-9
+    assert any(p.effective_bits > p.avg_bits + 2.0 for p in result.points)  # the cap did bind somewhere
+    from kvtuner.search.plots import fronts_figure
+
+    assert fronts_figure({"these": result.to_dict()}, tmp_path / "fronts.png").stat().st_size > 0

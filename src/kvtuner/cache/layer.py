@@ -15,9 +15,12 @@ precision, then flushes: exactly what a token sees during generation (``update``
 decode-faithful for any chunking aligned to ``window``).
 
 Positions: methods with pre-RoPE keys rotate by each token's position. Where transformers
-passes ``position_ids`` to the cache (5.18 and later) a per-row offset is learned from them
-(left-padded rows start later); otherwise a token's position is its index in the cache. Either
-way the rotation is undone with the angle it was applied with, so it is always exact.
+passes ``position_ids`` to the cache (5.18 and later) a per-row offset is learned from the
+first update (left-padded rows start later) and kept; otherwise a token's position is its index
+in the cache. Either way a stored key is rotated back by the angle it was un-rotated with, so the
+round trip is exact; true positions only make it more useful. Sink tokens are the first cache
+slots of a row: in a left-padded row those are pads (padding-aware sinks belong with padded batches
+on the decode path).
 
 Flushes quantize with :func:`kvtuner.kernels.quantize` (Triton on CUDA under ``backend="auto"``,
 bit-exact with the torch reference). With ``packed_decode`` set (by
@@ -72,8 +75,10 @@ class MixedPrecisionLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         position_ids = position_ids_from(args, kwargs)
-        if position_ids is not None and self.spec.pre_rope:  # the last token of each row is never padding
-            last = self.cumulative_length + key_states.shape[-2] - 1
+        if position_ids is not None and self.spec.pre_rope and self.cumulative_length == 0:
+            # learned once: stored keys must be rotated back by the angle they were stored with.
+            # The last token of each row is never padding.
+            last = key_states.shape[-2] - 1
             self.position_offset = (position_ids[:, -1].to(self.device) - last).expand(key_states.shape[0]).clone()
         self.cumulative_length += key_states.shape[-2]
         packed = self.packed_decode and key_states.shape[-2] == 1
@@ -196,4 +201,4 @@ class MixedPrecisionLayer(CacheLayerMixin):
         stored = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
         if self.history is not None:
             stored += self.history.nbytes()
-        return stored + self.method.codebook_bytes()
+        return stored + self.method.table_bytes()

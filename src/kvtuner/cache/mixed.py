@@ -50,8 +50,8 @@ def layer_methods(
     if calibration is None and any(needs_calibration(s) for s in config.layers):
         path = config.calibration_path()
         if path is None:
-            raise KVConfigError("this config uses codebooks or outliers but names no calibration file "
-                                "(set 'calibration'; kvtuner calibrate writes one)")
+            raise KVConfigError("this config uses codebooks, outliers or kvquant layers but names no calibration "
+                                "file (set 'calibration', or --calibration; kvtuner calibrate writes one)")
         calibration = Calibration.load(path)
     if calibration is not None and model_config is not None:
         calibration.check_model(fingerprint(model_config), source)

@@ -24,6 +24,7 @@ model rather than one domain.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -36,8 +37,16 @@ from transformers import AttentionInterface, PreTrainedModel
 
 from kvtuner.cache import fingerprint
 from kvtuner.cache.compat import rope_inv_freq
-from kvtuner.config import LayerSpec
-from kvtuner.method import Calibration, KVMethod, SideCalibration, levels_key, thresholds_key
+from kvtuner.config import KVConfigError, LayerSpec
+from kvtuner.method import (
+    Calibration,
+    KVMethod,
+    SideCalibration,
+    calibrated_range,
+    levels_key,
+    needs_calibration,
+    thresholds_key,
+)
 from kvtuner.quant.codebook import fit_levels
 from kvtuner.quant.rope import rotate
 
@@ -54,10 +63,6 @@ class Activations:
     values: list[torch.Tensor]
     key_grad: list[torch.Tensor]
     value_grad: list[torch.Tensor]
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.keys)
 
     @property
     def positions(self) -> torch.Tensor:
@@ -144,23 +149,28 @@ def fit_calibration(
     """Levels and thresholds for every spec in ``specs`` that uses a codebook or outliers."""
     fp = fingerprint(model.config)
     calibration = Calibration(fp, meta=dict(meta or {}))
-    positions = activations.positions
     generator = torch.Generator().manual_seed(seed)
-    wanted = [s for s in dict.fromkeys(specs) if s.is_quantized and (s.codebook or s.outliers > 0)]
+    wanted = [s for s in dict.fromkeys(specs) if needs_calibration(s)]
     t0 = time.perf_counter()
     bar = tqdm(total=len(wanted) * fp.num_layers, desc="fit calibration", unit="layer", disable=not progress)
     for spec in wanted:
         sides = [side for side, bits in (("k", spec.k_bits), ("v", spec.v_bits)) if bits < 16]
         for layer in range(fp.num_layers):
             inv_freq = rope_inv_freq(model.config, layer) if spec.pre_rope and spec.k_bits < 16 else None
-            tensors = {"k": activations.keys[layer], "v": activations.values[layer]}
-            grads = {"k": activations.key_grad[layer], "v": activations.value_grad[layer]}
+            whole = activations.keys[layer].shape[-2] // math.lcm(spec.window, spec.group_size) \
+                * math.lcm(spec.window, spec.group_size)  # the cache stores whole windows of whole groups
+            if whole == 0:
+                raise KVConfigError(f"{spec.label}: calibration windows of {activations.keys[layer].shape[-2]} tokens "
+                                    f"hold no whole window; give at least {math.lcm(spec.window, spec.group_size)}")
+            positions = activations.positions[..., :whole]
+            tensors = {"k": activations.keys[layer][..., :whole, :], "v": activations.values[layer][..., :whole, :]}
+            grads = {"k": activations.key_grad[layer][..., :whole, :], "v": activations.value_grad[layer][..., :whole, :]}
             if inv_freq is not None:  # both into pre-RoPE coordinates: dL/dK_pre = R^T dL/dK_post
                 tensors["k"] = rotate(tensors["k"], positions, inv_freq, inverse=True)
                 grads["k"] = rotate(grads["k"], positions, inv_freq, inverse=True)
             cals = {"k": SideCalibration(), "v": SideCalibration()}
             for side in sides:
-                if spec.outliers > 0:
+                if spec.outliers > 0 or calibrated_range(spec, side):  # kvquant keys: their range, min/max at 0
                     lo, hi = _thresholds(tensors[side], spec.outliers, side)
                     calibration.thresholds.setdefault(thresholds_key(spec, side), [None] * fp.num_layers)[layer] = (lo, hi)
                     shape = (1, -1, 1, lo.shape[-1]) if side == "k" else (1, -1, 1, 1)
@@ -169,12 +179,18 @@ def fit_calibration(
                 # the same method without levels normalizes exactly as the codebook method will
                 uniform = KVMethod(replace(spec, codebook=False), cals["k"], cals["v"], inv_freq=inv_freq)
                 for side in sides:
-                    raw = activations.keys[layer] if side == "k" else activations.values[layer]
-                    y, step = uniform.group_domain(side, _without_sink(raw), positions)
+                    raw = (activations.keys if side == "k" else activations.values)[layer][..., :whole, :]
+                    y, step, outlier = uniform.group_domain(side, raw, positions)
                     weight = grads[side].square() * step.square()
-                    weight[:, :, 0] = 0  # the sink
+                    weight[:, :, 0] = 0  # token 0: the attention sink, atypical whether or not the spec keeps it
+                    if outlier is not None:  # stored exactly: their error is none of the levels' business
+                        weight[outlier] = 0
                     bits = spec.k_bits if side == "k" else spec.v_bits
-                    levels = fit_levels(*_sample(y, weight, generator), bits).to(torch.float16)
+                    if calibrated_range(spec, side):  # one table per (head, channel): [H, D, K]
+                        rows = [t.permute(1, 3, 0, 2).flatten(2) for t in (y, weight)]
+                        levels = fit_levels(*rows, bits, pin_ends=False).to(torch.float16)
+                    else:
+                        levels = fit_levels(*_sample(y, weight, generator), bits).to(torch.float16)
                     calibration.levels.setdefault(levels_key(spec, side), [None] * fp.num_layers)[layer] = levels
             bar.update()
     bar.close()
@@ -182,13 +198,6 @@ def fit_calibration(
                              "windows": activations.keys[0].shape[0], "tokens_per_window": activations.keys[0].shape[-2],
                              "fit_seconds": round(time.perf_counter() - t0, 2)})
     return calibration
-
-
-def _without_sink(x: torch.Tensor) -> torch.Tensor:
-    """Token 0 replaced by token 1, as a sink method stores it (it must not widen group ranges in the fit either)."""
-    x = x.clone()
-    x[:, :, 0] = x[:, :, 1]
-    return x
 
 
 def calibrate(

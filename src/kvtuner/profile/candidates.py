@@ -41,7 +41,7 @@ def candidate_specs(
     methods = split_list(methods)
     for method in methods:
         if method not in METHODS or method == "fp16":
-            raise KVConfigError(f"unknown method {method!r}; use kivi, per_token or fp8")
+            raise KVConfigError(f"unknown method {method!r}; use kivi, per_token, fp8 or kvquant")
     specs: list[LayerSpec] = []
     for item in split_list(pairs):
         if item.lower() in PRESETS:
@@ -65,6 +65,8 @@ def candidate_specs(
                 if ":" in item:
                     raise KVConfigError(f"fp8 stores 8 bits; {item!r} is not an fp8 pair (use fp8:KV8)")
                 continue  # an unqualified low-bit pair simply has no fp8 version
+            if method == "kvquant" and not {k_bits, v_bits} <= {2, 3, 4, 16} and ":" not in item:
+                continue  # nor an 8-bit pair a kvquant version (its levels are fitted for 2-4 bits)
             try:
                 spec = parse_label(pair, group_size, residual_length, method)
             except KVConfigError as e:

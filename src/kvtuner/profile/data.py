@@ -110,7 +110,7 @@ def calibration_data(
     for that text too. Raises ``DataError`` for a missing, empty or too short file.
     """
     sources = [None] if data is None else [data] if isinstance(data, (str, Path)) else list(data)
-    paths = [_generated(model, tokenizer, tokens, cache_dir, progress) if s in (None, GENERATED) else Path(s)
+    paths = [_generated(model, tokenizer, tokens, cache_dir, progress) if s is None or str(s) == GENERATED else Path(s)
              for s in sources]
     texts = [read_text(path) for path in paths]
     digest = hashlib.sha256(texts[0].encode()).hexdigest() if len(texts) == 1 else \

@@ -1,8 +1,9 @@
 """Dense-and-sparse storage (KVQuant): the few values outside calibrated thresholds stay fp16, sparsely.
 
 Why: one outlier stretches its quantization group's range and costs every other element of the
-group precision. Clamping to calibrated thresholds before quantizing narrows the range; the
-clamped elements keep their exact value in a sparse side structure, so the only cost is its bytes.
+group precision. Elements outside calibrated thresholds are taken out of the dense part before
+quantizing (:class:`kvtuner.method.KVMethod` decides what stands in for them) and keep their
+exact value in a sparse side structure, so the only cost is its bytes.
 
 Layout, for a history of ``[B, H, T, D]`` cut into blocks of ``block`` tokens (the cache flushes
 whole windows): per block, ``counts`` int32 ``[B, H]`` outliers per (row, head); ``index`` int16,
@@ -82,13 +83,6 @@ def extract(x: torch.Tensor, mask: torch.Tensor, block: int) -> SparseOutliers:
     index = where[3].to(torch.int16)
     values = flat[where].to(torch.float16)
     return SparseOutliers(counts.contiguous(), index, values, block, torch.Size(x.shape))
-
-
-def split(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, block: int) -> tuple[torch.Tensor, SparseOutliers]:
-    """(``x`` clamped to [lo, hi], the clamped-away elements as outliers). ``lo``/``hi`` broadcast to ``x``."""
-    lo, hi = lo.to(x.device, x.dtype), hi.to(x.device, x.dtype)
-    mask = (x < lo) | (x > hi)
-    return torch.minimum(torch.maximum(x, lo), hi), extract(x, mask, block)
 
 
 def cat_blocks(parts: list[SparseOutliers]) -> SparseOutliers:

@@ -8,7 +8,7 @@ structure. The round trip is exact for any angles, so positions only decide how 
 never whether it is correct.
 
 Convention: transformers' ``apply_rotary_pos_emb`` with ``rotate_half`` (Llama, Mistral, Qwen2,
-Gemma): ``k' = k * cos + rotate_half(k) * sin`` with ``cos = cos(p * inv_freq)`` duplicated over
+Qwen3): ``k' = k * cos + rotate_half(k) * sin`` with ``cos = cos(p * inv_freq)`` duplicated over
 the two halves. A model's ``attention_scaling`` multiplies cos and sin; it is left in the keys
 (both directions here are pure rotations).
 """

@@ -92,7 +92,7 @@ class QuantizedTensor:
     zero: torch.Tensor | None
     spec: QuantSpec
     shape: torch.Size  # [..., T, D] of the original tensor
-    levels: torch.Tensor | None = None  # [2**bits] non-uniform levels the codes index (kvtuner.quant.codebook)
+    levels: torch.Tensor | None = None  # non-uniform levels the codes index: [2**bits], or [H, D, 2**bits] per channel
 
     @property
     def num_tokens(self) -> int:

@@ -1,7 +1,8 @@
 """``kvtuner calibrate``, ``kvtuner profile`` and ``kvtuner search``: flags -> settings -> the public API, then tables.
 
-Both commands check every flag (pairs, methods, budgets, data file) before loading the model,
-and answer a bad one with a single ``error: ...`` line on stderr and exit status 2.
+Each command checks every flag (pairs against the model's shape and RoPE, the calibration file
+against the model and the candidates, budgets, data files) before loading the model's weights,
+and answers a bad one with a single ``error: ...`` line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ DataOpt = Annotated[Optional[list[Path]], typer.Option("--data", help="calibrati
 CalibrationOpt = Annotated[Optional[Path], typer.Option("--calibration", help="kvtuner calibrate's file: levels and thresholds for +nuq / +ds candidates")]
 TokensOpt = Annotated[int, typer.Option("--tokens", help="tokens per calibration (and validation) window")]
 PairsOpt = Annotated[str, typer.Option("--pairs", help="candidate pairs: K4V2,per_token:K8V4,... or presets default, 3bit, all")]
-MethodsOpt = Annotated[str, typer.Option("--methods", help="methods for unqualified pairs: kivi,per_token,fp8")]
+MethodsOpt = Annotated[str, typer.Option("--methods", help="methods for unqualified pairs: kivi,per_token,fp8,kvquant")]
 GroupOpt = Annotated[int, typer.Option("--group-size", help="quantization group size of every candidate")]
 ResidualOpt = Annotated[int, typer.Option("--residual-length", help="full-precision window of recent tokens of every candidate")]
 SplitOpt = Annotated[int, typer.Option("--split-bits", help="bits of the K-only / V-only runs (0: skip them)")]
@@ -78,6 +79,30 @@ def _calibration(path: Path | None, model_config):
         return None
     calibration = Calibration.load(path)
     calibration.check_model(fingerprint(model_config), str(path))
+    return calibration
+
+
+def _check_candidates(specs: list[LayerSpec], model: str, calibration_path: Path | None = None,
+                      need_calibration: bool = True):
+    """Every candidate against the model's config (shape, RoPE support) and, when it needs one, the calibration
+    file (its fingerprint and entries), before any weights load. Returns the loaded calibration."""
+    from kvtuner.cache import fingerprint
+    from kvtuner.cache.compat import rope_inv_freq
+    from kvtuner.method import method_for, needs_calibration
+    from kvtuner.models import load_model_config
+
+    model_config = load_model_config(model)
+    fp = fingerprint(model_config)
+    calibration = _calibration(calibration_path, model_config)
+    for spec in specs:
+        KVConfig([spec] * fp.num_layers).check_model(fp)
+        if spec.pre_rope and spec.k_bits < 16:
+            rope_inv_freq(model_config, 0)
+        if need_calibration and needs_calibration(spec):
+            if calibration is None:
+                raise KVConfigError(f"candidate {spec.label} needs --calibration FILE (kvtuner calibrate writes one)")
+            for layer in range(fp.num_layers):
+                method_for(spec, layer, calibration, lambda i: rope_inv_freq(model_config, i), str(calibration_path))
     return calibration
 
 
@@ -186,9 +211,7 @@ def profile_command(
         settings = _profile_settings(pairs, methods, group_size, residual_length, split_bits)
         _check_data(data)
         _quiet()
-        from kvtuner.models import load_model_config
-
-        fitted = _calibration(calibration, load_model_config(model))
+        fitted = _check_candidates(settings.candidates(), model, calibration)
         lm, tokenizer = _load(model, device)
         out.mkdir(parents=True, exist_ok=True)
         calib = calibration_data(lm, tokenizer, tokens, data, cache_dir=out, progress=not as_json)
@@ -220,15 +243,18 @@ def calibrate_command(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Fit NUQ levels (Fisher-weighted k-means) and dense-and-sparse thresholds on calibration text, per layer."""
+    from kvtuner.method import needs_calibration
     from kvtuner.profile.calibrate import calibrate
     from kvtuner.profile.candidates import candidate_specs
 
     try:
-        specs = [s for s in candidate_specs(pairs, ("kivi",), group_size, residual_length) if s.codebook or s.outliers]
+        specs = [s for s in candidate_specs(pairs, ("kivi",), group_size, residual_length) if needs_calibration(s)]
         if not specs:
-            raise KVConfigError(f"nothing to calibrate in {pairs!r}: give specs with +nuq or +ds (e.g. KV3+nuq+ds1)")
+            raise KVConfigError(f"nothing to calibrate in {pairs!r}: give specs with +nuq or +ds, or kvquant ones "
+                                "(e.g. KV3+nuq+ds1, kvquant:KV2+sink+prerope+nuq+ds1)")
         _check_data(data)
         _quiet()
+        _check_candidates(specs, model, need_calibration=False)
         lm, tokenizer = _load(model, device)
         calib = calibration_data(lm, tokenizer, tokens, data, cache_dir=out.parent, progress=True)
         result = calibrate(lm, calib.calibration, specs, seed=seed, progress=True,
@@ -266,14 +292,14 @@ def _print_search(result: SearchResult) -> None:
     stdout.print(groups)
 
     front = Table(title="Pareto front (measured; KL per token)")
-    for col in ("config", "avg bits", "KV MiB", "calib KL", "held-out KL", "predicted", "layers"):
+    for col in ("config", "avg bits", "effective bits", "KV MiB", "calib KL", "held-out KL", "predicted", "layers"):
         front.add_column(col, justify="left" if col in ("config", "layers") else "right")
     for p in result.front:
-        front.add_row(p.name, f"{p.avg_bits:.3f}", f"{p.kv_bytes / 2**20:.2f}", _fmt(p.loss), _fmt(p.heldout),
-                      _fmt(p.predicted), _mix([s.label for s in p.config.layers]))
+        front.add_row(p.name, f"{p.avg_bits:.3f}", _fmt(p.effective_bits, ".3f"), f"{p.kv_bytes / 2**20:.2f}",
+                      _fmt(p.loss), _fmt(p.heldout), _fmt(p.predicted), _mix([s.label for s in p.config.layers]))
     stdout.print(front)
 
-    uniform = Table(title="uniform KIVI configs")
+    uniform = Table(title="uniform configs (every layer alike)")
     for col in ("config", "avg bits", "calib KL", "held-out KL", "held-out KL (chunked Evaluator)", "predicted"):
         uniform.add_column(col, justify="left" if col == "config" else "right")
     for p in result.uniform:
@@ -282,14 +308,15 @@ def _print_search(result: SearchResult) -> None:
     stdout.print(uniform)
 
     budgets = Table(title="best config per budget vs the additive optimum and the best uniform config of no more bits")
-    for col in ("budget", "chosen", "bits", "calib KL", "held-out KL", "held-out (chunked)", "additive optimum: bits",
+    for col in ("budget", "chosen", "bits", "eff. bits", "calib KL", "held-out KL", "held-out (chunked)", "additive optimum: bits",
                 "calib KL", "held-out KL", "best uniform", "held-out KL", "uniform / chosen"):
         budgets.add_column(col, justify="right")
     for pick in result.budgets:
         b, a, u = pick.best, pick.additive, pick.uniform
         ratio = u.heldout / b.heldout if b and u and b.heldout and u.heldout else None
         budgets.add_row(
-            f"{pick.budget:g}", b.name if b else "none fits", _fmt(b and b.avg_bits, ".3f"), _fmt(b and b.loss),
+            f"{pick.budget:g}", b.name if b else "none fits", _fmt(b and b.avg_bits, ".3f"),
+            _fmt(b and b.effective_bits, ".3f"), _fmt(b and b.loss),
             _fmt(b and b.heldout), _fmt(b and b.heldout_reference), _fmt(a and a.avg_bits, ".3f"), _fmt(a and a.loss),
             _fmt(a and a.heldout), u.name.removeprefix("uniform ") if u else "-", _fmt(u and u.heldout),
             _fmt(ratio, ".2f") + ("×" if ratio else ""),
@@ -339,6 +366,8 @@ def search_command(
     budgets: Annotated[str, typer.Option("--budgets", help="average-bit budgets to write configs for")] = "3.0,3.25,4.0,5.0,6.0",
     max_avg_bits: Annotated[Optional[float], typer.Option("--max-avg-bits", help="hard limit on every trial")] = None,
     max_kv_bytes: Annotated[Optional[int], typer.Option("--max-kv-bytes", help="hard limit on KV bytes at --tokens")] = None,
+    max_effective_bits: Annotated[Optional[float], typer.Option("--max-effective-bits", help="hard limit on real stored bits per element (scales, outliers, codebooks included)")] = None,
+    max_overhead_bits: Annotated[Optional[float], typer.Option("--max-overhead-bits", help="a budget's config stores at most budget + this many effective bits (1.0: what group-32 KIVI pays)")] = None,
     size: Annotated[str, typer.Option("--size", help="size objective: avg_bits or kv_bytes")] = "avg_bits",
     objective: Annotated[str, typer.Option("--objective", help="kl (calibration KL) or gsm8k (few-shot error)")] = "kl",
     gsm8k_data: Annotated[Optional[Path], typer.Option("--gsm8k-data", help="gsm8k_train.jsonl for --objective gsm8k")] = None,
@@ -355,7 +384,8 @@ def search_command(
         profile_settings = _profile_settings(pairs, methods, group_size, residual_length, split_bits)
         settings = SearchSettings(
             trials=trials, sampler=sampler, groups=groups or None, budgets=_floats(budgets, "--budgets"),
-            max_avg_bits=max_avg_bits, max_kv_bytes=max_kv_bytes, size=size, objective=objective,
+            max_avg_bits=max_avg_bits, max_kv_bytes=max_kv_bytes, max_effective_bits=max_effective_bits,
+            max_overhead_bits=max_overhead_bits, size=size, objective=objective,
             storage=storage, study_name=study_name, resume=resume, seed=seed,
         )
         settings.check(profile_settings.candidates())
@@ -369,9 +399,7 @@ def search_command(
             if len(rows) <= 4:
                 raise SearchError(f"{gsm8k_data}: needs more than 4 problems (the first 4 are the worked examples)")
         _quiet()
-        from kvtuner.models import load_model_config
-
-        fitted = _calibration(calibration, load_model_config(model))
+        fitted = _check_candidates(profile_settings.candidates(), model, calibration)
         lm, tokenizer = _load(model, device)
         out.mkdir(parents=True, exist_ok=True)
         calib = calibration_data(lm, tokenizer, tokens, data, cache_dir=out, progress=not as_json)

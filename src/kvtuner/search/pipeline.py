@@ -32,7 +32,7 @@ from kvtuner.evaluate import Evaluator
 from kvtuner.profile import DEFAULT_PAIRS, BlockwiseEvaluator, Profile
 from kvtuner.search.additive import predicted_loss, solve_knapsack
 from kvtuner.search.plots import front_figure
-from kvtuner.search.space import SearchSpace, SpaceReport, build_space
+from kvtuner.search.space import SearchSpace, SpaceReport, build_space, dominates
 from kvtuner.search.study import (
     Objective,
     SearchError,
@@ -67,6 +67,9 @@ class SearchSettings:
     max_avg_bits: float | None = None
     max_kv_bytes: int | None = None
     max_effective_bits: float | None = None  # hard limit on real stored bits per element (a byte limit at the tokens)
+    # a budget's pick (and its additive solve) stores at most budget + this many effective bits; trials are
+    # not constrained by it, they fill the front between budgets
+    max_overhead_bits: float | None = None
     size: str = "avg_bits"
     objective: str = "kl"
     storage: str | None = None
@@ -98,6 +101,8 @@ class SearchSettings:
             raise SearchError(f"--max-kv-bytes must be positive, not {self.max_kv_bytes}")
         if self.max_effective_bits is not None and not 0 < self.max_effective_bits <= 16:
             raise SearchError(f"--max-effective-bits must be in (0, 16], not {self.max_effective_bits}")
+        if self.max_overhead_bits is not None and self.max_overhead_bits < 0:
+            raise SearchError(f"--max-overhead-bits must not be negative, not {self.max_overhead_bits}")
 
 
 @dataclass
@@ -171,10 +176,12 @@ class SearchResult:
 
 def candidate_bytes(spec: LayerSpec, model: ModelFingerprint, tokens: int, dtype: torch.dtype,
                     calibration: Calibration | None = None) -> int:
-    """KV bytes one layer stores for ``tokens`` tokens with ``spec``, as ``MixedPrecisionCache.nbytes`` counts.
+    """KV bytes one layer stores for ``tokens`` tokens of one sequence with ``spec``, as
+    ``MixedPrecisionCache.nbytes`` counts them (residual and sink in the model's dtype).
 
-    Outliers depend on the data: zeros have none, so this is the floor for dense-and-sparse specs
-    (a profile measures their real bytes on calibration tokens).
+    The search costs profile candidates by the bytes the profile measured on the calibration
+    tokens instead (outliers depend on the data; zeros have none); this prices the uniform
+    baselines that are not candidates.
     """
     if not spec.is_quantized:
         return 2 * model.num_kv_heads * tokens * model.head_dim * torch.finfo(dtype).bits // 8
@@ -184,6 +191,13 @@ def candidate_bytes(spec: LayerSpec, model: ModelFingerprint, tokens: int, dtype
     x = torch.zeros(1, model.num_kv_heads, tokens, model.head_dim, dtype=dtype)
     layer.update(x, x)
     return layer.nbytes()
+
+
+def _sha256(path: str | Path | None) -> str | None:
+    """Of a calibration file: a study measured with other levels or thresholds must not be resumed."""
+    import hashlib
+
+    return None if path is None else hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def pareto_front(points: list[Point], size: str) -> list[Point]:
@@ -201,13 +215,17 @@ def budget_file(out_dir: Path, budget: float) -> Path:
     return out_dir / f"config_{float(budget)}.json"
 
 
-def _limits(settings: SearchSettings, bits: np.ndarray, nbytes: np.ndarray, layers: int, budget: float | None):
+def _limits(settings: SearchSettings, bits: np.ndarray, nbytes: np.ndarray, effective: np.ndarray, layers: int,
+            budget: float | None):
+    """Knapsack constraints (per-candidate weights, capacity) for one budget and the hard limits."""
     limits = []
     for cap in (budget, settings.max_avg_bits):
         if cap is not None:
             limits.append((bits, cap * layers + 1e-9))
     if settings.max_kv_bytes is not None:
         limits.append((nbytes, float(settings.max_kv_bytes)))
+    if budget is not None and settings.max_overhead_bits is not None:
+        limits.append((effective, (budget + settings.max_overhead_bits) * layers + 1e-9))
     return limits
 
 
@@ -215,7 +233,8 @@ def _seeds(space: SearchSpace, loss: np.ndarray, cost: np.ndarray, group_solutio
     """Seed params: additive solutions in group space, then each candidate used uniformly.
 
     A uniform choice that pruning removed from a group is replaced there by the group's best
-    option of no higher cost (one that dominates it), so every seed lies in the space.
+    option of no higher cost in any row of ``cost`` ``[costs, C]`` (one that dominates it), so
+    every seed lies in the space.
     """
     seeds = [({param_name(i): space.labels[c] for i, c in enumerate(choice)}, source) for choice, source in group_solutions]
     for c, label in enumerate(space.labels):
@@ -225,7 +244,7 @@ def _seeds(space: SearchSpace, loss: np.ndarray, cost: np.ndarray, group_solutio
                 params[param_name(i)] = label
             else:
                 group_loss = loss[g.layers].sum(axis=0)
-                cheaper = [o for o in g.options if cost[o] <= cost[c]] or g.options
+                cheaper = [o for o in g.options if dominates(cost, o, c)] or g.options
                 params[param_name(i)] = space.labels[min(cheaper, key=lambda o: group_loss[o])]
         seeds.append((params, f"uniform {label}"))
     return seeds
@@ -245,11 +264,13 @@ def _correlation(points: list[Point]) -> dict[str, float]:
 
 
 def _additive(profile: Profile, space: SearchSpace, sizes: SpaceReport, settings: SearchSettings,
-              bits: np.ndarray, nbytes: np.ndarray) -> tuple[dict[float, list[int] | None], list[tuple[list[int], str]]]:
+              bits: np.ndarray, nbytes: np.ndarray, effective: np.ndarray,
+              ) -> tuple[dict[float, list[int] | None], list[tuple[list[int], str]]]:
     """Exact additive optima: per layer for each budget (reported), per group on a bit grid (seeds)."""
     layers = profile.num_layers
     per_layer = {
-        b: solve_knapsack(profile.loss, sizes.pruned_options, [1] * layers, _limits(settings, bits, nbytes, layers, b))
+        b: solve_knapsack(profile.loss, sizes.pruned_options, [1] * layers,
+                          _limits(settings, bits, nbytes, effective, layers, b))
         for b in settings.budgets
     }
     group_loss = np.stack([profile.loss[g.layers].sum(axis=0) for g in space.groups])
@@ -258,7 +279,7 @@ def _additive(profile: Profile, space: SearchSpace, sizes: SpaceReport, settings
     group_solutions = []
     for b in [*settings.budgets, *grid]:
         choice = solve_knapsack(group_loss, [g.options for g in space.groups], weight,
-                                _limits(settings, bits, nbytes, layers, b))
+                                _limits(settings, bits, nbytes, effective, layers, b))
         if choice is not None:
             group_solutions.append((choice, f"additive {b:g}"))
     return per_layer, group_solutions
@@ -286,10 +307,11 @@ def _uniform_points(profile: Profile, model_fp: ModelFingerprint, tokens: int, d
 def _pick(budget: float, points: list[Point], uniform: list[Point], additive: Point | None,
           settings: SearchSettings) -> BudgetPick:
     """The lowest-loss measured config within the budget (and the hard limits), beside the baselines."""
-    within = [p for p in points if p.avg_bits <= budget + 1e-9
+    effective_cap = math.inf if settings.max_overhead_bits is None else budget + settings.max_overhead_bits + 1e-9
+    within = [p for p in points if p.avg_bits <= budget + 1e-9 and p.effective_bits <= effective_cap
               and (settings.max_avg_bits is None or p.avg_bits <= settings.max_avg_bits + 1e-9)
               and (settings.max_kv_bytes is None or p.kv_bytes <= settings.max_kv_bytes)]
-    uniform_within = [p for p in uniform if p.avg_bits <= budget + 1e-9]
+    uniform_within = [p for p in uniform if p.avg_bits <= budget + 1e-9 and p.effective_bits <= effective_cap]
     return BudgetPick(budget, min(within, key=lambda p: p.loss, default=None), additive,
                       min(uniform_within, key=lambda p: p.loss, default=None))
 
@@ -325,8 +347,8 @@ def run_search(
     measure: the objective's quality measurement of a config; default: decode-faithful KL on
     ``calibration_ids`` (the CLI passes a GSM8K error rate for ``--objective gsm8k``).
     meta: provenance recorded with the study, the result and every written config.
-    calibration: levels and thresholds for candidates with codebooks or outliers; the written
-    configs reference ``calibration_path`` (relative to ``out_dir`` when it lies there).
+    calibration: levels and thresholds for candidates with codebooks, outliers or kvquant; the
+    written configs reference ``calibration_path``, relative to ``out_dir``.
     """
     settings = settings or SearchSettings()
     settings.check(profile.candidates)
@@ -346,7 +368,8 @@ def run_search(
     if settings.max_effective_bits is not None:
         cap = int(settings.max_effective_bits / 16 * fp16_layer * model_fp.num_layers)
         settings = replace(settings, max_kv_bytes=min(cap, settings.max_kv_bytes or cap))
-    cost = bits if settings.size == "avg_bits" else nbytes.astype(float)
+    # prune by nominal bits and real bytes at once: a budget limits the one, --max-overhead-bits the other
+    cost = np.stack([bits, nbytes.astype(float)])
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -354,7 +377,7 @@ def run_search(
     timings["prune_cluster"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    per_layer_additive, group_solutions = _additive(profile, space, sizes, settings, bits, nbytes)
+    per_layer_additive, group_solutions = _additive(profile, space, sizes, settings, bits, nbytes, nbytes * 16 / fp16_layer)
     timings["additive_solve"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -363,6 +386,7 @@ def run_search(
     identity = {
         "space": space.describe(), "model": asdict(model_fp), "tokens": tokens, "objective": settings.objective,
         "size": settings.size, "max_avg_bits": settings.max_avg_bits, "max_kv_bytes": settings.max_kv_bytes,
+        "max_overhead_bits": settings.max_overhead_bits, "calibration": _sha256(calibration_path),
         "data": (meta or {}).get("data"),
     }
     sampler = make_sampler(settings.sampler, settings.seed, settings.population)

@@ -25,22 +25,30 @@ from kvtuner.config import KVConfig, LayerSpec, ModelFingerprint
 LOSS_FLOOR = 1e-9  # KL below this is float noise; keeps log10 finite
 
 
-def pareto_options(cost: np.ndarray, loss: np.ndarray) -> list[int]:
-    """Indices of the non-dominated options, cheapest first.
+def dominates(cost: np.ndarray, j: int, i: int) -> bool:
+    """Whether option ``j`` costs no more than ``i`` in every row of ``cost`` ``[costs, C]``."""
+    return bool(np.all(cost[:, j] <= cost[:, i]))
 
-    ``j`` dominates ``i`` when ``cost[j] <= cost[i]`` and ``loss[j] <= loss[i]``, strictly in one
-    of them; of exact ties the first index stays.
+
+def pareto_options(cost: np.ndarray, loss: np.ndarray) -> list[int]:
+    """Indices of the non-dominated options, cheapest (in the first cost) first.
+
+    cost: ``[C]``, or ``[costs, C]`` for several costs at once (nominal bits and real bytes: a
+    budget may limit either). ``j`` dominates ``i`` when it costs no more in every cost and loses
+    no more, strictly better in one of them; of exact ties the first index stays.
     """
+    cost = np.atleast_2d(cost)
     keep = []
-    for i in range(len(cost)):
+    for i in range(cost.shape[1]):
         dominated = any(
-            cost[j] <= cost[i] and loss[j] <= loss[i] and (cost[j] < cost[i] or loss[j] < loss[i] or j < i)
-            for j in range(len(cost))
+            dominates(cost, j, i) and loss[j] <= loss[i]
+            and (np.any(cost[:, j] < cost[:, i]) or loss[j] < loss[i] or j < i)
+            for j in range(cost.shape[1])
             if j != i
         )
         if not dominated:
             keep.append(i)
-    return sorted(keep, key=lambda i: (cost[i], loss[i]))
+    return sorted(keep, key=lambda i: (*cost[:, i], loss[i]))
 
 
 def cluster_layers(loss: np.ndarray, groups: int | None) -> list[list[int]]:
