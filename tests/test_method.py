@@ -180,3 +180,11 @@ def test_an_outlier_leaves_its_group_range_to_the_inliers():
     others[0, 1, 4, :] = False  # the spiked token's group is re-fitted; every other group is untouched
     assert torch.equal(got[others], want[others])
     assert (got[0, 1, 4] - v[0, 1, 4]).abs()[torch.arange(D) != 3].max() < 1.0  # inlier range, not 45 wide
+
+
+def test_bare_kvquant_codes_refuse_a_generic_read():
+    k = torch.randn(1, 2, 32, D)
+    lo, hi = k.amin(dim=(0, 2), keepdim=True), k.amax(dim=(0, 2), keepdim=True)
+    stored = KVMethod(LayerSpec("kvquant", 4, 16), SideCalibration(lo=lo, hi=hi)).quantize(k, k, 0, torch.arange(32)[None])
+    with pytest.raises(ValueError, match="through kvtuner.method.KVMethod.dequantize"):
+        stored.keys.codes.dequantize()

@@ -99,7 +99,11 @@ def _inv_freq(model_type: str, text_config) -> torch.Tensor:
 
 
 def rope_inv_freq(model_config: PretrainedConfig, layer: int) -> torch.Tensor:
-    """The RoPE frequencies ``[D/2]`` of ``layer`` (pre-RoPE keys); a clear refusal for other architectures."""
+    """The RoPE frequencies ``[D/2]`` of ``layer`` (pre-RoPE keys); a clear refusal for other architectures.
+
+    Per layer because hybrid models give sliding and full layers different RoPE bases (Gemma 3);
+    every architecture supported so far has one, the same for all layers.
+    """
     from kvtuner.config import KVConfigError
 
     text = model_config.get_text_config(decoder=True)

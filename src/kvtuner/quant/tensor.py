@@ -223,6 +223,9 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.
     spec = q.spec
     if spec.is_passthrough:
         return q.payload.to(dtype)
+    if q.scale is None:
+        raise ValueError("these codes carry no scale: their range is a calibration's (kvquant keys); "
+                         "read them through kvtuner.method.KVMethod.dequantize")
     red = -1 if spec.axis == "token" else -2
     scale = q.scale.float().unsqueeze(red)
     if spec.fp8 is not None:
