@@ -329,7 +329,8 @@ def _print_search(result: SearchResult) -> None:
         f"Pearson(log10) {_fmt(c.get('pearson_log10'), '.3f')}, median measured/predicted "
         f"{_fmt(c.get('median_ratio_measured_over_predicted'), '.2f')}"
     )
-    console.print(f"study {study['name']} in {study['storage']}: {study['complete']} complete trials, "
+    console.print(f"study {study['name']} in {study['storage']}: {study['feasible']} complete trials within the "
+                  f"limits ({study['complete'] - study['feasible']} over them, not measured), "
                   f"{study['measured']} configs measured, {study['seeded']} seeds queued this run")
     console.print("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
     console.print("files: " + ", ".join(result.files.values()))
@@ -407,6 +408,11 @@ def search_command(
                               calibration_path=calibration)
         measure = _gsm8k_error(lm, tokenizer, rows, gsm8k_problems, gsm8k_max_new_tokens) if objective == "gsm8k" else None
         meta = {"model": model, "data": calib.describe(), "profile": str(out / PROFILE_FILE)}
+        if objective == "gsm8k":  # part of the study identity: --resume with other settings is refused
+            import hashlib
+
+            meta["gsm8k"] = {"data": hashlib.sha256(gsm8k_data.read_bytes()).hexdigest(),
+                             "problems": gsm8k_problems, "max_new_tokens": gsm8k_max_new_tokens}
         result = run_search(lm, profile, calib.calibration, calib.validation, settings, out, measure=measure,
                             meta=meta, progress=not as_json, calibration=fitted,
                             calibration_path=None if calibration is None else calibration.resolve())

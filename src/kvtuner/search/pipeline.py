@@ -36,6 +36,7 @@ from kvtuner.search.space import SearchSpace, SpaceReport, build_space, dominate
 from kvtuner.search.study import (
     Objective,
     SearchError,
+    is_feasible,
     make_sampler,
     measured_trials,
     open_study,
@@ -346,7 +347,9 @@ def run_search(
 
     measure: the objective's quality measurement of a config; default: decode-faithful KL on
     ``calibration_ids`` (the CLI passes a GSM8K error rate for ``--objective gsm8k``).
-    meta: provenance recorded with the study, the result and every written config.
+    meta: provenance recorded with the study, the result and every written config; its ``data``
+    and ``gsm8k`` (the GSM8K settings ``measure`` scores with) are part of the study identity, so
+    ``--resume`` refuses a study measured on other data or other GSM8K settings.
     calibration: levels and thresholds for candidates with codebooks, outliers or kvquant; the
     written configs reference ``calibration_path``, relative to ``out_dir``.
     """
@@ -388,6 +391,10 @@ def run_search(
         "size": settings.size, "max_avg_bits": settings.max_avg_bits, "max_kv_bytes": settings.max_kv_bytes,
         "max_overhead_bits": settings.max_overhead_bits, "calibration": _sha256(calibration_path),
         "data": (meta or {}).get("data"),
+        # the sampler's trials depend on these; a resumed study drawn by another sampler would mix two searches
+        "sampler": settings.sampler, "seed": settings.seed, "population": settings.population,
+        # what the caller's measure depends on (the CLI's GSM8K problems and max new tokens)
+        "gsm8k": (meta or {}).get("gsm8k"),
     }
     sampler = make_sampler(settings.sampler, settings.seed, settings.population)
     study = open_study(storage, settings.study_name, sampler, settings.resume, identity)
@@ -455,6 +462,7 @@ def run_search(
         correlation=_correlation(points), timings=timings,
         study={"name": settings.study_name, "storage": storage, "trials": len(all_trials), "seeded": queued,
                "complete": sum(t.state == optuna.trial.TrialState.COMPLETE for t in all_trials),
+               "feasible": sum(t.state == optuna.trial.TrialState.COMPLETE and is_feasible(t) for t in all_trials),
                "measured": len(points), "sampler": settings.sampler, "meta": provenance},
         files=files,
     )

@@ -2,14 +2,14 @@
 
 Objectives (both minimised): the measured quality loss of the whole config (decode-faithful KL
 on the calibration tokens, or GSM8K error) and its size (average bits or KV bytes). Hard
-budgets are Optuna constraints set from inside the trial (``Trial.set_constraint``, Optuna 5);
-a trial over budget is not measured: its loss is the additive prediction, it is marked
-``measured=False`` and constrained-domination keeps it out of the front.
+limits are Optuna constraints set from inside the trial (``Trial.set_constraint``, new in
+Optuna 5.0); a trial over a limit is not measured and does not count toward ``--trials`` (see
+:class:`Objective` for why it is kept as a constrained trial rather than pruned).
 
 The study lives in an Optuna storage (SQLite under the run folder by default), so an
 interrupted search loses no finished trial and several processes on one study share the work
-(``MaxTrialsCallback`` stops them all at the requested count). A config already measured in
-the study, by any process, is not measured again.
+(each stops once the study holds the requested number of feasible trials). A config already
+measured in the study, by any process, is not measured again.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from kvtuner.search.space import SearchSpace
 
 SPACE_ATTR = "kvtuner_space"
 STORAGE_ATTEMPTS = 3
+# over-limit trials cost no measurement; a search may draw this many per trial still missing before it gives up
+ATTEMPTS_PER_TRIAL = 20
 
 
 class SearchError(ValueError):
@@ -79,8 +81,15 @@ def open_study(
     if stored is None:
         study.set_user_attr(SPACE_ATTR, text)
     elif stored != text:
+        try:
+            before = json.loads(stored)
+        except ValueError:
+            before = {}
+        now = json.loads(text)
+        differ = sorted(k for k in {*before, *now} if before.get(k, ...) != now.get(k, ...))
         raise SearchError(
-            f"study {name!r} in {storage} was made for another search space, model or data; "
+            f"study {name!r} in {storage} was made for another search space, model, data or sampler "
+            f"(differs in: {', '.join(differ) or 'its identity'}); "
             "use a new --study-name (or the original settings) to resume"
         )
     return study
@@ -100,6 +109,11 @@ def seed_study(study: optuna.Study, seeds: Sequence[tuple[dict[str, str], str]])
     return len(seen)
 
 
+def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    """A complete trial within every hard limit, so measured (``measured`` guards studies made before constraints)."""
+    return bool(trial.user_attrs.get("measured")) and all(v <= 0 for v in trial.constraints.values())
+
+
 @dataclass
 class Objective:
     """The trial function: group choices -> config -> (loss, size), under optional hard limits.
@@ -107,6 +121,20 @@ class Objective:
     measure: the expensive quality measurement of a whole config.
     loss: ``[L, C]`` single-layer losses (for the additive prediction).
     bits / nbytes: ``[C]`` per-layer nominal bits and KV bytes of each candidate.
+
+    A trial over a hard limit is not measured: it sets its constraints (``Trial.set_constraint``),
+    records ``measured=False`` and completes with the additive prediction as a placeholder loss.
+    It is kept COMPLETE and constrained rather than raising ``TrialPruned`` because that is what
+    keeps the sampler informed: NSGA-II builds its generations from COMPLETE trials only and
+    ranks an infeasible one behind every feasible one and, among infeasible ones, by total
+    violation (constrained domination), so offspring are bred toward the limit; a pruned trial
+    is invisible to it (and to TPE's constraint handling). The placeholder never reaches a
+    result: :func:`measured_trials` (hence the front and the picks) keep feasible trials only,
+    and :func:`optimize` counts only feasible ones toward the requested number.
+
+    Finished trials are read incrementally (:meth:`update`): each is decoded once, so the work
+    per trial does not grow with the study (Optuna's cached RDB storage already fetches only
+    new or unfinished rows from the database).
     """
 
     space: SearchSpace
@@ -120,6 +148,8 @@ class Objective:
 
     def __post_init__(self) -> None:
         self._known: dict[tuple[int, ...], float] = {}
+        self._seen: set[int] = set()  # numbers of the complete trials already decoded
+        self.feasible = 0  # complete, feasible (measured) trials in the study, as of the last update
 
     def choice(self, trial: optuna.Trial) -> list[int]:
         labels = self.space.labels
@@ -131,6 +161,15 @@ class Objective:
 
     def sizes(self, layer_choice: Sequence[int]) -> tuple[float, int]:
         return float(np.mean(self.bits[list(layer_choice)])), int(self.nbytes[list(layer_choice)].sum())
+
+    def limits(self) -> str:
+        """The hard limits, as the flags that set them."""
+        limits = []
+        if self.max_avg_bits is not None:
+            limits.append(f"--max-avg-bits {self.max_avg_bits:g}")
+        if self.max_kv_bytes is not None:
+            limits.append(f"--max-kv-bytes {self.max_kv_bytes} (set by --max-kv-bytes or --max-effective-bits)")
+        return " and ".join(limits) or "no hard limit"
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         layer_choice = self.choice(trial)
@@ -150,11 +189,11 @@ class Objective:
             feasible &= kv_bytes <= self.max_kv_bytes
         if not feasible:
             trial.set_user_attr("measured", False)
-            return predicted, size
+            return predicted, size  # a placeholder: constrained domination ranks this trial by its violation
         trial.set_user_attr("measured", True)
         key = tuple(layer_choice)
         if key not in self._known:
-            self._refresh(trial.study)
+            self.update(trial.study)
         if key in self._known:
             trial.set_user_attr("duplicate", True)
             return self._known[key], size
@@ -162,42 +201,61 @@ class Objective:
         self._known[key] = value
         return value, size
 
-    def _refresh(self, study: optuna.Study) -> None:
-        """Learn configs other processes measured meanwhile."""
+    def update(self, study: optuna.Study) -> int:
+        """Learn the trials finished (by any process) since the last update; returns the feasible count.
+
+        Only trials not seen before are decoded (trials finish out of number order across
+        processes, so seen ones are tracked by number rather than by the highest number)."""
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if t.user_attrs.get("measured"):
-                self._known[tuple(t.user_attrs["layer_choice"])] = t.values[0]
+            if t.number in self._seen:
+                continue
+            self._seen.add(t.number)
+            if is_feasible(t):
+                self.feasible += 1
+                self._known.setdefault(tuple(t.user_attrs["layer_choice"]), t.values[0])
+        return self.feasible
 
 
-def optimize(study: optuna.Study, objective: Objective, trials: int, progress: bool = False) -> None:
-    """Run trials until the study holds ``trials`` complete ones (counting other processes' too)."""
-    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+def optimize(study: optuna.Study, objective: Objective, trials: int, progress: bool = False,
+             attempts_per_trial: int = ATTEMPTS_PER_TRIAL) -> None:
+    """Run trials until the study holds ``trials`` complete, feasible (measured) ones, other processes' included.
+
+    Over-limit trials do not count; after ``attempts_per_trial`` draws per missing trial (plus
+    the queued seeds) without reaching the count, raise ``SearchError`` naming the limit.
+    """
+    done = objective.update(study)
     todo = max(0, trials - done)
     if todo == 0:
         return
+    attempts = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) + attempts_per_trial * todo
     bar = tqdm(total=trials, initial=done, desc="search", unit="trial", disable=not progress)
 
     def tick(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        bar.n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        if trial.state == TrialState.COMPLETE:
+        bar.n = min(objective.update(study), trials)
+        if trial.state == TrialState.COMPLETE and trial.user_attrs.get("measured"):
             bar.set_postfix(loss=f"{trial.values[0]:.3g}", bits=f"{trial.user_attrs['avg_bits']:.2f}")
         bar.refresh()
+        if objective.feasible >= trials:
+            study.stop()
 
     try:
-        study.optimize(
-            objective, n_trials=todo,
-            callbacks=[optuna.study.MaxTrialsCallback(trials, states=(TrialState.COMPLETE,)), tick],
-        )
+        study.optimize(objective, n_trials=attempts, callbacks=[tick])
     finally:
         bar.close()
+    if objective.update(study) < trials:
+        raise SearchError(
+            f"only {objective.feasible} of the {trials} trials asked for were within {objective.limits()} after "
+            f"{attempts} attempts ({attempts_per_trial} per missing trial); over-limit trials are not measured "
+            "and do not count: loosen the limit or give candidates that fit it"
+        )
 
 
 def measured_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Complete trials whose loss was measured (not over budget), one per distinct config."""
+    """Complete trials whose loss was measured (within every hard limit), one per distinct config."""
     seen, out = set(), []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         key = tuple(t.user_attrs.get("layer_choice", ()))
-        if t.user_attrs.get("measured") and key not in seen:
+        if is_feasible(t) and key not in seen:
             seen.add(key)
             out.append(t)
     return out
