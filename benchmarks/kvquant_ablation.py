@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--eval-data", type=Path, default=DATA / "wikitext2_raw_test.txt")
     parser.add_argument("--eval-skip", type=int, default=4, help="windows of --tokens skipped before the evaluation")
     parser.add_argument("--eval-windows", type=int, default=2)
-    parser.add_argument("--calib", default=f"{DATA / 'wikitext2_raw_test.txt'},{DATA / 'gsm8k_train.jsonl'},generated",
+    parser.add_argument("--calib", default=f"{DATA / 'wikitext2_raw_test.txt'},{DATA / 'gsm8k_train.jsonl'}",
                         help="calibration sources (window 0 of each), comma-separated; 'generated': the model's own text")
     parser.add_argument("--calib-windows", type=int, default=3,
                         help="windows of each file source (never more than --eval-skip - 1 of the evaluation file)")

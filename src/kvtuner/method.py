@@ -43,7 +43,7 @@ from typing import Any, Callable
 import torch
 
 from kvtuner.config import KVConfigError, LayerSpec, ModelFingerprint, write_atomic
-from kvtuner.quant import QuantizedTensor, QuantSpec, cat_tokens, pack, unpack
+from kvtuner.quant import QuantizedTensor, QuantSpec, cat_tokens, group_view, pack, unpack
 from kvtuner.quant import quantize as quantize_reference
 from kvtuner.quant.codebook import nearest_level, uniform_levels
 from kvtuner.quant.outliers import INDEX_LIMIT, SparseOutliers, cat_blocks, extract
@@ -474,22 +474,29 @@ def _without_sink(x: torch.Tensor, count: int) -> torch.Tensor:
 
 def _inlier_fill(x: torch.Tensor, mask: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """``x`` with the ``mask``ed elements replaced by the mean of their quantization group's other elements."""
-    g = spec.group_len(x.shape)
-    dim = -1 if spec.axis == "token" else -2
-    shape = (*x.shape[:-1], -1, g) if spec.axis == "token" else (*x.shape[:-2], -1, g, x.shape[-1])
-    view, outlier = x.reshape(shape), mask.reshape(shape)
+    view, dim = group_view(x, spec)
+    outlier = mask.reshape(view.shape)
     inlier = (~outlier).to(x.dtype)
     mean = (view * inlier).sum(dim, keepdim=True) / inlier.sum(dim, keepdim=True).clamp_min(1)
     return torch.where(outlier, mean, view).reshape(x.shape)
+
+
+def channel_rows(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, T, D]`` -> ``[H, D, B * T]``: one row per (head, channel), the layout of per-channel tables."""
+    return x.permute(1, 3, 0, 2).flatten(2)
+
+
+def _from_channel_rows(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`channel_rows` for a tensor of ``shape`` ``[B, H, T, D]``."""
+    b, h, t, d = shape
+    return rows.reshape(h, d, b, t).permute(2, 0, 3, 1)
 
 
 def _nearest_per_channel(y: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Codes of ``y`` ``[B, H, T, D]`` against one level table per (head, channel) ``[H, D, K]`` (or one ``[K]``)."""
     if levels.dim() == 1:
         return nearest_level(y, levels)
-    b, h, t, d = y.shape
-    rows = y.permute(1, 3, 0, 2).reshape(h, d, b * t)
-    return nearest_level(rows, levels).reshape(h, d, b, t).permute(2, 0, 3, 1)
+    return _from_channel_rows(nearest_level(channel_rows(y), levels), y.shape)
 
 
 def _gather_per_channel(codes: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -497,9 +504,7 @@ def _gather_per_channel(codes: torch.Tensor, levels: torch.Tensor) -> torch.Tens
     levels = levels.to(codes.device, torch.float32)
     if levels.dim() == 1:
         return levels[codes]
-    b, h, t, d = codes.shape
-    rows = codes.permute(1, 3, 0, 2).reshape(h, d, b * t)
-    return levels.gather(-1, rows).reshape(h, d, b, t).permute(2, 0, 3, 1)
+    return _from_channel_rows(levels.gather(-1, channel_rows(codes)), codes.shape)
 
 
 def method_for(
@@ -546,6 +551,7 @@ __all__ = [
     "StoredKV",
     "StoredSide",
     "build_methods",
+    "channel_rows",
     "levels_key",
     "method_for",
     "needs_calibration",

@@ -43,6 +43,7 @@ from kvtuner.method import (
     KVMethod,
     SideCalibration,
     calibrated_range,
+    channel_rows,
     levels_key,
     needs_calibration,
     thresholds_key,
@@ -129,8 +130,7 @@ def _sample(y: torch.Tensor, w: torch.Tensor, generator: torch.Generator) -> tup
 def _thresholds(x: torch.Tensor, fraction: float, side: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(lo, hi) leaving ``fraction`` of ``x`` ``[W, H, T, D]`` outside: per (head, channel) for keys, per head for values."""
     x = x[:, :, 1:]  # not the sink
-    flat = x.permute(1, 3, 0, 2).reshape(x.shape[1] * x.shape[3], -1) if side == "k" else \
-        x.transpose(0, 1).reshape(x.shape[1], -1)
+    flat = channel_rows(x).flatten(0, 1) if side == "k" else x.transpose(0, 1).reshape(x.shape[1], -1)
     q = torch.tensor([fraction / 2, 1 - fraction / 2], dtype=flat.dtype)
     lo, hi = torch.quantile(flat, q, dim=1)
     if side == "k":
@@ -187,7 +187,7 @@ def fit_calibration(
                         weight[outlier] = 0
                     bits = spec.k_bits if side == "k" else spec.v_bits
                     if calibrated_range(spec, side):  # one table per (head, channel): [H, D, K]
-                        rows = [t.permute(1, 3, 0, 2).flatten(2) for t in (y, weight)]
+                        rows = [channel_rows(t) for t in (y, weight)]
                         levels = fit_levels(*rows, bits, pin_ends=False).to(torch.float16)
                     else:
                         levels = fit_levels(*_sample(y, weight, generator), bits).to(torch.float16)

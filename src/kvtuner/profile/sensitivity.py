@@ -181,10 +181,10 @@ def profile_layers(
         stats.append(layer_statistics(cap.query, cap.key, cap.value, cap.scaling))
         reference = decode_faithful_attention(cap.query, cap.key, cap.value, None, cap.scaling)
         for c, spec in enumerate(candidates):
-            errors[layer, c] = output_error(cap.query, cap.key, cap.value, evaluator.method(layer, spec), cap.scaling,
-                                            reference)
+            method = evaluator.method(layer, spec)
+            errors[layer, c] = output_error(cap.query, cap.key, cap.value, method, cap.scaling, reference)
             loss[layer, c] = evaluator.kl_single(layer, spec)
-            effective[layer, c] = evaluator.method(layer, spec).effective_bits(cap.key, cap.value)
+            effective[layer, c] = method.effective_bits(cap.key, cap.value)
             bar.update()
         if split:
             k_only[layer] = evaluator.kl_single(layer, split[0])

@@ -11,6 +11,7 @@ from kvtuner.quant.tensor import (
     cat_tokens,
     check_representable,
     dequantize,
+    group_view,
     quantize,
 )
 
@@ -22,6 +23,7 @@ __all__ = [
     "cat_tokens",
     "check_representable",
     "dequantize",
+    "group_view",
     "pack",
     "packed_width",
     "quantize",

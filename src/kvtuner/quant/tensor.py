@@ -115,7 +115,7 @@ class QuantizedTensor:
         return replace(self, payload=new[0], scale=new[1], zero=new[2], shape=shape)
 
 
-def _group_view(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int]:
+def group_view(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int]:
     """View ``x`` [..., T, D] as [..., n_groups, G, D] (channel) or [..., T, n_groups, G] (token)."""
     g = spec.group_len(x.shape)
     extent = x.shape[-1] if spec.axis == "token" else x.shape[-2]
@@ -181,7 +181,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, levels: torch.Tensor | None = Non
     if spec.is_passthrough:
         return QuantizedTensor(x.contiguous(), None, None, spec, shape)
     xf = x.float()
-    grouped, red = _group_view(xf, spec)
+    grouped, red = group_view(xf, spec)
     if spec.fp8 is not None:
         fp8 = FP8_DTYPES[spec.fp8]
         fmax = torch.finfo(fp8).max
@@ -236,7 +236,7 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.
             values = q.levels.to(codes.device, torch.float32)[codes.long()]
         else:
             values = codes.float() - 2 ** (spec.bits - 1) if spec.symmetric else codes.float()
-    grouped, _ = _group_view(values, spec)
+    grouped, _ = group_view(values, spec)
     out = grouped * scale
     if q.zero is not None:
         out = out + q.zero.float().unsqueeze(red)
