@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from kvtuner.config import KVConfig, KVConfigError, parse_label
+from kvtuner.config import KVConfig, KVConfigError, parse_label, write_atomic
 from kvtuner.evaluate import Evaluator, token_windows
 from kvtuner.models import load_model
 from kvtuner.profile import calibration_data
@@ -102,7 +102,7 @@ def main() -> None:
            "eval_windows": [args.eval_skip, args.eval_skip + args.eval_windows - 1], "window_tokens": args.tokens,
            "calibration": calib.describe(), "calibration_seconds": calibration_seconds, "rows": results,
            "torch": torch.__version__, "threads": args.threads, "argv": sys.argv[1:]}
-    (args.out / "ablation.json").write_text(json.dumps(run, indent=1) + "\n")
+    write_atomic(args.out / "ablation.json", json.dumps(run, indent=1) + "\n")
     print(f"\nwritten: {args.out / 'ablation.json'}, {args.out / 'calibration.json'} (pid {os.getpid()})")
 
 

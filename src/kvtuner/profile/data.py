@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from kvtuner.config import write_atomic
 from kvtuner.evaluate import read_text, token_windows
 
 PROMPTS = (
@@ -124,6 +125,5 @@ def _generated(model, tokenizer, tokens: int, cache_dir, progress: bool) -> Path
     path = Path(cache_dir or ".") / GENERATED_NAME
     need = 2 * tokens + tokens // 10  # 10% spare: re-tokenizing decoded text can merge tokens
     if not path.is_file() or len(tokenizer(path.read_text(), add_special_tokens=False).input_ids) < need:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(generate_text(model, tokenizer, need, progress=progress))
+        write_atomic(path, generate_text(model, tokenizer, need, progress=progress))  # never a half file to reuse
     return path
