@@ -411,11 +411,12 @@ class KVMethod:
         if cal.lo is None:
             return x, None
         lo, hi = cal.lo.to(x.device, x.dtype), cal.hi.to(x.device, x.dtype)
+        clamped = torch.clamp(x, lo, hi)
         if self.spec.outliers == 0:  # a calibrated range without outliers: the rare values beyond it are clamped
-            return torch.minimum(torch.maximum(x, lo), hi), None
-        mask = (x < lo) | (x > hi)
+            return clamped, None
+        mask = (x < lo) | (x > hi)  # not clamped != x: NaN must reach the quantizer, which refuses it
         if calibrated_range(self.spec, side):
-            return torch.minimum(torch.maximum(x, lo), hi), mask
+            return clamped, mask
         return _inlier_fill(x, mask, self.key_spec if side == "k" else self.value_spec), mask
 
     def _quantize_side(self, side: Side, x: torch.Tensor, backend: str) -> StoredSide:
@@ -439,14 +440,13 @@ class KVMethod:
         return StoredSide(quantize(x, spec, backend), outliers)
 
     def _dequantize_side(self, side: Side, stored: StoredSide, dtype: torch.dtype) -> torch.Tensor:
-        exact = stored.outliers is None and not calibrated_range(self.spec, side)
         if calibrated_range(self.spec, side):
             codes = unpack(stored.codes.payload, stored.codes.spec.bits, stored.codes.shape[-1]).long()
             y = _gather_per_channel(codes, stored.codes.levels)
             lo, step = self._range(side, y)
             x = lo + y * step
         else:
-            x = stored.codes.dequantize(dtype if exact else torch.float32)
+            x = stored.codes.dequantize(dtype if stored.outliers is None else torch.float32)
         if stored.outliers is not None:
             x = stored.outliers.scatter_into(x)
         return x.to(dtype)
