@@ -4,6 +4,8 @@ One query token per sequence; every figure is measured in the same run as its ba
 
 * ``sdpa_fp16``: ``scaled_dot_product_attention(..., enable_gqa=True)`` over a bf16 cache;
 * ``kvtuner``: the packed split-K decode kernel (group 32, the last 32 tokens in a bf16 residual);
+* ``dequant_sdpa`` (``+nuq`` pairs): the torch path a layer takes where the kernel does not read its
+  storage: dequantize the history, concatenate the residual, SDPA;
 * ``quanto``: transformers' ``QuantizedCache(backend="quanto")`` read path (its defaults: group 64,
   residual 128, here holding 32 tokens): dequantize the history, concatenate the residual, SDPA.
 
@@ -33,9 +35,12 @@ from kvtuner import kernels
 from kvtuner.kernels.decode import decode_attention_triton
 from kvtuner.kernels.reference import decode_attention_reference
 from kvtuner.quant import QuantSpec
+from kvtuner.quant import quantize as quantize_reference
+from kvtuner.quant.codebook import snap_levels
 
 H_Q, H_KV, D, GROUP, RESIDUAL = 32, 8, 128, 32, 32
 KV = {f"K{k}V{v}": (k, v) for k in (8, 4, 2) for v in (8, 4, 2)}
+NUQ_KV = {f"{name}+nuq": bits for name, bits in KV.items() if max(bits) <= 4}  # codebooks: 2-4 bits
 HEADLINE_KV = ["K8V8", "K8V4", "K4V4", "K4V2", "K2V2"]
 QUANTO_BITS = {"K4V4": 4, "K2V2": 2}
 SWEEP = [dict(), dict(num_warps=4), dict(num_warps=2), dict(num_stages=3), dict(inline_asm=False)]  # {}: defaults
@@ -87,9 +92,14 @@ def nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def pack(k_hist, v_hist, k_bits, v_bits):
-    return (kernels.quantize(k_hist, QuantSpec(k_bits, GROUP, "channel"), backend="triton"),
-            kernels.quantize(v_hist, QuantSpec(v_bits, GROUP, "token"), backend="triton"))
+def pack(k_hist, v_hist, k_bits, v_bits, codebook=False):
+    """Packed history; ``codebook``: codes index a non-uniform level table a side (any sorted table:
+    the kernel's time does not depend on the levels), quantized by the torch reference."""
+    specs = QuantSpec(k_bits, GROUP, "channel"), QuantSpec(v_bits, GROUP, "token")
+    if not codebook:
+        return tuple(kernels.quantize(x, spec, backend="triton") for x, spec in zip((k_hist, v_hist), specs))
+    levels = [snap_levels((2**s.bits - 1) * torch.linspace(0, 1, 2**s.bits) ** 1.5, s.bits).cuda() for s in specs]
+    return tuple(quantize_reference(x, spec, levels=lv) for x, spec, lv in zip((k_hist, v_hist), specs, levels))
 
 
 def quanto_stored(qt) -> list[torch.Tensor]:
@@ -113,7 +123,7 @@ def check_correctness(q, k, v) -> float:
     qk, qv = pack(k[:, :, :-RESIDUAL], v[:, :, :-RESIDUAL], 4, 4)
     kr, vr = k[:, :, -RESIDUAL:], v[:, :, -RESIDUAL:]
     out = decode_attention_triton(q, qk, qv, kr, vr, D**-0.5).double()
-    ref = decode_attention_reference(q.double(), qk, qv, kr, vr, D**-0.5, torch.float64)
+    ref = decode_attention_reference(q.double(), qk, qv, kr, vr, D**-0.5, compute_dtype=torch.float64)
     return ((out - ref).norm() / ref.norm()).item()
 
 
@@ -139,12 +149,21 @@ def bench_point(batch, context, kv_names, with_quanto, tunables) -> list[dict]:
 
 
 def time_kvtuner(q, hist, res, name, tunables) -> list[dict]:
-    qk, qv = pack(*hist, *KV[name])
+    qk, qv = pack(*hist, *{**KV, **NUQ_KV}[name], codebook=name.endswith("+nuq"))
     read = nbytes(q, *res, *qk.stored_tensors(), *qv.stored_tensors())
     rows = []
     for tune in tunables:
         ms = median_ms(lambda: decode_attention_triton(q, qk, qv, *res, D**-0.5, **tune))
         rows.append(dict(impl="kvtuner", kv=name, ms=ms, bytes_read=read, **({"tune": tune} if len(tunables) > 1 else {})))
+    if name.endswith("+nuq"):  # what such a layer cost before the kernel read codebooks: dequantize, then SDPA
+        q4 = q.unsqueeze(2)
+
+        def torch_path():
+            keys = torch.cat([qk.dequantize(q.dtype), res[0]], dim=-2)
+            values = torch.cat([qv.dequantize(q.dtype), res[1]], dim=-2)
+            return F.scaled_dot_product_attention(q4, keys, values, enable_gqa=True)
+
+        rows.append(dict(impl="dequant_sdpa", kv=name, ms=median_ms(torch_path), bytes_read=read))
     return rows
 
 
@@ -208,7 +227,8 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768, 65536, 131072])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--points", nargs="+", metavar="B:T", help="(batch, context) points instead of batches x contexts")
-    ap.add_argument("--kv", nargs="+", default=HEADLINE_KV, choices=list(KV))
+    ap.add_argument("--kv", nargs="+", default=HEADLINE_KV, choices=[*KV, *NUQ_KV],
+                    help="bit pairs; NAME+nuq: the same codes indexing a level table (the codebook lookup's cost)")
     ap.add_argument("--tune", type=json.loads, default={}, help="launch options for every kernel call, as JSON")
     ap.add_argument("--no-quanto", action="store_true")
     ap.add_argument("--quanto-ext", action="store_true", help="use quanto's JIT-built CUDA extension (else its torch unpack)")
@@ -257,9 +277,9 @@ def main() -> None:
         print(f"B={batch} T={context} done in {time.time() - t0:.1f}s", flush=True)
 
     base = {(r["batch"], r["context"]): r["ms"] for r in rows if r["impl"] == "sdpa_fp16"}
-    print(f"\n{'impl':10} {'kv':5} {'B':>3} {'T':>7} {'ms':>8} {'GB/s':>6} {'%copy':>5} {'x sdpa':>6}  tune")
+    print(f"\n{'impl':12} {'kv':9} {'B':>3} {'T':>7} {'ms':>8} {'GB/s':>6} {'%copy':>5} {'x sdpa':>6}  tune")
     for r in rows:
-        print(f"{r['impl']:10} {r['kv']:5} {r['batch']:>3} {r['context']:>7} {r['ms']:8.3f} {r['gbps']:6.0f} "
+        print(f"{r['impl']:12} {r['kv']:9} {r['batch']:>3} {r['context']:>7} {r['ms']:8.3f} {r['gbps']:6.0f} "
               f"{100 * r['gbps'] / copy:5.0f} {base[r['batch'], r['context']] / r['ms']:6.2f}  {r.get('tune', '')}")
     args.plot.mkdir(parents=True, exist_ok=True)
     plot(rows, args.plot / f"{name}.png", copy)

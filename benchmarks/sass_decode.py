@@ -27,21 +27,23 @@ from kvtuner.kernels import decode
 D, R, G = 128, 4, 32
 BITS = (2, 3, 4, 8)  # what the kernel decodes
 POINTERS = {"Q": "*bf16", "KW": "*i32", "KS": "*fp16", "KZ": "*fp16", "VW": "*i32", "VS": "*fp16", "VZ": "*fp16",
-            "KR": "*bf16", "VR": "*bf16", "O_part": "*fp32", "LSE_part": "*fp32"}
+            "KL": "*i32", "VL": "*i32", "KR": "*bf16", "VR": "*bf16", "O_part": "*fp32", "LSE_part": "*fp32"}
 
 
-def bit_pair(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"K(\d)V(\d)", text)
-    if not match or {int(match[1]), int(match[2])} - set(BITS):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a bit pair KxVy with x, y in {BITS}")
-    return int(match[1]), int(match[2])
+def bit_pair(text: str) -> tuple[int, int, bool]:
+    """``KxVy`` or ``KxVy+nuq`` (codes indexing level tables): (x, y, codebook)."""
+    match = re.fullmatch(r"K(\d)V(\d)(\+nuq)?", text)
+    if not match or {int(match[1]), int(match[2])} - set(BITS) or (match[3] and max(int(match[1]), int(match[2])) > 4):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a bit pair KxVy[+nuq] with x, y in {BITS} (<= 4 with +nuq)")
+    return int(match[1]), int(match[2]), bool(match[3])
 
 
-def compile_kernel(k_bits: int, v_bits: int, warps: int, maxnreg: int | None, stages: int = 2):
+def compile_kernel(k_bits: int, v_bits: int, warps: int, maxnreg: int | None, stages: int = 2, codebook: bool = False):
     fn = decode._decode_split_kernel
     ngv, m, ng = decode.stacking(R, D, G, G)
     consts = dict(H_KV=8, R=R, R_P=R, M=m, NG=ng, NGV=ngv, D=D, G_K=G, G_V=G, K_BITS=k_bits,
                   V_BITS=v_bits, W=warps, NR=32, ASM=True, SHORT=False,
+                  K_NUQ=2**k_bits if codebook else 0, V_NUQ=2**v_bits if codebook else 0,
                   skw_t=D * k_bits // 32, sks_g=D, svw_t=D * v_bits // 32, svs_t=ngv)
     sig = {n: "constexpr" if n in consts else POINTERS.get(n, "fp32" if n == "qk_scale" else "i32") for n in fn.arg_names}
     # a real launch sees 16-byte aligned pointers and strides that are multiples of 16
@@ -72,16 +74,16 @@ def history_loop(sass: str) -> tuple[list[str], int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kv", nargs="+", type=bit_pair, help="bit pairs such as K4V4")
+    ap.add_argument("kv", nargs="+", type=bit_pair, help="bit pairs such as K4V4 or K4V4+nuq")
     ap.add_argument("--warps", type=int, choices=(1, 2, 4, 8), help="default: the launcher's default_num_warps")
     ap.add_argument("--maxnreg", type=int, help="default: the launcher's default_maxnreg")
     args = ap.parse_args()
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     print(f"triton {triton.__version__}, sm_90, D={D}, {R} query heads a KV head, groups of {G}")
-    for k_bits, v_bits in args.kv:
+    for k_bits, v_bits, codebook in args.kv:
         warps = args.warps or decode.default_num_warps(k_bits, v_bits)
         maxnreg = args.maxnreg or decode.default_maxnreg(warps)
-        kernel, step_tokens = compile_kernel(k_bits, v_bits, warps, maxnreg)
+        kernel, step_tokens = compile_kernel(k_bits, v_bits, warps, maxnreg, codebook=codebook)
         with tempfile.TemporaryDirectory() as tmp:
             cubin = Path(tmp) / "decode.cubin"
             cubin.write_bytes(kernel.asm["cubin"])
@@ -92,7 +94,7 @@ def main() -> None:
         per_step = len(loop) - skipped
         tokens = step_tokens // warps  # one slice of the step a warp
         ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in loop)
-        print(f"\nK{k_bits}V{v_bits}: {warps} warps, {regs.group(1)} registers, {regs.group(2)} B stack; loop {len(loop)} "
+        print(f"\nK{k_bits}V{v_bits}{'+nuq' if codebook else ''}: {warps} warps, {regs.group(1)} registers, {regs.group(2)} B stack; loop {len(loop)} "
               f"instructions ({skipped} in blocks most steps skip): {per_step} a warp-step of {tokens} tokens, "
               f"{per_step / tokens:.1f} a token")
         print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common(24)))

@@ -48,7 +48,7 @@ def test_sink_tokens_come_back_exactly_and_leave_the_group_statistics_alone():
     assert torch.equal(got_k[..., 0, :], huge[..., 0, :]) and torch.equal(got_v[..., 0, :], v[..., 0, :])
     plain_k, _ = method.roundtrip(k, v)
     assert torch.equal(got_k[..., 1:, :], plain_k[..., 1:, :])  # token 0 did not widen any key group
-    assert not method.packed_decode_supported()
+    assert method.packed_decode_supported()  # the kernel attends the sink beside the residual
 
 
 def test_sink_across_blocks_matches_one_pass():

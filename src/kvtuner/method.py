@@ -18,7 +18,9 @@ What a method stores for a flushed block of tokens (:class:`StoredKV`):
   a calibrated per-channel range (no scales or zeros stored: the range is the calibration's, the
   few values beyond it clamped, or kept as outliers) and values per token over the whole head;
 * with ``codebook``: the codes index calibrated non-uniform levels inside each group
-  (:mod:`kvtuner.quant.codebook`) instead of the uniform grid;
+  (:mod:`kvtuner.quant.codebook`) instead of the uniform grid; a table shared by the layer is
+  used on the decode kernel's level grid (:func:`~kvtuner.quant.codebook.snap_levels`), so every
+  path reads the same levels;
 * with ``outliers`` > 0: elements outside calibrated per-channel (keys) or per-head (values)
   thresholds, kept exactly in fp16 (:mod:`kvtuner.quant.outliers`); each group's range is then
   its inliers' range (the outliers' own codes are never read);
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,7 +47,7 @@ import torch
 from kvtuner.config import KVConfigError, LayerSpec, ModelFingerprint, write_atomic
 from kvtuner.quant import QuantizedTensor, QuantSpec, cat_tokens, group_view, pack, unpack
 from kvtuner.quant import quantize as quantize_reference
-from kvtuner.quant.codebook import nearest_level, uniform_levels
+from kvtuner.quant.codebook import nearest_level, snap_levels, uniform_levels
 from kvtuner.quant.outliers import INDEX_LIMIT, SparseOutliers, cat_blocks, extract
 from kvtuner.quant.rope import rotate
 
@@ -272,8 +274,8 @@ class KVMethod:
             raise ValueError("KVMethod needs a quantized spec; fp16 layers are stored as they are")
         self.spec = spec
         self.key_spec, self.value_spec = quant_specs(spec)
-        self.key_calibration = key_calibration or SideCalibration()
-        self.value_calibration = value_calibration or SideCalibration()
+        self.key_calibration = replace(key_calibration) if key_calibration else SideCalibration()
+        self.value_calibration = replace(value_calibration) if value_calibration else SideCalibration()
         for side, cal, bits in (("key", self.key_calibration, spec.k_bits), ("value", self.value_calibration, spec.v_bits)):
             if bits == 16:
                 continue
@@ -282,6 +284,9 @@ class KVMethod:
             if (spec.outliers > 0 or calibrated_range(spec, side[0])) and cal.lo is None:
                 what = "range" if calibrated_range(spec, side[0]) and not spec.outliers else "outlier thresholds"
                 raise KVConfigError(f"{spec.label}: {side} {what} missing (needs a calibration file)")
+        for cal, bits in ((self.key_calibration, spec.k_bits), (self.value_calibration, spec.v_bits)):
+            if cal.levels is not None and cal.levels.dim() == 1:  # shared tables: on the kernel's grid
+                cal.levels = snap_levels(cal.levels, bits)
         if spec.pre_rope and spec.k_bits < 16 and inv_freq is None:
             raise KVConfigError(f"{spec.label}: pre-RoPE keys need the model's rotary frequencies")
         self.inv_freq = inv_freq if spec.pre_rope else None
@@ -299,10 +304,12 @@ class KVMethod:
         return self.spec.sink
 
     def packed_decode_supported(self) -> bool:
-        """Whether the packed decode kernel can read this storage as it is: plain grouped integer codes,
-        no codebook, outliers, sink or pre-RoPE keys (those stay on the torch path)."""
+        """Whether the packed decode kernel can read this storage as it is: grouped integer codes, uniform
+        or indexing one level table a side, and sink tokens (attended beside the residual). Outliers,
+        pre-RoPE keys and kvquant's per-channel ranges stay on the torch path: the first would need a
+        scatter per step, the second a rotation per token, the third a table per channel."""
         s = self.spec
-        return s.method != "kvquant" and not (s.codebook or s.outliers > 0 or s.sink or (s.pre_rope and s.k_bits < 16))
+        return s.method != "kvquant" and not (s.outliers > 0 or (s.pre_rope and s.k_bits < 16))
 
     def table_bytes(self) -> int:
         """Bytes of the per-layer calibration tables the stored codes need (levels, ranges, thresholds):

@@ -22,6 +22,7 @@ import kvtuner.kernels.decode as kd  # noqa: E402
 from kvtuner import kernels  # noqa: E402
 from kvtuner.kernels.reference import decode_attention_reference  # noqa: E402
 from kvtuner.quant import QuantSpec, quantize  # noqa: E402
+from kvtuner.quant.codebook import snap_levels  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float16: 2e-3, torch.bfloat16: 6e-3}
@@ -108,6 +109,64 @@ def test_unsupported_layout_raises_when_forced_and_falls_back_on_auto():
         kernels.decode_attention(**case, backend="triton")
     case["qkeys"] = quantize(torch.randn(2, 2, 32, 128).to(DEVICE, torch.float16), case["key_spec"])
     assert kernels.decode_attention(**case).isfinite().all()
+
+
+def with_levels(case, k_levels, v_levels):
+    """``case`` with its history re-quantized against non-uniform level tables (None: uniform)."""
+    hist_k, hist_v = case["qkeys"].dequantize(), case["qvalues"].dequantize()
+    dtype = case["query"].dtype
+    return {**case, "qkeys": quantize(hist_k.to(dtype), case["key_spec"], levels=k_levels),
+            "qvalues": quantize(hist_v.to(dtype), case["value_spec"], levels=v_levels)}
+
+
+def skewed_levels(bits, power):
+    """Sorted levels in [0, qmax] with pinned ends, bunched towards 0 (power > 1) or qmax (power < 1), on the
+    kernel's grid."""
+    return snap_levels((2**bits - 1) * torch.linspace(0, 1, 2**bits) ** power, bits)
+
+
+@pytest.mark.parametrize("k_bits,v_bits", [(2, 2), (3, 4), (4, 3), (4, 4)])
+def test_codebook_levels_are_looked_up_in_the_kernel(k_bits, v_bits):
+    """NUQ: every code indexes a table; keys bunched low, values high (an asymmetric table catches a
+    reversed or mis-centred lookup), one side at a time and both."""
+    case = make_case(k_bits, v_bits, 4, 64, 13, seed=k_bits * 7 + v_bits)
+    for k_levels, v_levels in ((skewed_levels(k_bits, 2.0), None), (None, skewed_levels(v_bits, 0.5)),
+                               (skewed_levels(k_bits, 2.0), skewed_levels(v_bits, 0.5))):
+        nuq = with_levels(case, k_levels, v_levels)
+        assert rel_err(nuq) < TOL[torch.float16]
+        plain = decode_attention_reference(**{k: v for k, v in case.items() if k not in ("key_spec", "value_spec")})
+        assert (plain - kernels.decode_attention(**nuq, backend="triton")).abs().max() > 1e-3  # the tables mattered
+
+
+def test_levels_off_the_grid_are_refused():
+    case = with_levels(make_case(4, 4, 4, 32, 3), torch.linspace(0, 15, 16).half() ** 1.01, None)
+    with pytest.raises(ValueError, match="off the kernel's grid"):
+        kernels.decode_attention(**case, backend="triton")
+
+
+@pytest.mark.parametrize("start", [1, 5, 40])
+def test_history_start_skips_the_sink_slots(start):
+    """Tokens before ``history_start`` are not attended: the kernel matches a reference without them, and
+    a huge key in a skipped slot (which would take all the attention) changes nothing."""
+    case = make_case(4, 2, 4, 64, 7, seed=start)
+    hist_k = case["qkeys"].dequantize()
+    hist_k[..., :start, :] = 50.0
+    case["qkeys"] = quantize(hist_k.to(case["query"].dtype), case["key_spec"])
+    args = {k: v for k, v in case.items() if k not in ("key_spec", "value_spec")}
+    out = kernels.decode_attention(**case, backend="triton", history_start=start)
+    ref = decode_attention_reference(**{**args, "query": args["query"].double()}, history_start=start,
+                                     compute_dtype=torch.float64)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[torch.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("k_bits,v_bits", [(2, 2), (3, 3), (4, 4), (4, 2)])
+def test_codebooks_on_gpu(k_bits, v_bits):
+    case = with_levels(make_case(k_bits, v_bits, 4, 32 * 41, 32, dtype=torch.bfloat16, h_kv=8, seed=13),
+                       skewed_levels(k_bits, 2.0), skewed_levels(v_bits, 0.5))
+    assert rel_err(case) < TOL[torch.bfloat16]
+    assert rel_err(case, inline_asm=False) < TOL[torch.bfloat16]
 
 
 @pytest.mark.gpu

@@ -102,3 +102,36 @@ def test_layers_the_kernel_cannot_read_stay_on_the_torch_path_with_one_warning(m
             out = run(model, cache, prompt, steps)
     assert cache.layers[0].packed_decode is False
     assert rel(out, ref) < TOL["torch"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_codebook_and_sink_layers_decode_on_the_kernel(model, backend, monkeypatch):
+    """A codebook with a sink (and a plain layer beside it): no warning, no dequantized history, the
+    reference's logits."""
+    import warnings
+
+    from kvtuner.cache.mixed import fingerprint
+    from kvtuner.config import parse_label
+    from kvtuner.method import Calibration, levels_key
+
+    specs = [parse_label("K4V2+sink1+nuq", 16, 16), parse_label("K2V4+sink3+nuq", 16, 16)]
+    levels = {levels_key(s, side): [(2**bits - 1) * torch.linspace(0, 1, 2**bits) ** power] * 2
+              for s in specs for side, bits, power in (("k", s.k_bits, 1.5), ("v", s.v_bits, 0.7))}
+    calibration = Calibration(fingerprint(model.config), {k: [t.half() for t in v] for k, v in levels.items()})
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randint(0, 128, (2, 37), generator=g).to(DEVICE)
+    steps = torch.randint(0, 128, (2, 14), generator=g).to(DEVICE)
+    config = KVConfig(specs)
+    ref = run(model, MixedPrecisionCache(config, model.config, calibration=calibration), prompt, steps)
+    cache = MixedPrecisionCache(config, model.config, calibration=calibration)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with use_packed_attention(model, cache, backend=backend):
+            model(prompt, **cache_kwargs(model, cache))
+            for layer in cache.layers:
+                monkeypatch.setattr(layer, "dequantized_history", lambda: pytest.fail("decode dequantized the history"))
+            kw = cache_kwargs(model, cache)
+            with torch.no_grad():
+                out = torch.stack([model(steps[:, i : i + 1], **kw).logits[:, -1] for i in range(steps.shape[1])])
+    assert cache.layers[1].history.sink_keys.shape[-2] == 3
+    assert rel(out, ref) < TOL[backend]

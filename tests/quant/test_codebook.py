@@ -64,3 +64,32 @@ def test_free_ends_follow_the_data_when_the_range_is_calibrated():
     assert pinned[0] == 0 and pinned[-1] == 3
     assert free[0] > 0.5 and free[-1] < 2.5
     assert weighted_error(y, w, free) < 0.5 * weighted_error(y, w, pinned)
+
+
+@given(st.lists(st.floats(0, 1), min_size=2, max_size=16), st.sampled_from([2, 3, 4]))
+@settings(max_examples=60, deadline=None)
+def test_snapped_levels_sit_on_the_kernel_grid_near_the_fitted_ones(fractions, bits):
+    from kvtuner.quant.codebook import level_grid, snap_levels
+
+    qmax = 2**bits - 1
+    fitted = torch.tensor(sorted([0.0, *fractions[: 2**bits - 2], 1.0]) + [1.0] * max(0, 2**bits - 2 - len(fractions)))
+    fitted = (fitted * qmax)[: 2**bits]
+    snapped = snap_levels(fitted, bits)
+    grid = level_grid(bits)
+    assert grid * qmax <= 127 and grid & (grid - 1) == 0  # one 7-bit byte a level, exact in fp16
+    assert snapped.dtype == torch.float16
+    assert torch.equal(snapped.float() * grid, torch.round(snapped.float() * grid))
+    assert (snapped.float() - fitted).abs().max() <= 0.5 / grid + 1e-6
+    assert snapped[0] == 0 and snapped[-1] == qmax  # pinned ends stay exact
+    assert torch.all(snapped.diff() >= 0)
+
+
+def test_a_method_uses_its_shared_tables_on_the_grid():
+    from kvtuner.config import LayerSpec
+    from kvtuner.method import KVMethod, SideCalibration
+
+    fitted = torch.tensor([0.0, 0.61, 1.93, 3.0])
+    cal = SideCalibration(levels=fitted.half())
+    method = KVMethod(LayerSpec("kivi", 2, 2, 32, 32, codebook=True), cal, SideCalibration(levels=fitted.half()))
+    assert method.key_calibration.levels.tolist() == [0.0, 0.625, 1.9375, 3.0]  # 20/32, 62/32
+    assert cal.levels.tolist() == fitted.half().tolist()  # the caller's calibration is left alone

@@ -13,8 +13,10 @@ token attends to in ``pending_history``, taken before the flush so that the step
 reference's. The registered function finds the layer by ``module.layer_idx``, takes that
 history and runs the kernel. Prefill, unquantized layers and padded batches (an explicit mask)
 go to SDPA on full-precision K/V, as before. Layers whose method the kernel cannot read
-(:meth:`~kvtuner.method.KVMethod.packed_decode_supported`: codebooks, outliers, sinks, pre-RoPE
-keys) stay on the torch path, and entering the context says so in one warning.
+(:meth:`~kvtuner.method.KVMethod.packed_decode_supported`: outliers, pre-RoPE keys, kvquant's
+ranges) stay on the torch path, and entering the context says so in one warning. Codebook codes
+are looked up in the kernel; sink tokens are attended with the residual, their slots in the
+codes skipped.
 
 Registration is explicit and undone on exit: a function and a mask function (transformers'
 ``sdpa_mask``) under a name unique to this cache; the model's previous implementation comes back.
@@ -65,8 +67,14 @@ def packed_attention_forward(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     qkeys, qvalues = (history.keys.codes, history.values.codes) if history is not None else (None, None)
+    sink = 0
+    if history is not None and history.sink_keys is not None:  # sink slots of the codes are skipped,
+        sink = history.sink_keys.shape[-2]                      # the tokens attended in full precision
+        key = torch.cat([history.sink_keys.to(key.dtype), key], dim=-2)
+        value = torch.cat([history.sink_values.to(value.dtype), value], dim=-2)
     method = layer.method
-    out = decode_attention(query[:, :, 0], qkeys, qvalues, key, value, scale, method.key_spec, method.value_spec, backend)
+    out = decode_attention(query[:, :, 0], qkeys, qvalues, key, value, scale, method.key_spec, method.value_spec,
+                           backend, history_start=sink)
     return out.unsqueeze(1), None  # [B, 1, H_q, D], as sdpa_attention_forward returns it
 
 

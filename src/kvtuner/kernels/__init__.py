@@ -9,7 +9,8 @@ a dequantized copy. Two kernels serve :class:`~kvtuner.cache.layer.MixedPrecisio
   specialized per layer on its (K bits, V bits) (:mod:`.decode`).
 
 ``backend``: ``"auto"`` runs Triton on CUDA tensors when triton is installed and the specs are
-supported (KIVI layout: asymmetric integer codes, keys per channel, values per token), and torch
+supported (KIVI layout: asymmetric integer codes, keys per channel, values per token, uniform
+or indexing one non-uniform level table a side), and torch
 otherwise; ``"triton"`` or ``"torch"`` forces one, and forcing Triton on an unsupported spec
 raises. Forcing Triton on CPU tensors works under ``TRITON_INTERPRET=1`` (how CI tests the
 kernels). The torch path is the reference and the CPU default; triton is imported only when used.
@@ -102,16 +103,20 @@ def decode_attention(
     key_spec: QuantSpec,
     value_spec: QuantSpec,
     backend: Backend = "auto",
+    history_start: int = 0,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over packed history plus full-precision residual.
 
     query [B, H_q, D]; qkeys / qvalues [B, H_kv, T_q, D] packed with ``key_spec`` /
-    ``value_spec`` (None before the first flush); keys / values the residual [B, H_kv, T_r, D].
-    Returns [B, H_q, D]. See :func:`~kvtuner.kernels.reference.decode_attention_reference`.
+    ``value_spec`` (None before the first flush), their codes indexing one ``levels`` table a side
+    or none; keys / values the full-precision tokens [B, H_kv, T_r, D]; history tokens before
+    ``history_start`` are not attended. Returns [B, H_q, D]. See
+    :func:`~kvtuner.kernels.reference.decode_attention_reference`.
     """
-    supported = decode_supported(key_spec, value_spec, query.shape[-1])
+    supported = decode_supported(key_spec, value_spec, query.shape[-1]) and all(
+        q is None or q.levels is None or q.levels.dim() == 1 for q in (qkeys, qvalues))
     if use_triton(backend, query.device, supported, "decode attention"):
         from kvtuner.kernels.decode import decode_attention_triton
 
-        return decode_attention_triton(query, qkeys, qvalues, keys, values, scale)
-    return decode_attention_reference(query, qkeys, qvalues, keys, values, scale)
+        return decode_attention_triton(query, qkeys, qvalues, keys, values, scale, history_start)
+    return decode_attention_reference(query, qkeys, qvalues, keys, values, scale, history_start)

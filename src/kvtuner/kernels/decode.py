@@ -58,6 +58,7 @@ import triton
 import triton.language as tl
 
 from kvtuner.quant import QuantizedTensor
+from kvtuner.quant.codebook import level_grid
 
 LOG2E = 1.4426950408889634
 
@@ -94,13 +95,62 @@ def _sub_halves(y, k, ASM: tl.constexpr):
 
 
 @triton.jit
-def _pair_codes(x, BITS: tl.constexpr, ASM: tl.constexpr, CENTER: tl.constexpr):
+def _permute_bytes(a, b, sel, ASM: tl.constexpr):
+    """PTX ``prmt.b32`` (default mode): byte i of the result is byte ``n & 7`` of the 8 bytes (a, b), or with
+    ``n & 8`` that byte's sign replicated, for ``n`` the i-th nibble of ``sel``. Without ``ASM`` the same
+    in integer arithmetic (bit-identical)."""
+    if ASM:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        out = sel * 0
+        for i in tl.static_range(4):
+            n = (sel >> (4 * i)) & 0xF
+            byte = (tl.where((n & 4) == 0, a, b) >> (8 * (n & 3))) & 0xFF
+            byte = tl.where((n & 8) == 0, byte, tl.where(byte >= 0x80, 0xFF, 0))
+            out = out | (byte << (8 * i))
+        return out
+
+
+@triton.jit
+def _pair_levels(x, BITS: tl.constexpr, ASM: tl.constexpr, CENTER: tl.constexpr, LUT, NUQ: tl.constexpr):
+    """:func:`_pair_codes` for codes that index the ``NUQ``-entry table at ``LUT``: element ``[a, b, p, h] =
+    1024 + t[code] - S * CENTER``, ``t = S * level`` one 7-bit byte a level (``S = 128 // NUQ``, the level grid;
+    ``LUT``: the bytes as 4 int32 words).
+
+    One ``prmt`` reorders a word's bytes so that code p of both halves sits 8 bits apart; per pair, a shift
+    and a ``lop3`` make the selector (the codes in nibbles 0 and 2, 8 in nibbles 1 and 3: a sign-replicated
+    byte of a table whose bytes are < 128 is 0) and one ``prmt`` looks both up in entries 0-7 (16 entries:
+    a second ``prmt`` over entries 8-15 with the codes' top bit flipped, so that exactly one of the two
+    finds each code, and an OR); the ``0x64006400`` magic number makes them fp16."""
+    CPB: tl.constexpr = 8 // BITS
+    S: tl.constexpr = 128 // NUQ  # the level grid (kvtuner.quant.codebook.level_grid) of NUQ entries
+    w = _permute_bytes(x, x, tl.full(x.shape, 0x3120, tl.int32), ASM)  # bytes x0, x2, x1, x3
+    p = tl.arange(0, 16 // BITS)[None, None, :]
+    y = w[:, :, None] >> (BITS * (p % CPB) + 16 * (p // CPB))
+    codes = y & (((1 << BITS) - 1) * 0x0101)
+    t = _permute_bytes(tl.load(LUT), tl.load(LUT + 1), codes | 0x8080, ASM)
+    if NUQ == 16:
+        t = t | _permute_bytes(tl.load(LUT + 2), tl.load(LUT + 3), codes ^ 0x8888, ASM)
+    y = t | 0x64006400
+    if CENTER:
+        y = _sub_halves(y, tl.full(y.shape, (0x6400 + S * CENTER) * 0x10001, tl.int32), ASM)
+    lo = y.to(tl.int16).to(tl.float16, bitcast=True)
+    hi = (y >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    return tl.join(lo, hi)
+
+
+@triton.jit
+def _pair_codes(x, BITS: tl.constexpr, ASM: tl.constexpr, CENTER: tl.constexpr, LUT, NUQ: tl.constexpr):
     """x [A, B] int32 whose 16-bit halves hold ``P = 16 // BITS`` codes each -> [A, B, P, 2] fp16:
     element ``[a, b, p, h] = O + m_p * (code p of half h)``, ``m_p = 2^(BITS * (p % (8 // BITS)))``,
     with offset ``O = 1024``, or ``O = -m_p * CENTER`` (codes centred, exact).
 
     The halves of ``((x >> shift_p) & mask_p) | 0x64006400`` are the pair; they stay in one
-    register (the compiler folds the split and re-join)."""
+    register (the compiler folds the split and re-join). ``NUQ`` > 0: the codes index a level table,
+    :func:`_pair_levels`."""
+    if NUQ:
+        return _pair_levels(x, BITS, ASM, CENTER, LUT, NUQ)
     CPB: tl.constexpr = 8 // BITS
     p = tl.arange(0, 16 // BITS)[None, None, :]
     mask = tl.full([1, 1, 16 // BITS], ((1 << BITS) - 1) * 0x10001, tl.int32) << (BITS * (p % CPB))
@@ -113,9 +163,11 @@ def _pair_codes(x, BITS: tl.constexpr, ASM: tl.constexpr, CENTER: tl.constexpr):
 
 
 @triton.jit
-def _multiplier(d, BITS: tl.constexpr):
+def _multiplier(d, BITS: tl.constexpr, NUQ: tl.constexpr):
     """The ``m`` of :func:`_pair_codes` for channel index tensor ``d`` (fp32)."""
     P: tl.constexpr = 16 // BITS
+    if NUQ:
+        return (d * 0 + 128 // NUQ).to(tl.float32)  # the level grid
     return ((d * 0 + 1) << (BITS * ((d % P) % (8 // BITS)))).to(tl.float32)
 
 
@@ -195,15 +247,16 @@ def _value_order(x, A: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _key_codes(words, A: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+def _key_codes(words, A: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr,
+               LUT, NUQ: tl.constexpr):
     """[A, D] fp16 codes in key order from their words [A, D * BITS // 32]."""
-    c = tl.permute(_pair_codes(words, BITS, ASM, 0), (0, 1, 3, 2))  # (word, h, p): channel order
+    c = tl.permute(_pair_codes(words, BITS, ASM, 0, LUT, NUQ), (0, 1, 3, 2))  # (word, h, p): channel order
     return _key_order(tl.reshape(c, (A, D)), A, D, BITS)
 
 
 @triton.jit
 def _value_codes(a, b, A: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr,
-                 CENTER: tl.constexpr):
+                 CENTER: tl.constexpr, LUT, NUQ: tl.constexpr):
     """[D, 2A] fp16 codes, channels in value order (rows) by token rows (columns), from the words
     [A, D * BITS // 32] of token rows ``a`` and ``b`` interleaved (a0, b0, a1, b1, ...): rows 2i
     and 2i + 1 share each operand register, so their half-words are paired before decoding.
@@ -213,7 +266,7 @@ def _value_codes(a, b, A: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, ASM
     W_LO: tl.constexpr = 8 if NW >= 8 else NW
     half = tl.arange(0, 2)[None, None, :]
     halves = _merge_halves(a[:, :, None], b[:, :, None], half, ASM)  # [A, NW, 2]
-    c = _pair_codes(tl.reshape(halves, (A, 2 * NW)), BITS, ASM, CENTER)  # [A, (word, half), p, row a/b]
+    c = _pair_codes(tl.reshape(halves, (A, 2 * NW)), BITS, ASM, CENTER, LUT, NUQ)  # [A, (word, half), p, row a/b]
     c = tl.reshape(c, (A, NW // W_LO, W_LO, 2, P, 2))
     return tl.reshape(tl.permute(c, (1, 3, 4, 2, 0, 5)), (D, 2 * A))  # see _value_order
 
@@ -263,14 +316,16 @@ def _value_scales(VS, VZ, b, h, t0, n_hist, svs_b, svs_h, svs_t, NG_M: tl.conste
 
 @triton.jit
 def _history_step(
-    acc, ez, es, m_i, t0, t_lo, qk, m_key, vs, vz, KW, KS, KZ, VW, b, h,
-    skw_b, skw_h, skw_t, sks_b, sks_h, sks_g, svw_b, svw_h, svw_t, n_hist,
+    acc, ez, es, m_i, t0, t_lo, qk, m_key, vs, vz, KW, KS, KZ, VW, KL, VL, b, h,
+    skw_b, skw_h, skw_t, sks_b, sks_h, sks_g, svw_b, svw_h, svw_t, n_hist, n_skip,
     R_P: tl.constexpr, M: tl.constexpr, NG: tl.constexpr, D: tl.constexpr, G_K: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, W: tl.constexpr, ASM: tl.constexpr, SHORT: tl.constexpr,
+    K_NUQ: tl.constexpr, V_NUQ: tl.constexpr,
 ):
     """The softmax state (acc, ez, es, m_i) updated with the ``NG * G_K`` tokens from ``t0`` (a multiple of
     ``G_K``), of which those before ``t_lo`` were seen by the step before (the history's partial last step
-    is moved back to end at ``n_hist``). Loads are not masked, which keeps predicates and the index
+    is moved back to end at ``n_hist``) and those before ``n_skip`` are not attended (sink tokens, read
+    from the residual). Loads are not masked, which keeps predicates and the index
     registers they need out of the loop, except with ``SHORT``: a history shorter than one step."""
     NG_M: tl.constexpr = M // R_P  # row copies: key group g (scores) or value group v (output)
     KB: tl.constexpr = 4 if K_BITS == 3 else K_BITS  # 3-bit codes are decoded as 4-bit words
@@ -312,13 +367,15 @@ def _history_step(
     zero -= 1024.0 * tl.max(tl.dot(qs, tl.full([D, 8], 1.0, tl.float16)), 1)
     k_rows = KW + b * skw_b + h * skw_h + (t0 + tok_rho) * skw_t
     kw = _load_words(k_rows, t0 + tok_rho < n_hist, N, D, K_BITS, SHORT)
-    s = tl.dot(qs, tl.trans(_key_codes(kw, N, D, KB, ASM))) + zero[:, None]
+    s = tl.dot(qs, tl.trans(_key_codes(kw, N, D, KB, ASM, KL, K_NUQ))) + zero[:, None]
     s = tl.reshape(tl.permute(tl.reshape(s, (M, N // (8 * W), W, 8)), (2, 0, 1, 3)), (W, M, NS))
     s = tl.where(own, s, float("-inf"))
     if SHORT:
         s = tl.where((t0 + tok_s < n_hist)[:, None, :], s, float("-inf"))
     if t_lo > t0:  # a moved last step: once per history, so a branch, not a mask in every step
         s = tl.where((t0 + tok_s >= t_lo)[:, None, :], s, float("-inf"))
+    if t0 < n_skip:  # the step holding the sink tokens' slots
+        s = tl.where((t0 + tok_s >= n_skip)[:, None, :], s, float("-inf"))
 
     m_new = tl.maximum(m_i, _across_groups(tl.max(s, 2), W, NG_M, R_P))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row may have no valid token yet
@@ -331,7 +388,8 @@ def _history_step(
     v_rows = VW + b * svw_b + h * svw_h + (t0 + tok_a) * svw_t
     va = _load_words(v_rows, t0 + tok_a < n_hist, N // 2, D, V_BITS, SHORT)
     vb = _load_words(v_rows + svw_t, t0 + tok_a + 1 < n_hist, N // 2, D, V_BITS, SHORT)
-    vc = tl.permute(tl.reshape(_value_codes(va, vb, N // 2, D, VB, ASM, 1 << (V_BITS - 1)), (D, W, NS)), (1, 2, 0))
+    vc = _value_codes(va, vb, N // 2, D, VB, ASM, 1 << (V_BITS - 1), VL, V_NUQ)
+    vc = tl.permute(tl.reshape(vc, (D, W, NS)), (1, 2, 0))
     acc = tl.dot(pv, vc, acc * alpha[:, :, None])
     ez = tl.dot(p, vz, ez * alpha[:, :, None])
     ones_p = tl.broadcast_to(tl.where(cols_s == 0, 1.0, 0.0).to(tl.float16)[None, None, :], (W, NS, 8))
@@ -341,12 +399,12 @@ def _history_step(
 
 @triton.jit
 def _history(
-    Q, KW, KS, KZ, VW, VS, VZ, b, h, offs_r, qk_scale,
+    Q, KW, KS, KZ, VW, VS, VZ, KL, VL, b, h, offs_r, qk_scale,
     sq_b, sq_h, skw_b, skw_h, skw_t, sks_b, sks_h, sks_g, svw_b, svw_h, svw_t, svs_b, svs_h, svs_t,
-    n_hist, step_lo, step_hi,
+    n_hist, n_skip, step_lo, step_hi,
     R: tl.constexpr, R_P: tl.constexpr, M: tl.constexpr, NG: tl.constexpr, NGV: tl.constexpr,
     D: tl.constexpr, G_K: tl.constexpr, G_V: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
-    W: tl.constexpr, ASM: tl.constexpr, SHORT: tl.constexpr,
+    W: tl.constexpr, ASM: tl.constexpr, SHORT: tl.constexpr, K_NUQ: tl.constexpr, V_NUQ: tl.constexpr,
 ):
     """Softmax state of one program's history steps: unnormalized output [R_P, D] with its columns in
     value order, softmax sum [R_P] and max [R_P] (base 2), and the channel of each output column.
@@ -360,9 +418,9 @@ def _history(
     # query rows (g, r) = q_r * log2(e) / sqrt(D) in fp16 and key order, divided by the code multipliers
     q = tl.load(Q + b * sq_b + (h * R + offs_r)[:, None] * sq_h + offs_d[None, :],
                 mask=(offs_r < R)[:, None], other=0.0).to(tl.float32) * qk_scale
-    q = _key_order((q / _multiplier(offs_d, KB)[None, :]).to(tl.float16), R_P, D, KB)
+    q = _key_order((q / _multiplier(offs_d, KB, K_NUQ)[None, :]).to(tl.float16), R_P, D, KB)
     q = tl.reshape(tl.broadcast_to(q[None, :, :], (NG_M, R_P, D)), (M, D))
-    m_key = _key_order(_multiplier(offs_d, KB)[None, :], 1, D, KB).to(tl.float16)  # [1, D]
+    m_key = _key_order(_multiplier(offs_d, KB, K_NUQ)[None, :], 1, D, KB).to(tl.float16)  # [1, D]
 
     m_i = tl.full([W, M], float("-inf"), tl.float32)
     acc = tl.zeros([W, M, D], tl.float32)
@@ -376,9 +434,9 @@ def _history(
         vs_next, vz_next = _value_scales(VS, VZ, b, h, tl.minimum((step + 1) * N, last), n_hist,
                                          svs_b, svs_h, svs_t, NG_M, NGV, N, W, G_K, CENTER, SHORT)
         acc, ez, es, m_i = _history_step(
-            acc, ez, es, m_i, tl.minimum(step * N, last), step * N, q, m_key, vs, vz, KW, KS, KZ, VW, b, h,
-            skw_b, skw_h, skw_t, sks_b, sks_h, sks_g, svw_b, svw_h, svw_t, n_hist,
-            R_P, M, NG, D, G_K, K_BITS, V_BITS, W, ASM, SHORT,
+            acc, ez, es, m_i, tl.minimum(step * N, last), step * N, q, m_key, vs, vz, KW, KS, KZ, VW, KL, VL, b, h,
+            skw_b, skw_h, skw_t, sks_b, sks_h, sks_g, svw_b, svw_h, svw_t, n_hist, n_skip,
+            R_P, M, NG, D, G_K, K_BITS, V_BITS, W, ASM, SHORT, K_NUQ, V_NUQ,
         )
         vs, vz = vs_next, vz_next
 
@@ -398,7 +456,7 @@ def _history(
     g_col = d_of_col // G_V
     e_zero = tl.sum(tl.where(cols_v[None, :] == g_row[:, None], ez, 0.0), 1)
     e_sum = tl.sum(tl.where(cols_s[None, :] == 0, es, 0.0), 1)
-    out = acc / _multiplier(d_of_col, VB)[None, :] + e_zero[:, None]
+    out = acc / _multiplier(d_of_col, VB, V_NUQ)[None, :] + e_zero[:, None]
     out = tl.where(g_row[:, None] == g_col[None, :], out, 0.0)
     out = tl.sum(tl.reshape(out, (NG_M, R_P, D)), 0)
     l = tl.max(tl.reshape(e_sum, (NG_M, R_P)), 0)
@@ -438,9 +496,9 @@ def _residual(
 
 
 # Lengths change every step: specializing on them (== 1, % 16) would recompile mid-generation.
-@triton.jit(do_not_specialize=["n_hist", "n_res", "steps_per_split", "num_splits"])
+@triton.jit(do_not_specialize=["n_hist", "n_skip", "n_res", "steps_per_split", "num_splits"])
 def _decode_split_kernel(
-    Q, KW, KS, KZ, VW, VS, VZ, KR, VR, O_part, LSE_part,
+    Q, KW, KS, KZ, VW, VS, VZ, KL, VL, KR, VR, O_part, LSE_part,
     sq_b, sq_h,
     skw_b, skw_h, skw_t: tl.constexpr,  # token strides are compile-time: a stride of 8 or 4 elements
     sks_b, sks_h, sks_g: tl.constexpr,  # not known to divide 16 would stop vector loads
@@ -448,11 +506,11 @@ def _decode_split_kernel(
     svs_b, svs_h, svs_t: tl.constexpr,
     skr_b, skr_h, skr_t,
     svr_b, svr_h, svr_t,
-    n_hist, n_res, steps_per_split, num_splits, qk_scale,
+    n_hist, n_skip, n_res, steps_per_split, num_splits, qk_scale,
     H_KV: tl.constexpr, R: tl.constexpr, R_P: tl.constexpr, M: tl.constexpr, NG: tl.constexpr,
     NGV: tl.constexpr, D: tl.constexpr, G_K: tl.constexpr, G_V: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, W: tl.constexpr, NR: tl.constexpr, ASM: tl.constexpr,
-    SHORT: tl.constexpr,
+    SHORT: tl.constexpr, K_NUQ: tl.constexpr, V_NUQ: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -464,9 +522,10 @@ def _decode_split_kernel(
         step_lo = split * steps_per_split
         step_hi = tl.minimum(step_lo + steps_per_split, tl.cdiv(n_hist, NG * G_K))
         out, l, m, col = _history(
-            Q, KW, KS, KZ, VW, VS, VZ, b, h, offs_r, qk_scale,
+            Q, KW, KS, KZ, VW, VS, VZ, KL, VL, b, h, offs_r, qk_scale,
             sq_b, sq_h, skw_b, skw_h, skw_t, sks_b, sks_h, sks_g, svw_b, svw_h, svw_t, svs_b, svs_h, svs_t,
-            n_hist, step_lo, step_hi, R, R_P, M, NG, NGV, D, G_K, G_V, K_BITS, V_BITS, W, ASM, SHORT,
+            n_hist, n_skip, step_lo, step_hi, R, R_P, M, NG, NGV, D, G_K, G_V, K_BITS, V_BITS, W, ASM, SHORT,
+            K_NUQ, V_NUQ,
         )
     else:
         out, l, m = _residual(Q, KR, VR, b, h, offs_r, qk_scale, sq_b, sq_h, skr_b, skr_h, skr_t,
@@ -548,6 +607,21 @@ def stacking(r_p: int, head_dim: int, key_group: int, value_group: int) -> tuple
     return ngv, m, min(m // r_p, max(1, 128 // key_group))
 
 
+def _level_table(q: QuantizedTensor | None, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(the table the kernel looks codes up in: bytes ``level * grid`` as 4 int32 words, its entries; 0: uniform
+    codes). The levels must lie on :func:`~kvtuner.quant.codebook.level_grid` (``KVMethod`` puts them there)."""
+    if q is None or q.levels is None:
+        return torch.zeros(4, device=device, dtype=torch.int32), 0
+    if q.levels.dim() != 1:
+        raise ValueError("the decode kernel reads one level table a side, not one a channel")
+    scaled = q.levels.to(device, torch.float32) * level_grid(q.spec.bits)
+    table = torch.round(scaled)
+    if not torch.equal(table, scaled):
+        raise ValueError("levels off the kernel's grid: snap them with kvtuner.quant.codebook.snap_levels")
+    table = torch.nn.functional.pad(table.to(torch.uint8), (0, 16 - table.numel()))
+    return table.view(torch.int32).contiguous(), q.levels.numel()
+
+
 def decode_attention_triton(
     query: torch.Tensor,
     qkeys: QuantizedTensor | None,
@@ -555,6 +629,7 @@ def decode_attention_triton(
     keys: torch.Tensor,
     values: torch.Tensor,
     scale: float,
+    history_start: int = 0,
     num_splits: int | None = None,
     num_warps: int | None = None,
     num_stages: int = 2,
@@ -562,6 +637,8 @@ def decode_attention_triton(
     inline_asm: bool | None = None,
 ) -> torch.Tensor:
     """Launcher; same arguments and result as :func:`~kvtuner.kernels.reference.decode_attention_reference`.
+
+    Codes with non-uniform ``levels`` (one ``[2**bits]`` table a side) are looked up in the kernel.
 
     num_splits: history slices per KV head (default :func:`default_num_splits`); num_warps (also
     the token slices of a step; default :func:`default_num_warps`), num_stages and maxnreg
@@ -574,6 +651,8 @@ def decode_attention_triton(
     r = h_q // h_kv
     r_p = triton.next_power_of_2(r)
     tensors = [query, keys, values]
+    kl, k_nuq = _level_table(qkeys, query.device)
+    vl, v_nuq = _level_table(qvalues, query.device)
     if qkeys is None:  # no history programs run; typed placeholders still have to compile
         n_hist, g_k, g_v, k_bits, v_bits = 0, 16 * (num_warps or 4), d, 4, 4
         kw = vw = torch.empty(1, device=query.device, dtype=torch.int32)
@@ -609,12 +688,12 @@ def decode_attention_triton(
     o_part = torch.empty((b * h_q, n_parts, d), device=query.device, dtype=torch.float32)
     lse_part = torch.empty((b * h_q, n_parts), device=query.device, dtype=torch.float32)
     _decode_split_kernel[(b * h_kv, n_parts)](
-        query, kw, ks, kz, vw, vs, vz, keys, values, o_part, lse_part,
+        query, kw, ks, kz, vw, vs, vz, kl, vl, keys, values, o_part, lse_part,
         query.stride(0), query.stride(1), *hist_strides, *keys.stride()[:3], *values.stride()[:3],
-        n_hist, n_res, steps_per_split, splits, scale * LOG2E,
+        n_hist, history_start, n_res, steps_per_split, splits, scale * LOG2E,
         H_KV=h_kv, R=r, R_P=r_p, M=m, NG=ng, NGV=ngv, D=d,
         G_K=g_k, G_V=g_v, K_BITS=k_bits, V_BITS=v_bits, W=num_warps, NR=32,
-        ASM=on_gpu if inline_asm is None else inline_asm, SHORT=n_hist < ng * g_k,
+        ASM=on_gpu if inline_asm is None else inline_asm, SHORT=n_hist < ng * g_k, K_NUQ=k_nuq, V_NUQ=v_nuq,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if on_gpu and maxnreg else {}),
     )
     out = torch.empty((b, h_q, d), device=query.device, dtype=query.dtype)

@@ -25,6 +25,24 @@ def uniform_levels(bits: int) -> torch.Tensor:
     return torch.arange(2**bits, dtype=torch.float32)
 
 
+def level_grid(bits: int) -> int:
+    """Grid points per code step that shared level tables live on: the largest power of two with
+    ``qmax * grid <= 127`` (8 at 4 bits, 16 at 3, 32 at 2).
+
+    Why: the decode kernel looks a code's level up as one 7-bit byte ``level * grid`` (a byte permute
+    selects four at once) and turns it into fp16 with the ``0x6400`` magic number; a power of two keeps
+    every grid point exact in fp16. The grid costs at most half a grid step (1/16 of a code step at 4
+    bits) and keeps the pinned ends 0 and ``qmax`` exact.
+    """
+    return 2 ** (7 - bits)  # = 128 / entries
+
+
+def snap_levels(levels: torch.Tensor, bits: int) -> torch.Tensor:
+    """``levels`` rounded to the :func:`level_grid` of ``bits`` (fp16: every grid point is exact in it)."""
+    grid = level_grid(bits)
+    return (torch.round(levels.float() * grid) / grid).to(torch.float16)
+
+
 def nearest_level(y: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Index of the nearest level for each ``y`` (levels sorted ascending; ties go up).
 

@@ -127,6 +127,13 @@ def group_view(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int]:
     return x.reshape(*x.shape[:-2], extent // g, g, x.shape[-1]), -2
 
 
+def _true_div(v: torch.Tensor, divisor: int) -> torch.Tensor:
+    """``v / divisor`` rounded once, on every device. Why: CUDA torch divides by a Python number as a
+    multiplication by its reciprocal (off by an ulp, e.g. for 1/15), which would make a CUDA cache's
+    scales differ from a CPU cache's and from the Triton quantizer's IEEE division."""
+    return v / torch.full((), divisor, dtype=v.dtype, device=v.device)
+
+
 def round_directed(v: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
     """Float32 ``v`` rounded to ``dtype`` toward +inf (``up``) or toward -inf, not to nearest.
 
@@ -185,7 +192,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, levels: torch.Tensor | None = Non
     if spec.fp8 is not None:
         fp8 = FP8_DTYPES[spec.fp8]
         fmax = torch.finfo(fp8).max
-        scale = round_directed(grouped.abs().amax(dim=red, keepdim=True) / fmax, spec.scale_dtype, up=True)
+        scale = round_directed(_true_div(grouped.abs().amax(dim=red, keepdim=True), fmax), spec.scale_dtype, up=True)
         check_representable(x, spec, scale)
         safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()
         # with the scale rounded up only float32 rounding can carry x / scale past fmax, where the
@@ -194,7 +201,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, levels: torch.Tensor | None = Non
         return QuantizedTensor(payload.contiguous(), scale.squeeze(red).contiguous(), None, spec, shape)
     if spec.symmetric:
         qmax = 2 ** (spec.bits - 1) - 1
-        scale = round_directed(grouped.abs().amax(dim=red, keepdim=True) / qmax, spec.scale_dtype, up=True)
+        scale = round_directed(_true_div(grouped.abs().amax(dim=red, keepdim=True), qmax), spec.scale_dtype, up=True)
         check_representable(x, spec, scale)
         safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()
         codes = torch.clamp(torch.round(grouped / safe), -qmax, qmax) + 2 ** (spec.bits - 1)
@@ -204,7 +211,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, levels: torch.Tensor | None = Non
         lo = grouped.amin(dim=red, keepdim=True)
         hi = grouped.amax(dim=red, keepdim=True)
         zero = round_directed(lo, spec.scale_dtype, up=False)
-        scale = round_directed((hi - zero.float()) / qmax, spec.scale_dtype, up=True)
+        scale = round_directed(_true_div(hi - zero.float(), qmax), spec.scale_dtype, up=True)
         check_representable(x, spec, zero, scale)
         safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()
         normalized = (grouped - zero.float()) / safe
