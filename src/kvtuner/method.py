@@ -18,9 +18,9 @@ What a method stores for a flushed block of tokens (:class:`StoredKV`):
   a calibrated per-channel range (no scales or zeros stored: the range is the calibration's, the
   few values beyond it clamped, or kept as outliers) and values per token over the whole head;
 * with ``codebook``: the codes index calibrated non-uniform levels inside each group
-  (:mod:`kvtuner.quant.codebook`) instead of the uniform grid; a table shared by the layer is
-  used on the decode kernel's level grid (:func:`~kvtuner.quant.codebook.snap_levels`), so every
-  path reads the same levels;
+  (:mod:`kvtuner.quant.codebook`) instead of the uniform grid; where the packed decode kernel
+  reads the layer, its tables are used on the kernel's level grid
+  (:func:`~kvtuner.quant.codebook.snap_levels`) on every path, so all paths read the same levels;
 * with ``outliers`` > 0: elements outside calibrated per-channel (keys) or per-head (values)
   thresholds, kept exactly in fp16 (:mod:`kvtuner.quant.outliers`); each group's range is then
   its inliers' range (the outliers' own codes are never read);
@@ -284,12 +284,13 @@ class KVMethod:
             if (spec.outliers > 0 or calibrated_range(spec, side[0])) and cal.lo is None:
                 what = "range" if calibrated_range(spec, side[0]) and not spec.outliers else "outlier thresholds"
                 raise KVConfigError(f"{spec.label}: {side} {what} missing (needs a calibration file)")
-        for cal, bits in ((self.key_calibration, spec.k_bits), (self.value_calibration, spec.v_bits)):
-            if cal.levels is not None and cal.levels.dim() == 1:  # shared tables: on the kernel's grid
-                cal.levels = snap_levels(cal.levels, bits)
         if spec.pre_rope and spec.k_bits < 16 and inv_freq is None:
             raise KVConfigError(f"{spec.label}: pre-RoPE keys need the model's rotary frequencies")
         self.inv_freq = inv_freq if spec.pre_rope else None
+        if self.packed_decode_supported():  # the kernel reads these codes: their tables on its grid, on every path
+            for cal, bits in ((self.key_calibration, spec.k_bits), (self.value_calibration, spec.v_bits)):
+                if cal.levels is not None:
+                    cal.levels = snap_levels(cal.levels, bits)
 
     def __repr__(self) -> str:
         return f"KVMethod({self.spec.label})"

@@ -106,7 +106,7 @@ def test_layers_the_kernel_cannot_read_stay_on_the_torch_path_with_one_warning(m
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_codebook_and_sink_layers_decode_on_the_kernel(model, backend, monkeypatch):
-    """A codebook with a sink (and a plain layer beside it): no warning, no dequantized history, the
+    """Codebooks with sinks of 1 and 3 tokens on both layers: no warning, no dequantized history, the
     reference's logits."""
     import warnings
 

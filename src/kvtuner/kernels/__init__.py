@@ -114,7 +114,7 @@ def decode_attention(
     :func:`~kvtuner.kernels.reference.decode_attention_reference`.
     """
     supported = decode_supported(key_spec, value_spec, query.shape[-1]) and all(
-        q is None or q.levels is None or q.levels.dim() == 1 for q in (qkeys, qvalues))
+        q is None or q.levels is None or (q.levels.dim() == 1 and q.spec.bits in (2, 3, 4)) for q in (qkeys, qvalues))
     if use_triton(backend, query.device, supported, "decode attention"):
         from kvtuner.kernels.decode import decode_attention_triton
 

@@ -25,6 +25,11 @@ the tensor cores, at about one integer instruction per two codes:
   and the softmax sum come from small dots (8 columns each), so that no code is ever
   dequantized and no row sum is reduced across threads.
 
+Codes that index a level table (NUQ) take one more step: a byte permute (``prmt``) looks four codes up
+in the table's 7-bit bytes ``level * S`` at once, and the same magic number makes them fp16
+(:func:`_pair_levels`; ``S`` takes the place of the multiplier ``m`` below). History slots before
+``history_start`` (a method's sink tokens, attended from the full-precision part) are masked.
+
 Codes become fp16 without an int-to-float conversion: for ``b``-bit codes, one ``lop3`` per
 32-bit register computes ``(x & mask) | 0x64006400``, two fp16 numbers ``1024 + m * c`` (one per
 16-bit half, ``m = 2^(b * j)`` for the code at bit ``b * j`` of its byte; codes < 1024 / m stay
@@ -607,19 +612,21 @@ def stacking(r_p: int, head_dim: int, key_group: int, value_group: int) -> tuple
     return ngv, m, min(m // r_p, max(1, 128 // key_group))
 
 
-def _level_table(q: QuantizedTensor | None, device: torch.device) -> tuple[torch.Tensor, int]:
+@functools.lru_cache(maxsize=256)
+def _level_table(levels: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, int]:
     """(the table the kernel looks codes up in: bytes ``level * grid`` as 4 int32 words, its entries; 0: uniform
-    codes). The levels must lie on :func:`~kvtuner.quant.codebook.level_grid` (``KVMethod`` puts them there)."""
-    if q is None or q.levels is None:
+    codes). Built and checked once a table (a layer's codes share one tensor): no host sync in a decode step.
+    The levels must lie on :func:`~kvtuner.quant.codebook.level_grid` (``KVMethod`` puts them there)."""
+    if levels is None:
         return torch.zeros(4, device=device, dtype=torch.int32), 0
-    if q.levels.dim() != 1:
-        raise ValueError("the decode kernel reads one level table a side, not one a channel")
-    scaled = q.levels.to(device, torch.float32) * level_grid(q.spec.bits)
+    if levels.dim() != 1 or levels.numel() not in (4, 8, 16):
+        raise ValueError("the decode kernel reads one level table of 4, 8 or 16 entries a side")
+    scaled = levels.to(device, torch.float32) * level_grid(levels.numel().bit_length() - 1)
     table = torch.round(scaled)
-    if not torch.equal(table, scaled):
+    if not torch.equal(table, scaled) or table.min() < 0 or table.max() > 127:
         raise ValueError("levels off the kernel's grid: snap them with kvtuner.quant.codebook.snap_levels")
     table = torch.nn.functional.pad(table.to(torch.uint8), (0, 16 - table.numel()))
-    return table.view(torch.int32).contiguous(), q.levels.numel()
+    return table.view(torch.int32).contiguous(), levels.numel()
 
 
 def decode_attention_triton(
@@ -651,8 +658,8 @@ def decode_attention_triton(
     r = h_q // h_kv
     r_p = triton.next_power_of_2(r)
     tensors = [query, keys, values]
-    kl, k_nuq = _level_table(qkeys, query.device)
-    vl, v_nuq = _level_table(qvalues, query.device)
+    kl, k_nuq = _level_table(qkeys.levels if qkeys is not None else None, query.device)
+    vl, v_nuq = _level_table(qvalues.levels if qvalues is not None else None, query.device)
     if qkeys is None:  # no history programs run; typed placeholders still have to compile
         n_hist, g_k, g_v, k_bits, v_bits = 0, 16 * (num_warps or 4), d, 4, 4
         kw = vw = torch.empty(1, device=query.device, dtype=torch.int32)

@@ -38,9 +38,12 @@ def level_grid(bits: int) -> int:
 
 
 def snap_levels(levels: torch.Tensor, bits: int) -> torch.Tensor:
-    """``levels`` rounded to the :func:`level_grid` of ``bits`` (fp16: every grid point is exact in it)."""
+    """``levels`` clamped to ``[0, qmax]`` and rounded to the :func:`level_grid` of ``bits`` (fp16: every
+    grid point is exact in it)."""
+    if bits not in (2, 3, 4):
+        raise ValueError(f"level tables on the kernel's grid have 2, 3 or 4 bits, not {bits}")
     grid = level_grid(bits)
-    return (torch.round(levels.float() * grid) / grid).to(torch.float16)
+    return (torch.round(levels.float().clamp(0, 2**bits - 1) * grid) / grid).to(torch.float16)
 
 
 def nearest_level(y: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:

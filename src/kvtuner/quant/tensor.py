@@ -127,7 +127,7 @@ def group_view(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int]:
     return x.reshape(*x.shape[:-2], extent // g, g, x.shape[-1]), -2
 
 
-def _true_div(v: torch.Tensor, divisor: int) -> torch.Tensor:
+def _true_div(v: torch.Tensor, divisor: float) -> torch.Tensor:
     """``v / divisor`` rounded once, on every device. Why: CUDA torch divides by a Python number as a
     multiplication by its reciprocal (off by an ulp, e.g. for 1/15), which would make a CUDA cache's
     scales differ from a CPU cache's and from the Triton quantizer's IEEE division."""
