@@ -139,6 +139,7 @@ def generate(
     from transformers import TextStreamer
 
     from kvtuner.cache import MixedPrecisionCache, cache_kwargs
+    from kvtuner.cache.attention import use_packed_attention
 
     try:
         [cfg] = resolve_configs(model, kv, config, method, group_size, residual_length, single=True,
@@ -153,8 +154,9 @@ def generate(
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(lm.device)
     cache = MixedPrecisionCache(cfg, lm.config)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    lm.generate(**enc, **cache_kwargs(lm, cache), max_new_tokens=max_new_tokens, do_sample=False,
-                streamer=streamer, pad_token_id=tokenizer.pad_token_id)
+    with use_packed_attention(lm, cache):  # decode steps read the packed history, never a dequantized copy
+        lm.generate(**enc, **cache_kwargs(lm, cache), max_new_tokens=max_new_tokens, do_sample=False,
+                    streamer=streamer, pad_token_id=tokenizer.pad_token_id)
     nbytes, fp16 = cache.nbytes(), cache.nbytes_fp16()
     console.print(
         f"KV cache: {nbytes:,} bytes vs {fp16:,} in fp16 ({nbytes / fp16:.3f}×), "

@@ -12,8 +12,10 @@ a dequantized copy. Two kernels serve :class:`~kvtuner.cache.layer.MixedPrecisio
 supported (KIVI layout: asymmetric integer codes, keys per channel, values per token, uniform
 or indexing one non-uniform level table a side), and torch
 otherwise; ``"triton"`` or ``"torch"`` forces one, and forcing Triton on an unsupported spec
-raises. Forcing Triton on CPU tensors works under ``TRITON_INTERPRET=1`` (how CI tests the
-kernels). The torch path is the reference and the CPU default; triton is imported only when used.
+raises. The torch decode path streams the packed history tile by tile (:mod:`.streaming`); the
+float64-capable :mod:`.reference` is what tests hold both to. Forcing Triton on CPU tensors works
+under ``TRITON_INTERPRET=1`` (how CI tests the kernels). The torch path is the CPU default; triton is
+imported only when used.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from kvtuner.kernels.reference import decode_attention_reference
+from kvtuner.kernels.streaming import decode_attention_streaming
 from kvtuner.quant import QuantizedTensor, QuantSpec
 from kvtuner.quant import quantize as quantize_reference
 
@@ -119,4 +121,4 @@ def decode_attention(
         from kvtuner.kernels.decode import decode_attention_triton
 
         return decode_attention_triton(query, qkeys, qvalues, keys, values, scale, history_start)
-    return decode_attention_reference(query, qkeys, qvalues, keys, values, scale, history_start)
+    return decode_attention_streaming(query, qkeys, qvalues, keys, values, scale, history_start)

@@ -13,6 +13,7 @@ from kvtuner.quant.tensor import (
     dequantize,
     group_view,
     quantize,
+    slice_tokens,
 )
 
 __all__ = [
@@ -27,5 +28,6 @@ __all__ = [
     "pack",
     "packed_width",
     "quantize",
+    "slice_tokens",
     "unpack",
 ]

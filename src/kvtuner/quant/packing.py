@@ -46,12 +46,13 @@ def _pack_pow2(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return packed.to(torch.int32)
 
 
-def _unpack_pow2(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
+def _unpack_pow2(words: torch.Tensor, bits: int, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """In int32: an arithmetic shift fills the top with sign bits, which the mask drops (int64 would move
+    twice the bytes, and decoding reads every code once a step)."""
     cpw = codes_per_word(bits)
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(cpw, device=words.device, dtype=torch.int64) * bits
-    codes = (w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(*words.shape[:-1], -1)[..., :length].to(torch.uint8)
+    shifts = torch.arange(cpw, device=words.device, dtype=torch.int32) * bits
+    codes = ((words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(*words.shape[:-1], -1)
+    return (codes if codes.shape[-1] == length else codes[..., :length]).to(dtype)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -63,13 +64,14 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return _pack_pow2(codes, bits)
 
 
-def unpack(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: ``length`` uint8 codes along the last dim."""
+def unpack(words: torch.Tensor, bits: int, length: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``length`` codes along the last dim, as ``dtype`` (a float dtype saves a
+    pass where the codes are read as numbers)."""
     if bits not in PACKABLE_BITS:
         raise ValueError(f"cannot unpack {bits}-bit codes; supported: {PACKABLE_BITS}")
     if bits == 3:
         low_words = packed_width(length, 2)
-        low = _unpack_pow2(words[..., :low_words], 2, length)
-        high = _unpack_pow2(words[..., low_words:], 1, length)
-        return low | (high << 2)
-    return _unpack_pow2(words, bits, length)
+        low = _unpack_pow2(words[..., :low_words], 2, length, torch.int32)
+        high = _unpack_pow2(words[..., low_words:], 1, length, torch.int32)
+        return (low | (high << 2)).to(dtype)
+    return _unpack_pow2(words, bits, length, dtype)

@@ -238,16 +238,38 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.
     if spec.fp8 is not None:
         values = q.payload.view(FP8_DTYPES[spec.fp8]).float()
     else:
-        codes = unpack(q.payload, spec.bits, q.shape[-1])
         if q.levels is not None:
-            values = q.levels.to(codes.device, torch.float32)[codes.long()]
+            codes = unpack(q.payload, spec.bits, q.shape[-1], torch.int64)
+            values = q.levels.to(codes.device, torch.float32)[codes]
         else:
-            values = codes.float() - 2 ** (spec.bits - 1) if spec.symmetric else codes.float()
+            values = unpack(q.payload, spec.bits, q.shape[-1], torch.float32)
+            if spec.symmetric:
+                values = values - 2 ** (spec.bits - 1)
     grouped, _ = group_view(values, spec)
     out = grouped * scale
-    if q.zero is not None:
-        out = out + q.zero.float().unsqueeze(red)
+    if q.zero is not None:  # in place, but a multiply and an add, not a fused addcmul: the same roundings as ever
+        out += q.zero.float().unsqueeze(red)
     return out.reshape(q.shape).to(dtype)
+
+
+def slice_tokens(q: QuantizedTensor, start: int, end: int) -> QuantizedTensor:
+    """Tokens ``start .. end - 1`` of ``q``, sharing its storage. With per-channel groups (scales per
+    ``G`` tokens) both ends must be multiples of ``G`` (or ``end`` the token count)."""
+    tokens = q.num_tokens
+    if not 0 <= start <= end <= tokens:
+        raise ValueError(f"token slice {start}:{end} of {tokens} tokens")
+    if q.spec.is_passthrough:
+        return replace(q, payload=q.payload[..., start:end, :], shape=torch.Size((*q.shape[:-2], end - start, q.shape[-1])))
+    if q.spec.axis == "channel":
+        g = q.spec.group_len(q.shape)
+        if start % g or (end % g and end != tokens):
+            raise ValueError(f"token slice {start}:{end} cuts a key group of {g} tokens")
+        lo, hi = start // g, -(-end // g)
+    else:
+        lo, hi = start, end
+    sliced = [t[..., lo:hi, :] if t is not None else None for t in (q.scale, q.zero)]
+    return replace(q, payload=q.payload[..., start:end, :], scale=sliced[0], zero=sliced[1],
+                   shape=torch.Size((*q.shape[:-2], end - start, q.shape[-1])))
 
 
 def cat_tokens(parts: list[QuantizedTensor]) -> QuantizedTensor:

@@ -1,0 +1,101 @@
+"""CPU decode speed and peak memory after a long prompt: transformers' DynamicCache against kvtuner's caches.
+
+What a user of ``kvtuner generate`` on a CPU gets: the default model in fp32, a prompt of
+``--prompts`` tokens of WikiText-2 prefilled in one call, then ``--new-tokens`` greedy one-token
+steps, timed apart from the prefill. kvtuner's caches decode through ``use_packed_attention``
+(the torch path streams the packed history tile by tile, :mod:`kvtuner.kernels.streaming`);
+``legacy`` rows run the same cache without it (each step reads the whole history back, as every
+version before the streaming path did). Each case runs in its own process, so ``peak_rss_mib`` is that
+case's own high-water mark (prefill included); ``kv_mib`` is the cache's stored bytes at the end.
+
+    PYTHONPATH=src python benchmarks/bench_cpu_decode.py --prompts 2048 8000 --threads 1 2 --out runs/cpu_decode
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_raw_test.txt"
+CASES = ["fp16", "KV8", "K4V4", "K2V2", "K4V4-legacy"]
+
+
+@torch.no_grad()
+def run_case(case: str, prompt_tokens: int, new_tokens: int, threads: int) -> dict:
+    from kvtuner.cache import MixedPrecisionCache, cache_kwargs
+    from kvtuner.cache.attention import use_packed_attention
+    from kvtuner.config import KVConfig
+    from kvtuner.evaluate import token_windows
+    from kvtuner.models import load_model
+
+    torch.set_num_threads(threads)
+    model, tokenizer = load_model("default")
+    prompt = token_windows(DATA, tokenizer, prompt_tokens, 1)
+    kv = case.removesuffix("-legacy")
+    if kv == "fp16":
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+    else:
+        cache = MixedPrecisionCache(KVConfig.uniform(kv, model.config.num_hidden_layers), model.config)
+    kwargs = cache_kwargs(model, cache)
+    packed = kv != "fp16" and not case.endswith("-legacy")
+    with use_packed_attention(model, cache) if packed else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        token = model(prompt, use_cache=True, **kwargs).logits[:, -1:].argmax(-1)
+        t1 = time.perf_counter()
+        for _ in range(new_tokens):
+            token = model(token, use_cache=True, **kwargs).logits[:, -1:].argmax(-1)
+        t2 = time.perf_counter()
+    if kv == "fp16":
+        kv_bytes = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+    else:
+        kv_bytes = cache.nbytes()
+    return {"case": case, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "threads": threads,
+            "prefill_s": t1 - t0, "decode_tok_s": new_tokens / (t2 - t1),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "kv_mib": kv_bytes / 2**20}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, nargs="+", default=[2048, 8000])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--out", type=Path, default=Path("runs/cpu_decode"))
+    ap.add_argument("--child", nargs=4, metavar=("CASE", "PROMPT", "NEW", "THREADS"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        case, prompt, new, threads = args.child
+        print(json.dumps(run_case(case, int(prompt), int(new), int(threads))))
+        return
+    if not DATA.exists():
+        ap.error(f"{DATA} is missing (see ../shared/data/SOURCES.md)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for threads in args.threads:
+        for prompt in args.prompts:
+            for case in args.cases:
+                done = subprocess.run([sys.executable, __file__, "--child", case, str(prompt), str(args.new_tokens),
+                                       str(threads)], capture_output=True, text=True)
+                if done.returncode:
+                    print(f"{case} {prompt} tokens, {threads} threads failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                r = rows[-1]
+                print(f"threads {threads} prompt {prompt:5d} {case:12} decode {r['decode_tok_s']:6.2f} tok/s  "
+                      f"prefill {r['prefill_s']:6.1f} s  peak RSS {r['peak_rss_mib']:7.0f} MiB  KV {r['kv_mib']:6.1f} MiB",
+                      flush=True)
+                (args.out / "cpu_decode.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
