@@ -50,7 +50,7 @@ def run_case(case: str, prompt_tokens: int, new_tokens: int, threads: int) -> di
     packed = kv != "fp16" and not case.endswith("-legacy")
     with use_packed_attention(model, cache) if packed else contextlib.nullcontext():
         t0 = time.perf_counter()
-        token = model(prompt, use_cache=True, **kwargs).logits[:, -1:].argmax(-1)
+        token = model(prompt, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1:].argmax(-1)  # as generate does
         t1 = time.perf_counter()
         for _ in range(new_tokens):
             token = model(token, use_cache=True, **kwargs).logits[:, -1:].argmax(-1)
