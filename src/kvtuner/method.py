@@ -45,7 +45,8 @@ from typing import Any, Callable
 import torch
 
 from kvtuner.config import KVConfigError, LayerSpec, ModelFingerprint, write_atomic
-from kvtuner.quant import QuantizedTensor, QuantSpec, cat_tokens, group_view, pack, unpack
+from kvtuner.quant import (QuantizedTensor, QuantSpec, cat_tokens, group_view, pack, slice_tokens, unpack,
+                           write_tokens)
 from kvtuner.quant import quantize as quantize_reference
 from kvtuner.quant.codebook import nearest_level, snap_levels, uniform_levels
 from kvtuner.quant.outliers import INDEX_LIMIT, SparseOutliers, cat_blocks, extract
@@ -238,12 +239,22 @@ class StoredKV:
         sink = [fn(t) if t is not None else None for t in (self.sink_keys, self.sink_values)]
         return StoredKV(self.keys.map(fn), self.values.map(fn), *sink)
 
-    def append(self, block: "StoredKV") -> "StoredKV":
-        """This history followed by ``block`` (sink tokens only ever come in the first blocks)."""
+    def append(self, block: "StoredKV", buffers: "tuple[QuantizedTensor, QuantizedTensor] | None" = None) -> "StoredKV":
+        """This history followed by ``block`` (sink tokens only ever come in the first blocks).
+
+        buffers: key and value code buffers (:func:`~kvtuner.quant.reserve_tokens`) whose first tokens are
+        this history's codes and that have room for ``block``: its codes are written in place and the result
+        views the buffers; without them the codes are concatenated (a copy of the whole history)."""
+        n = self.num_tokens
         sides = []
-        for mine, theirs in ((self.keys, block.keys), (self.values, block.values)):
+        for i, (mine, theirs) in enumerate(((self.keys, block.keys), (self.values, block.values))):
             outliers = None if mine.outliers is None else cat_blocks([mine.outliers, theirs.outliers])
-            sides.append(StoredSide(cat_tokens([mine.codes, theirs.codes]), outliers))
+            if buffers is None:
+                codes = cat_tokens([mine.codes, theirs.codes])
+            else:
+                write_tokens(buffers[i], n, theirs.codes)
+                codes = slice_tokens(buffers[i], 0, n + block.num_tokens)
+            sides.append(StoredSide(codes, outliers))
         sink = [_cat_optional(a, b) for a, b in ((self.sink_keys, block.sink_keys), (self.sink_values, block.sink_values))]
         return StoredKV(*sides, *sink)
 

@@ -191,3 +191,27 @@ def test_group_must_divide_axis():
 def test_invalid_specs(kwargs):
     with pytest.raises(ValueError):
         QuantSpec(**kwargs)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 16, "channel"), QuantSpec(2, 32, "token"), QuantSpec(3, 16, "channel"),
+                                  QuantSpec(8, 32, "token", fp8="e4m3"), QuantSpec(16, 32, "token")])
+def test_a_buffer_written_block_by_block_reads_as_the_concatenation(spec):
+    from kvtuner.quant import cat_tokens, reserve_tokens, slice_tokens, write_tokens
+
+    torch.manual_seed(0)
+    blocks = [quantize(torch.randn(2, 3, 32, 64), spec) for _ in range(4)]
+    buffer = reserve_tokens(blocks[0], 160)
+    pointers = [t.data_ptr() for t in buffer.stored_tensors()]
+    for i, block in enumerate(blocks[1:], 1):
+        write_tokens(buffer, 32 * i, block)
+    got, want = slice_tokens(buffer, 0, 128), cat_tokens(blocks)
+    assert [t.data_ptr() for t in buffer.stored_tensors()] == pointers  # written in place
+    assert got.shape == want.shape and got.nbytes() == want.nbytes()  # the view counts its tokens, not the room
+    for a, b in zip(got.stored_tensors(), want.stored_tensors()):
+        assert torch.equal(a, b)
+    assert torch.equal(got.dequantize(), want.dequantize())
+    if spec.axis == "channel":
+        with pytest.raises(ValueError, match="cuts a key group"):
+            write_tokens(buffer, 120, blocks[0])
+    with pytest.raises(ValueError, match="do not fit"):
+        write_tokens(buffer, 144, blocks[0])

@@ -3,7 +3,8 @@
 State, per layer (shapes ``[B, H_kv, T, D]``):
 
 * ``history``: the quantized tokens (:class:`~kvtuner.method.StoredKV`: real packed bytes, plus
-  whatever the method keeps beside them: outliers, sink tokens), grown by appending whole windows;
+  whatever the method keeps beside them: outliers, sink tokens), grown by appending whole windows,
+  whose codes are written in place into buffers that grow geometrically (``reserved_nbytes``);
 * ``keys`` / ``values``: the full-precision residual window of the most recent tokens.
 
 Rule: new tokens go into the residual; once it holds ``window`` tokens or more, the oldest
@@ -36,6 +37,7 @@ import torch
 from kvtuner.cache.compat import CacheLayerMixin, position_ids_from, tokens_to_keep
 from kvtuner.kernels import Backend
 from kvtuner.method import KVMethod, StoredKV
+from kvtuner.quant import QuantizedTensor, reserve_tokens
 
 
 class MixedPrecisionLayer(CacheLayerMixin):
@@ -45,6 +47,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
     is_compileable = False
     # A crop that reaches into the quantized history re-quantizes what it keeps: close, not exact.
     is_croppable = False
+    GROWTH = 1.5  # capacity factor of the code buffers when a flush does not fit
 
     def __init__(self, method: KVMethod, keep_dequantized: bool = False, backend: Backend = "auto"):
         super().__init__()
@@ -56,6 +59,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
         self.packed_decode = False
         self.pending_history: StoredKV | None = None
         self.history: StoredKV | None = None
+        self._buffers: tuple[QuantizedTensor, QuantizedTensor] | None = None  # code buffers the history views
         self.position_offset: torch.Tensor | None = None  # [B]: position of token t is t + offset
         self._memo: tuple[torch.Tensor, torch.Tensor] | None = None
         self.cumulative_length = 0
@@ -108,6 +112,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = None
         self.history = None
+        self._buffers = None
         self._memo = None
         self.position_offset = None
         self.cumulative_length = 0
@@ -125,6 +130,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
             hist_k, hist_v = self.dequantized_history()
             self.keys, self.values = hist_k[..., :keep, :], hist_v[..., :keep, :]
             self.history = None
+            self._buffers = None
             self._memo = None
             self._flush()
         self.cumulative_length = keep
@@ -172,7 +178,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
         start = self.quantized_length
         positions = self.positions(start, start + m)
         block = self.method.quantize(self.keys[..., :m, :], self.values[..., :m, :], start, positions, self.backend)
-        self.history = block if self.history is None else self.history.append(block)
+        self.history = self._append(block)
         if self.keep_dequantized:
             flushed = self.method.dequantize(block, start, positions, self.dtype)
             if self._memo is None:
@@ -183,13 +189,37 @@ class MixedPrecisionLayer(CacheLayerMixin):
         self.keys = self.keys[..., m:, :].clone()
         self.values = self.values[..., m:, :].clone()
 
+    def _append(self, block: StoredKV) -> StoredKV:
+        """The history followed by ``block``, its codes written in place into buffers that grow by half
+        (``GROWTH``) when full: a flush copies its own tokens, and the history is copied O(log T) times in all,
+        not at every flush. Outliers and sink tokens are still concatenated (both are small)."""
+        if self.history is None:
+            self._buffers = None
+            return block
+        n, m = self.quantized_length, block.num_tokens
+        if self._buffers is None or n + m > self._buffers[0].num_tokens:
+            capacity = -(-max(int(n * self.GROWTH), n + m) // self.window) * self.window
+            self._buffers = (reserve_tokens(self.history.keys.codes, capacity),
+                             reserve_tokens(self.history.values.codes, capacity))
+        return self.history.append(block, self._buffers)
+
+    def reserved_nbytes(self) -> int:
+        """Bytes the code buffers hold, used or not (``nbytes`` counts the used part)."""
+        if self._buffers is None:
+            return self.history.nbytes() if self.history is not None else 0
+        unused = [t.numel() * t.element_size() for q in self._buffers for t in q.stored_tensors()]
+        used = [t.numel() * t.element_size() for side in (self.history.keys, self.history.values)
+                for t in side.codes.stored_tensors()]
+        return self.history.nbytes() + sum(unused) - sum(used)
+
     def _map_batch(self, fn) -> None:
         if not self.is_initialized:
             return
         self.keys, self.values = fn(self.keys), fn(self.values)
         self.position_offset = fn(self.position_offset)
         if self.history is not None:
-            self.history = self.history.map(fn)
+            self.history = self.history.map(fn)  # compact: the next flush reserves again
+        self._buffers = None
         if self._memo is not None:
             self._memo = (fn(self._memo[0]), fn(self._memo[1]))
 

@@ -13,7 +13,9 @@ from kvtuner.quant.tensor import (
     dequantize,
     group_view,
     quantize,
+    reserve_tokens,
     slice_tokens,
+    write_tokens,
 )
 
 __all__ = [
@@ -28,6 +30,8 @@ __all__ = [
     "pack",
     "packed_width",
     "quantize",
+    "reserve_tokens",
     "slice_tokens",
     "unpack",
+    "write_tokens",
 ]

@@ -252,24 +252,61 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.
     return out.reshape(q.shape).to(dtype)
 
 
+def _tokens_a_row(q: QuantizedTensor) -> int:
+    """Tokens that share a row of ``q``'s scales and zeros: the group with per-channel groups, else 1."""
+    if q.scale is None or q.spec.axis != "channel":
+        return 1
+    return q.spec.group_len(q.shape)
+
+
 def slice_tokens(q: QuantizedTensor, start: int, end: int) -> QuantizedTensor:
     """Tokens ``start .. end - 1`` of ``q``, sharing its storage. With per-channel groups (scales per
     ``G`` tokens) both ends must be multiples of ``G`` (or ``end`` the token count)."""
     tokens = q.num_tokens
     if not 0 <= start <= end <= tokens:
         raise ValueError(f"token slice {start}:{end} of {tokens} tokens")
-    if q.spec.is_passthrough:
-        return replace(q, payload=q.payload[..., start:end, :], shape=torch.Size((*q.shape[:-2], end - start, q.shape[-1])))
-    if q.spec.axis == "channel":
-        g = q.spec.group_len(q.shape)
-        if start % g or (end % g and end != tokens):
-            raise ValueError(f"token slice {start}:{end} cuts a key group of {g} tokens")
-        lo, hi = start // g, -(-end // g)
-    else:
-        lo, hi = start, end
+    g = _tokens_a_row(q)
+    if start % g or (end % g and end != tokens):
+        raise ValueError(f"token slice {start}:{end} cuts a key group of {g} tokens")
+    lo, hi = start // g, -(-end // g)
     sliced = [t[..., lo:hi, :] if t is not None else None for t in (q.scale, q.zero)]
     return replace(q, payload=q.payload[..., start:end, :], scale=sliced[0], zero=sliced[1],
                    shape=torch.Size((*q.shape[:-2], end - start, q.shape[-1])))
+
+
+def _token_rows(q: QuantizedTensor, tokens: int) -> list[int]:
+    """Rows of payload, scale and zero (dim -2) that ``tokens`` tokens take in ``q``'s layout."""
+    return [tokens, *[-(-tokens // _tokens_a_row(q))] * 2]
+
+
+def reserve_tokens(q: QuantizedTensor, capacity: int) -> QuantizedTensor:
+    """A buffer with room for ``capacity`` tokens holding ``q`` in its first ones, for :func:`write_tokens`.
+
+    Why: a cache that appends a block by concatenation copies its whole history at every flush; a
+    buffer that grows geometrically copies it a bounded number of times. Read the filled part with
+    :func:`slice_tokens`. With per-channel groups, ``capacity`` must be a whole number of groups."""
+    if capacity % _tokens_a_row(q):
+        raise ValueError(f"a capacity of {capacity} tokens cuts a key group")
+    stored = []
+    for t, rows in zip((q.payload, q.scale, q.zero), _token_rows(q, capacity)):
+        stored.append(None if t is None else t.new_empty((*t.shape[:-2], rows, t.shape[-1])))
+    buffer = replace(q, payload=stored[0], scale=stored[1], zero=stored[2],
+                     shape=torch.Size((*q.shape[:-2], capacity, q.shape[-1])))
+    write_tokens(buffer, 0, q)
+    return buffer
+
+
+def write_tokens(buffer: QuantizedTensor, start: int, block: QuantizedTensor) -> None:
+    """Write ``block``'s tokens into ``buffer`` from token ``start`` (a whole number of groups with per-channel
+    groups), in place."""
+    if start + block.num_tokens > buffer.num_tokens:
+        raise ValueError(f"{block.num_tokens} tokens from {start} do not fit a buffer of {buffer.num_tokens}")
+    if start % _tokens_a_row(block):
+        raise ValueError(f"writing from token {start} cuts a key group")
+    begin = _token_rows(block, start)
+    for dst, src, row in zip((buffer.payload, buffer.scale, buffer.zero), (block.payload, block.scale, block.zero), begin):
+        if dst is not None:
+            dst[..., row : row + src.shape[-2], :].copy_(src)
 
 
 def cat_tokens(parts: list[QuantizedTensor]) -> QuantizedTensor:
