@@ -56,3 +56,22 @@ def test_eval_json_reports_quality_and_real_bytes(wikitext):
     row = json.loads(result.stdout.strip().splitlines()[-1])
     assert {"ppl", "kl", "top1", "avg_bits", "kv_bytes", "kv_bytes_fp16", "tokens", "effective_bits"} <= set(row)
     assert row["tokens"] == 64 and row["avg_bits"] == 3.0 and row["kv_bytes"] < row["kv_bytes_fp16"]
+
+
+def test_sliding_window_layers_are_refused_in_one_line_before_any_weights_load(tmp_path, wikitext):
+    """A hybrid model (Gemma 3 layout: five sliding layers, then a full one) given only its config: --kv on every
+    layer is refused by layer type; --layers full passes validation, so the next error is the missing weights."""
+    from transformers import Gemma3TextConfig
+
+    Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                     num_key_value_heads=1, head_dim=16, sliding_window=8).save_pretrained(tmp_path)
+    result = run("eval", "--data", wikitext, "--model", tmp_path, "--kv", "K4V4", "--group-size", "16",
+                 "--residual-length", "16")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: layer 0 is a 'sliding_attention' layer; kvtuner quantizes only full-attention layers "
+        "(give layer 0 an fp16 spec to keep it unquantized, or use --layers full)"]
+    result = run("eval", "--data", wikitext, "--model", tmp_path, "--kv", "K4V4", "--group-size", "16",
+                 "--residual-length", "16", "--layers", "full")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("error: cannot load model") and "'sliding_attention' layer" not in result.stderr

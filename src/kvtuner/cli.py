@@ -29,6 +29,8 @@ ConfigOpt = Annotated[Optional[list[Path]], typer.Option("--config", help="per-l
 MethodOpt = Annotated[str, typer.Option("--method", help="with --kv: kivi, per_token, fp8 or kvquant")]
 GroupOpt = Annotated[int, typer.Option("--group-size", help="with --kv: quantization group size")]
 ResidualOpt = Annotated[int, typer.Option("--residual-length", help="with --kv: full-precision window of recent tokens")]
+LayersOpt = Annotated[str, typer.Option("--layers", help="with --kv: 'all' layers, or 'full': only full-attention layers "
+                                         "(sliding-window layers stay fp16)")]
 CalibrationOpt = Annotated[Optional[Path], typer.Option("--calibration", help="with --kv: kvtuner calibrate's file, for +nuq / +ds / kvquant shorthands")]
 
 USER_ERRORS = (KVConfigError, DataError, ModelNotFoundError)
@@ -41,12 +43,16 @@ def fail(message: str) -> typer.Exit:
 
 
 def resolve_configs(model: str, kv: list[str] | None, config: list[Path] | None, method: str, group_size: int,
-                    residual_length: int, single: bool = False, calibration: Path | None = None) -> list[KVConfig]:
+                    residual_length: int, single: bool = False, calibration: Path | None = None,
+                    layers: str = "all") -> list[KVConfig]:
     """The KVConfigs the flags ask for, checked against the model's config before any weights load
-    (layer count, head shape, RoPE support, calibration file and its fingerprint)."""
+    (layer count, layer types, head shape, RoPE support, calibration file and its fingerprint).
+    layers: which layers a --kv shorthand quantizes ("all", or "full": full-attention layers only)."""
     import transformers
 
     from kvtuner.cache import fingerprint, layer_methods
+    from kvtuner.cache.mixed import check_layer_types
+    from kvtuner.cache.compat import layer_types
     from kvtuner.models import load_model_config
 
     transformers.logging.set_verbosity_error()
@@ -62,7 +68,16 @@ def resolve_configs(model: str, kv: list[str] | None, config: list[Path] | None,
         cfg.name = cfg.name or path.stem
     uniform = [KVConfig.uniform(k, fp.num_layers, method=method, group_size=group_size, residual_length=residual_length,
                                 model=fp, calibration=None if calibration is None else str(calibration)) for k in kv]
+    if layers == "full":
+        fp16 = KVConfig.uniform("fp16", 1).layers[0]
+        types = [layer_type for layer_type, _ in layer_types(model_config)]
+        for cfg in uniform:
+            cfg.layers = [spec if t == "full_attention" else fp16 for spec, t in zip(cfg.layers, types)]
+            cfg.name = f"{cfg.name} (full-attention layers)"
+    elif layers != "all":
+        raise KVConfigError(f"--layers must be 'all' or 'full', not {layers!r}")
     for cfg in uniform + loaded:
+        check_layer_types(cfg, model_config)
         layer_methods(cfg, model_config)
     return uniform + loaded
 
@@ -84,6 +99,7 @@ def eval_command(
     group_size: GroupOpt = 32,
     residual_length: ResidualOpt = 32,
     calibration: CalibrationOpt = None,
+    layers: LayersOpt = "all",
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="tokens to score")] = 2048,
     skip_windows: Annotated[int, typer.Option("--skip-windows", help="windows of --max-tokens tokens skipped first (e.g. past front matter or calibration text)")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object per config instead of a table")] = False,
@@ -96,7 +112,8 @@ def eval_command(
             raise DataError(f"{data}: no such data file")
         if skip_windows < 0:
             raise DataError(f"--skip-windows must not be negative, not {skip_windows}")
-        configs = resolve_configs(model, kv, config, method, group_size, residual_length, calibration=calibration)
+        configs = resolve_configs(model, kv, config, method, group_size, residual_length, calibration=calibration,
+                                  layers=layers)
         lm, tokenizer = load(model)
         evaluator = Evaluator(lm, token_windows(data, tokenizer, max_tokens, skip_windows=skip_windows),
                               progress=not as_json)
@@ -132,6 +149,7 @@ def generate(
     group_size: GroupOpt = 32,
     residual_length: ResidualOpt = 32,
     calibration: CalibrationOpt = None,
+    layers: LayersOpt = "all",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 128,
     chat: Annotated[bool, typer.Option("--chat/--raw", help="wrap the prompt in the model's chat template")] = True,
 ) -> None:
@@ -143,7 +161,7 @@ def generate(
 
     try:
         [cfg] = resolve_configs(model, kv, config, method, group_size, residual_length, single=True,
-                                 calibration=calibration)
+                                 calibration=calibration, layers=layers)
         lm, tokenizer = load(model)
     except USER_ERRORS as e:
         raise fail(str(e)) from None
@@ -175,6 +193,7 @@ def gsm8k(
     group_size: GroupOpt = 32,
     residual_length: ResidualOpt = 32,
     calibration: CalibrationOpt = None,
+    layers: LayersOpt = "all",
     limit: Annotated[int, typer.Option("--limit", help="questions to score")] = 50,
     shots: Annotated[int, typer.Option("--shots")] = 4,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 256,
@@ -187,7 +206,7 @@ def gsm8k(
         rows = load_gsm8k(data)
         shot_rows = load_gsm8k(shots_file) if shots_file else rows
         [cfg] = resolve_configs(model, kv, config, method, group_size, residual_length, single=True,
-                                 calibration=calibration)
+                                 calibration=calibration, layers=layers)
         lm, tokenizer = load(model)
     except USER_ERRORS as e:
         raise fail(str(e)) from None

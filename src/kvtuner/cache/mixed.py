@@ -59,6 +59,21 @@ def layer_methods(
     return build_methods(config.layers, calibration, inv_freq, source)
 
 
+def check_layer_types(config: KVConfig, model_config: PretrainedConfig) -> list[tuple[str, dict]]:
+    """The model's (layer type, kwargs) per layer, after checking that ``config`` quantizes only layer types
+    kvtuner stores correctly: a clear ``KVConfigError`` otherwise, before any weights load."""
+    types = layer_types(model_config)
+    if len(types) != config.num_layers:
+        raise KVConfigError(f"config has {config.num_layers} layers but the model has {len(types)} layers with a KV cache")
+    for i, (spec, (layer_type, _)) in enumerate(zip(config.layers, types)):
+        if spec.is_quantized and layer_type not in SUPPORTED_QUANTIZED_TYPES:
+            raise KVConfigError(
+                f"layer {i} is a {layer_type!r} layer; kvtuner quantizes only full-attention layers "
+                f"(give layer {i} an fp16 spec to keep it unquantized, or use --layers full)"
+            )
+    return types
+
+
 class MixedPrecisionCache(Cache):
     """Per-layer mixed-precision KV cache (KIVI-style layers, packed storage).
 
@@ -81,23 +96,14 @@ class MixedPrecisionCache(Cache):
             types = [("full_attention", {})] * config.num_layers
         else:
             config.check_model(fingerprint(model_config))
-            types = layer_types(model_config)
-            if len(types) != config.num_layers:
-                raise KVConfigError(
-                    f"config has {config.num_layers} layers but the model has {len(types)} layers with a KV cache"
-                )
+            types = check_layer_types(config, model_config)
         methods = layer_methods(config, model_config, calibration)
         layers = []
-        for i, (method, (layer_type, kwargs)) in enumerate(zip(methods, types)):
+        for method, (layer_type, kwargs) in zip(methods, types):
             if method is None:
                 layers.append(dynamic_layer_for(layer_type, kwargs) if layer_type != "full_attention" else DynamicLayer())
-            elif layer_type in SUPPORTED_QUANTIZED_TYPES:
-                layers.append(MixedPrecisionLayer(method, keep_dequantized=keep_dequantized, backend=backend))
             else:
-                raise KVConfigError(
-                    f"layer {i} is a {layer_type!r} layer; kvtuner quantizes only full-attention layers "
-                    f"(give layer {i} an fp16 spec to keep it unquantized)"
-                )
+                layers.append(MixedPrecisionLayer(method, keep_dequantized=keep_dequantized, backend=backend))
         super().__init__(layers=layers)
 
     def nbytes(self) -> int:
