@@ -4,6 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kvtuner import KVConfig
+from kvtuner.config import KVConfigError
 from kvtuner.cli import app
 from kvtuner.models import ModelNotFoundError, default_gguf_path
 
@@ -70,8 +71,27 @@ def test_sliding_window_layers_are_refused_in_one_line_before_any_weights_load(t
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
         "error: layer 0 is a 'sliding_attention' layer; kvtuner quantizes only full-attention layers "
-        "(give layer 0 an fp16 spec to keep it unquantized, or use --layers full)"]
+        "(give layer 0 an fp16 spec to keep it unquantized; the CLI's --layers full does that for a --kv shorthand)"]
     result = run("eval", "--data", wikitext, "--model", tmp_path, "--kv", "K4V4", "--group-size", "16",
                  "--residual-length", "16", "--layers", "full")
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
     assert result.stderr.startswith("error: cannot load model") and "'sliding_attention' layer" not in result.stderr
+
+
+def test_layers_full_keeps_sliding_layers_fp16_and_refuses_what_it_cannot_do(tmp_path):
+    from transformers import Gemma3TextConfig, MistralConfig
+
+    from kvtuner.cli import resolve_configs
+
+    Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                     num_key_value_heads=1, head_dim=16, sliding_window=8).save_pretrained(tmp_path / "gemma")
+    [cfg] = resolve_configs(str(tmp_path / "gemma"), ["K4V4"], None, "kivi", 16, 16, layers="full")
+    assert [spec.label for spec in cfg.layers] == ["fp16"] * 5 + ["KV4"]
+    assert cfg.avg_bits == (5 * 16 + 4) / 6 and cfg.name == "K4V4 (full-attention layers)"
+    MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, sliding_window=16).save_pretrained(tmp_path / "mistral")  # every layer sliding
+    with pytest.raises(KVConfigError, match="no full-attention layer"):
+        resolve_configs(str(tmp_path / "mistral"), ["K4V4"], None, "kivi", 16, 16, layers="full")
+    with pytest.raises(KVConfigError, match="applies to --kv shorthands"):
+        resolve_configs(str(tmp_path / "gemma"), None, [KVConfig.uniform("fp16", 6).save(tmp_path / "c.json")],
+                        "kivi", 16, 16, layers="full")

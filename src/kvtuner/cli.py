@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -69,11 +70,16 @@ def resolve_configs(model: str, kv: list[str] | None, config: list[Path] | None,
     uniform = [KVConfig.uniform(k, fp.num_layers, method=method, group_size=group_size, residual_length=residual_length,
                                 model=fp, calibration=None if calibration is None else str(calibration)) for k in kv]
     if layers == "full":
-        fp16 = KVConfig.uniform("fp16", 1).layers[0]
+        if config:
+            raise KVConfigError("--layers full applies to --kv shorthands; a config file gives every layer its own spec")
         types = [layer_type for layer_type, _ in layer_types(model_config)]
+        if "full_attention" not in types:
+            raise KVConfigError("the model has no full-attention layer: --layers full would quantize nothing")
+        fp16 = KVConfig.uniform("fp16", 1).layers[0]
         for cfg in uniform:
-            cfg.layers = [spec if t == "full_attention" else fp16 for spec, t in zip(cfg.layers, types)]
-            cfg.name = f"{cfg.name} (full-attention layers)"
+            if any(t != "full_attention" for t in types):
+                cfg.layers = [spec if t == "full_attention" else fp16 for spec, t in zip(cfg.layers, types)]
+                cfg.name = f"{cfg.name} (full-attention layers)"
     elif layers != "all":
         raise KVConfigError(f"--layers must be 'all' or 'full', not {layers!r}")
     for cfg in uniform + loaded:
@@ -156,7 +162,7 @@ def generate(
     """Generate text with the quantized cache, streamed, then the KV bytes against fp16."""
     from transformers import TextStreamer
 
-    from kvtuner.cache import MixedPrecisionCache, cache_kwargs
+    from kvtuner.cache import MixedPrecisionCache, MixedPrecisionLayer, cache_kwargs
     from kvtuner.cache.attention import use_packed_attention
 
     try:
@@ -172,7 +178,9 @@ def generate(
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(lm.device)
     cache = MixedPrecisionCache(cfg, lm.config)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    with use_packed_attention(lm, cache):  # decode steps read the packed history, never a dequantized copy
+    packed = any(isinstance(layer, MixedPrecisionLayer) and layer.method.packed_decode_supported() for layer in cache.layers)
+    # decode steps read the packed history, never a dequantized copy; a config with nothing packed keeps the model's attention
+    with use_packed_attention(lm, cache) if packed else contextlib.nullcontext():
         lm.generate(**enc, **cache_kwargs(lm, cache), max_new_tokens=max_new_tokens, do_sample=False,
                     streamer=streamer, pad_token_id=tokenizer.pad_token_id)
     nbytes, fp16 = cache.nbytes(), cache.nbytes_fp16()

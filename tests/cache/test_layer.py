@@ -21,7 +21,7 @@ def test_flushes_write_into_buffers_that_grow_geometrically():
         layer.update(k[..., t : t + 1, :], v[..., t : t + 1, :])
         if layer._buffers is not None and layer._buffers[0].payload.data_ptr() != pointer:
             growths, pointer = growths + 1, layer._buffers[0].payload.data_ptr()
-    assert layer.quantized_length == 224 and growths <= 4  # 64 -> 96 -> 144 -> 224: not 10 concatenations
+    assert layer.quantized_length == 224 and 1 <= growths <= 4  # 64 -> 96 -> 144 -> 216 -> 324: not 10 copies
     want_k, want_v = method.roundtrip(k, v)
     got_k, got_v = layer.dequantized_history()
     assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)

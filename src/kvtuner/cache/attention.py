@@ -82,7 +82,7 @@ def packed_attention_forward(
 def use_packed_attention(model, cache: Cache, backend: Backend = "auto") -> Iterator[None]:
     """Run ``model``'s one-token steps on ``cache``'s packed storage inside the ``with`` block.
 
-    backend: ``"auto"`` (Triton kernels on CUDA, the torch reference elsewhere), ``"triton"``
+    backend: ``"auto"`` (Triton kernels on CUDA, the streaming torch path elsewhere), ``"triton"``
     or ``"torch"``; see :mod:`kvtuner.kernels`.
     """
     name = f"kvtuner_packed_{id(cache):x}"

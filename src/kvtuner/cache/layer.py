@@ -204,7 +204,8 @@ class MixedPrecisionLayer(CacheLayerMixin):
         return self.history.append(block, self._buffers)
 
     def reserved_nbytes(self) -> int:
-        """Bytes the code buffers hold, used or not (``nbytes`` counts the used part)."""
+        """Bytes of the stored history with its code buffers at full capacity, used or not: compare with
+        ``history.nbytes()`` (``nbytes`` adds the residual and level tables to that)."""
         if self._buffers is None:
             return self.history.nbytes() if self.history is not None else 0
         unused = [t.numel() * t.element_size() for q in self._buffers for t in q.stored_tensors()]

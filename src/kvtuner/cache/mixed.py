@@ -69,7 +69,7 @@ def check_layer_types(config: KVConfig, model_config: PretrainedConfig) -> list[
         if spec.is_quantized and layer_type not in SUPPORTED_QUANTIZED_TYPES:
             raise KVConfigError(
                 f"layer {i} is a {layer_type!r} layer; kvtuner quantizes only full-attention layers "
-                f"(give layer {i} an fp16 spec to keep it unquantized, or use --layers full)"
+                f"(give layer {i} an fp16 spec to keep it unquantized; the CLI's --layers full does that for a --kv shorthand)"
             )
     return types
 
