@@ -95,3 +95,10 @@ def test_layers_full_keeps_sliding_layers_fp16_and_refuses_what_it_cannot_do(tmp
     with pytest.raises(KVConfigError, match="applies to --kv shorthands"):
         resolve_configs(str(tmp_path / "gemma"), None, [KVConfig.uniform("fp16", 6).save(tmp_path / "c.json")],
                         "kivi", 16, 16, layers="full")
+
+
+def test_longctx_bad_lengths_and_depths_are_one_line(wikitext):
+    result = run("longctx", "--filler", wikitext, "--kv", "K4V4", "--lengths", "2k,lots")
+    assert result.exit_code == 2 and result.stderr.startswith("error: --lengths and --depths take comma-separated")
+    result = run("longctx", "--filler", wikitext, "--kv", "K4V4", "--depths", "0,150")
+    assert result.exit_code == 2 and result.stderr.strip() == "error: --depths are percentages from 0 to 100"

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvtuner.config import KVConfig, KVConfigError
-from kvtuner.evaluate.data import DataError
+from kvtuner.evaluate.data import DataError, read_text
 from kvtuner.models import ModelNotFoundError
 from kvtuner.search.commands import calibrate_command, profile_command, search_command
 
@@ -188,6 +188,65 @@ def generate(
         f"KV cache: {nbytes:,} bytes vs {fp16:,} in fp16 ({nbytes / fp16:.3f}×), "
         f"{cache.get_seq_length()} tokens, config {cfg.name} ({cfg.avg_bits:.2f} avg bits)"
     )
+
+
+def _tokens(text: str) -> int:
+    """``2048``, ``2k`` (= 2048) or ``8K``."""
+    text = text.strip().lower()
+    return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+
+
+@app.command()
+def longctx(
+    filler: Annotated[Path, typer.Option("--filler", help="text file the filler comes from (e.g. a novel)")],
+    model: ModelOpt = "default",
+    kv: KvOpt = None,
+    config: ConfigOpt = None,
+    method: MethodOpt = "kivi",
+    group_size: GroupOpt = 32,
+    residual_length: ResidualOpt = 32,
+    calibration: CalibrationOpt = None,
+    layers: LayersOpt = "all",
+    lengths: Annotated[str, typer.Option("--lengths", help="prompt lengths in tokens, e.g. 2k,4k,8k")] = "2k,4k,8k",
+    depths: Annotated[str, typer.Option("--depths", help="depths of the key in percent of the filler")] = "0,25,50,75,100",
+    trials: Annotated[int, typer.Option("--trials", min=1, help="prompts per (length, depth)")] = 20,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    figure: Annotated[Optional[Path], typer.Option("--figure", help="write the accuracy heatmaps here (PNG)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
+) -> None:
+    """Passkey retrieval: a key hidden at each depth of long prompts, against the full-precision cache on the same prompts."""
+    from kvtuner.evaluate.longctx import evaluate_retrieval, retrieval_figure
+
+    try:
+        length_list = [_tokens(x) for x in lengths.split(",")]
+        depth_list = [float(x) / 100 for x in depths.split(",")]
+    except ValueError:
+        raise fail(f"--lengths and --depths take comma-separated numbers, not {lengths!r} / {depths!r}") from None
+    if not all(0 <= d <= 1 for d in depth_list):
+        raise fail("--depths are percentages from 0 to 100")
+    try:
+        configs = resolve_configs(model, kv, config, method, group_size, residual_length, calibration=calibration,
+                                  layers=layers)
+        text = read_text(filler)
+        lm, tokenizer = load(model)
+        results = evaluate_retrieval(lm, tokenizer, [None, *configs], text, length_list, depth_list, trials, seed,
+                                     progress=not as_json)
+    except USER_ERRORS as e:
+        raise fail(str(e)) from None
+    if figure is not None:
+        retrieval_figure(results, figure)
+    if as_json:
+        print(json.dumps([{"config": r.config, "lengths": r.lengths, "depths": r.depths, "accuracy": r.accuracy}
+                          for r in results]))
+        return
+    for r in results:
+        table = Table(title=f"passkey accuracy: {r.config} ({trials} prompts a cell)")
+        table.add_column("tokens")
+        for d in r.depths:
+            table.add_column(f"{d:.0%}", justify="right")
+        for n, row in zip(r.lengths, r.accuracy):
+            table.add_row(str(n), *[f"{a:.2f}" for a in row])
+        console.print(table)
 
 
 @app.command()
