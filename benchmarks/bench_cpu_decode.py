@@ -47,8 +47,7 @@ def run_case(case: str, prompt_tokens: int, new_tokens: int, threads: int) -> di
     else:
         cache = MixedPrecisionCache(KVConfig.uniform(kv, model.config.num_hidden_layers), model.config)
     kwargs = cache_kwargs(model, cache)
-    packed = kv != "fp16" and not case.endswith("-legacy")
-    with use_packed_attention(model, cache) if packed else contextlib.nullcontext():
+    with contextlib.nullcontext() if case.endswith("-legacy") else use_packed_attention(model, cache):
         t0 = time.perf_counter()
         token = model(prompt, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1:].argmax(-1)  # as generate does
         t1 = time.perf_counter()

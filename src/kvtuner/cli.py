@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -162,7 +161,7 @@ def generate(
     """Generate text with the quantized cache, streamed, then the KV bytes against fp16."""
     from transformers import TextStreamer
 
-    from kvtuner.cache import MixedPrecisionCache, MixedPrecisionLayer, cache_kwargs
+    from kvtuner.cache import MixedPrecisionCache, cache_kwargs
     from kvtuner.cache.attention import use_packed_attention
 
     try:
@@ -178,9 +177,7 @@ def generate(
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(lm.device)
     cache = MixedPrecisionCache(cfg, lm.config)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    packed = any(isinstance(layer, MixedPrecisionLayer) and layer.method.packed_decode_supported() for layer in cache.layers)
-    # decode steps read the packed history, never a dequantized copy; a config with nothing packed keeps the model's attention
-    with use_packed_attention(lm, cache) if packed else contextlib.nullcontext():
+    with use_packed_attention(lm, cache):  # decode steps read the packed history, never a dequantized copy
         lm.generate(**enc, **cache_kwargs(lm, cache), max_new_tokens=max_new_tokens, do_sample=False,
                     streamer=streamer, pad_token_id=tokenizer.pad_token_id)
     nbytes, fp16 = cache.nbytes(), cache.nbytes_fp16()

@@ -83,7 +83,8 @@ def use_packed_attention(model, cache: Cache, backend: Backend = "auto") -> Iter
     """Run ``model``'s one-token steps on ``cache``'s packed storage inside the ``with`` block.
 
     backend: ``"auto"`` (Triton kernels on CUDA, the streaming torch path elsewhere), ``"triton"``
-    or ``"torch"``; see :mod:`kvtuner.kernels`.
+    or ``"torch"``; see :mod:`kvtuner.kernels`. A cache with no layer the packed path reads (fp16 only, or
+    only options it does not read) leaves the model's attention implementation as it is.
     """
     name = f"kvtuner_packed_{id(cache):x}"
     quantized = [layer for layer in cache.layers if isinstance(layer, MixedPrecisionLayer)]
@@ -92,6 +93,9 @@ def use_packed_attention(model, cache: Cache, backend: Backend = "auto") -> Iter
         labels = sorted({layer.spec.label for layer in quantized if layer not in layers})
         warnings.warn(f"{len(quantized) - len(layers)} layer(s) ({', '.join(labels)}) use options the packed decode "
                       "kernel does not read; they decode on the torch path", stacklevel=3)
+    if not layers:
+        yield
+        return
     previous = model.config._attn_implementation
     AttentionInterface.register(name, partial(packed_attention_forward, cache=cache, backend=backend))
     AttentionMaskInterface.register(name, sdpa_mask)

@@ -14,7 +14,6 @@ answer generated greedily from it, one token a step, inside ``use_packed_attenti
 
 from __future__ import annotations
 
-import contextlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kvtuner.cache import MixedPrecisionCache, MixedPrecisionLayer, cache_kwargs
+from kvtuner.cache import MixedPrecisionCache, cache_kwargs
 from kvtuner.cache.attention import use_packed_attention
 from kvtuner.config import KVConfig
 from kvtuner.evaluate.data import DataError
@@ -55,10 +54,11 @@ class RetrievalResult:
     answers: list[str] = field(default_factory=list)
 
 
-def passkey_prompt(tokenizer: PreTrainedTokenizerBase, filler: str, length: int, depth: float,
+def passkey_prompt(tokenizer: PreTrainedTokenizerBase, filler: str | Sequence[int], length: int, depth: float,
                    seed: int) -> PasskeyPrompt:
     """A prompt of exactly ``length`` tokens: instruction, filler with the needle at ``depth``, question.
 
+    ``filler``: text, or its token ids (tokenize a long text once for many prompts).
     The filler is read from a seed-chosen offset of ``filler`` (so trials differ in text as well as key);
     the needle goes in at the sentence end nearest ``depth`` of the filler part, if one is within 5% of it."""
     if not 0 <= depth <= 1:
@@ -69,7 +69,7 @@ def passkey_prompt(tokenizer: PreTrainedTokenizerBase, filler: str, length: int,
     tail = tokenizer(QUESTION, add_special_tokens=False).input_ids
     needle = tokenizer(NEEDLE.format(key=key), add_special_tokens=False).input_ids
     budget = length - len(head) - len(tail) - len(needle)
-    filler_ids = tokenizer(filler, add_special_tokens=False).input_ids
+    filler_ids = tokenizer(filler, add_special_tokens=False).input_ids if isinstance(filler, str) else filler
     if budget <= 0 or len(filler_ids) < budget:
         raise DataError(f"a {length}-token prompt needs {max(budget, 0)} filler tokens; the filler has {len(filler_ids)}")
     start = rng.randrange(0, len(filler_ids) - budget + 1)
@@ -90,11 +90,9 @@ def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: P
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config) if config is None else MixedPrecisionCache(config, model.config)
-    packed = any(isinstance(layer, MixedPrecisionLayer) and layer.method.packed_decode_supported()
-                 for layer in cache.layers)
     kwargs = cache_kwargs(model, cache)
     tokens = []
-    with use_packed_attention(model, cache) if packed else contextlib.nullcontext():
+    with use_packed_attention(model, cache):
         logits = model(prompt.input_ids.to(model.device), use_cache=True, logits_to_keep=1, **kwargs).logits
         for _ in range(ANSWER_TOKENS):
             token = logits[:, -1:].argmax(-1)
@@ -119,11 +117,12 @@ def evaluate_retrieval(
     A key counts as retrieved when its digits appear in the answer."""
     results = [RetrievalResult("fp16 (DynamicCache)" if c is None else c.name or "config", list(lengths), list(depths),
                                [[0.0] * len(depths) for _ in lengths]) for c in configs]
+    filler_ids = tokenizer(filler, add_special_tokens=False).input_ids
     cells = [(i, length, j, depth) for i, length in enumerate(lengths) for j, depth in enumerate(depths)]
     bar = tqdm(total=len(cells) * trials * len(configs), desc="passkey", unit="answer", disable=not progress)
     for i, length, j, depth in cells:
         for trial in range(trials):
-            prompt = passkey_prompt(tokenizer, filler, length, depth, seed=hash((seed, length, j, trial)) % 2**31)
+            prompt = passkey_prompt(tokenizer, filler_ids, length, depth, seed=hash((seed, length, j, trial)) % 2**31)
             for result, config in zip(results, configs):
                 text = answer(model, tokenizer, prompt, config)
                 result.answers.append(text)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from kvtuner.quant import QuantizedTensor, dequantize, slice_tokens
+from kvtuner.quant import QuantizedTensor, dequantize, slice_tokens, token_group
 
 DEFAULT_TILE_TOKENS = 1024  # one thread, 8000 tokens, D 64: 1.4x faster than 256-token tiles, within 5% of 4096
 
@@ -53,7 +53,7 @@ def decode_attention_streaming(
         return m_new, l * alpha + p.sum(-1, keepdim=True), acc * alpha + p @ v.float()
 
     if qkeys is not None and history_start < qkeys.num_tokens:
-        group = qkeys.spec.group_len(qkeys.shape) if qkeys.spec.axis == "channel" and not qkeys.spec.is_passthrough else 1
+        group = token_group(qkeys)
         tile = max(group, tile_tokens // group * group)
         n = qkeys.num_tokens
         for t0 in range(history_start // group * group, n, tile):

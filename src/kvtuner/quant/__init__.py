@@ -15,6 +15,7 @@ from kvtuner.quant.tensor import (
     quantize,
     reserve_tokens,
     slice_tokens,
+    token_group,
     write_tokens,
 )
 
@@ -32,6 +33,7 @@ __all__ = [
     "quantize",
     "reserve_tokens",
     "slice_tokens",
+    "token_group",
     "unpack",
     "write_tokens",
 ]

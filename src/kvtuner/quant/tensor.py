@@ -252,8 +252,9 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.
     return out.reshape(q.shape).to(dtype)
 
 
-def _tokens_a_row(q: QuantizedTensor) -> int:
-    """Tokens that share a row of ``q``'s scales and zeros: the group with per-channel groups, else 1."""
+def token_group(q: QuantizedTensor) -> int:
+    """Tokens that share a row of ``q``'s scales and zeros: the group with per-channel groups, else 1
+    (token slices must start, and buffers hold, whole such groups)."""
     if q.scale is None or q.spec.axis != "channel":
         return 1
     return q.spec.group_len(q.shape)
@@ -265,7 +266,7 @@ def slice_tokens(q: QuantizedTensor, start: int, end: int) -> QuantizedTensor:
     tokens = q.num_tokens
     if not 0 <= start <= end <= tokens:
         raise ValueError(f"token slice {start}:{end} of {tokens} tokens")
-    g = _tokens_a_row(q)
+    g = token_group(q)
     if start % g or (end % g and end != tokens):
         raise ValueError(f"token slice {start}:{end} cuts a key group of {g} tokens")
     lo, hi = start // g, -(-end // g)
@@ -276,7 +277,7 @@ def slice_tokens(q: QuantizedTensor, start: int, end: int) -> QuantizedTensor:
 
 def _token_rows(q: QuantizedTensor, tokens: int) -> list[int]:
     """Rows of payload, scale and zero (dim -2) that ``tokens`` tokens take in ``q``'s layout."""
-    return [tokens, *[-(-tokens // _tokens_a_row(q))] * 2]
+    return [tokens, *[-(-tokens // token_group(q))] * 2]
 
 
 def reserve_tokens(q: QuantizedTensor, capacity: int) -> QuantizedTensor:
@@ -285,7 +286,7 @@ def reserve_tokens(q: QuantizedTensor, capacity: int) -> QuantizedTensor:
     Why: a cache that appends a block by concatenation copies its whole history at every flush; a
     buffer that grows geometrically copies it a bounded number of times. Read the filled part with
     :func:`slice_tokens`. With per-channel groups, ``capacity`` must be a whole number of groups."""
-    if capacity % _tokens_a_row(q):
+    if capacity % token_group(q):
         raise ValueError(f"a capacity of {capacity} tokens cuts a key group")
     stored = []
     for t, rows in zip((q.payload, q.scale, q.zero), _token_rows(q, capacity)):
@@ -301,7 +302,7 @@ def write_tokens(buffer: QuantizedTensor, start: int, block: QuantizedTensor) ->
     groups), in place."""
     if start + block.num_tokens > buffer.num_tokens:
         raise ValueError(f"{block.num_tokens} tokens from {start} do not fit a buffer of {buffer.num_tokens}")
-    if start % _tokens_a_row(block):
+    if start % token_group(block):
         raise ValueError(f"writing from token {start} cuts a key group")
     begin = _token_rows(block, start)
     for dst, src, row in zip((buffer.payload, buffer.scale, buffer.zero), (block.payload, block.scale, block.zero), begin):
