@@ -146,6 +146,91 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
+@dataclass(frozen=True)
+class Unit:
+    """One independent piece of a profile: a candidate alone at a layer, or a layer's own numbers.
+
+    kind "candidate": ``loss``, ``output_error`` and ``effective_bits`` of candidate ``candidate``
+    at ``layer``; kind "layer": its attention statistics and, with ``split_bits``, the K-only and
+    V-only losses. Units share nothing but the captured inputs, so any process holding a
+    ``BlockwiseEvaluator(capture=True)`` on the same tokens can measure any of them, in any order.
+    """
+
+    kind: str
+    layer: int
+    candidate: int = -1
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.layer}:{self.candidate}"
+
+    @classmethod
+    def from_key(cls, key: str) -> "Unit":
+        kind, layer, candidate = key.split(":")
+        return cls(kind, int(layer), int(candidate))
+
+
+def profile_units(settings: ProfileSettings, num_layers: int) -> list[Unit]:
+    """Every unit of a profile, layer by layer."""
+    candidates = settings.candidates()
+    return [unit for layer in range(num_layers)
+            for unit in (Unit("layer", layer), *(Unit("candidate", layer, c) for c in range(len(candidates))))]
+
+
+def check_profile(model: PreTrainedModel, settings: ProfileSettings, calibration: Calibration | None) -> None:
+    """Refuse candidates the model cannot take (group size, missing calibration, RoPE) before any work."""
+    model_fp = fingerprint(model.config)
+    for spec in settings.candidates() + list(settings.split_specs() or ()):
+        KVConfig([spec] * model_fp.num_layers).check_model(model_fp)
+        for layer in range(model_fp.num_layers):
+            method_for(spec, layer, calibration, lambda i: rope_inv_freq(model.config, i))
+
+
+def measure_unit(evaluator: BlockwiseEvaluator, settings: ProfileSettings, unit: Unit) -> dict[str, Any]:
+    """The numbers of one unit (see :class:`Unit`); ``evaluator`` must capture."""
+    cap = evaluator.captured[unit.layer]
+    if unit.kind == "layer":
+        out: dict[str, Any] = {"stats": layer_statistics(cap.query, cap.key, cap.value, cap.scaling)}
+        split = settings.split_specs()
+        if split:
+            out["k_only"] = evaluator.kl_single(unit.layer, split[0])
+            out["v_only"] = evaluator.kl_single(unit.layer, split[1])
+        return out
+    spec = settings.candidates()[unit.candidate]
+    method = evaluator.method(unit.layer, spec)
+    reference = decode_faithful_attention(cap.query, cap.key, cap.value, None, cap.scaling)
+    return {"loss": evaluator.kl_single(unit.layer, spec),
+            "output_error": output_error(cap.query, cap.key, cap.value, method, cap.scaling, reference),
+            "effective_bits": method.effective_bits(cap.key, cap.value)}
+
+
+def assemble_profile(settings: ProfileSettings, num_layers: int, tokens: int, results: dict[Unit, dict[str, Any]],
+                     seconds: float) -> Profile:
+    """The profile from the results of all its units (wherever they were measured)."""
+    candidates = settings.candidates()
+    shape = (num_layers, len(candidates))
+    loss, errors, effective = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+    for unit, r in results.items():
+        if unit.kind == "candidate":
+            loss[unit.layer, unit.candidate] = r["loss"]
+            errors[unit.layer, unit.candidate] = r["output_error"]
+            effective[unit.layer, unit.candidate] = r["effective_bits"]
+    layers = [results[Unit("layer", layer)] for layer in range(num_layers)]
+    split = settings.split_specs() is not None
+    return Profile(
+        candidates=candidates,
+        loss=loss,
+        output_error=errors,
+        layer_stats=[r["stats"] for r in layers],
+        tokens=tokens,
+        seconds=seconds,
+        split_bits=settings.split_bits if split else None,
+        k_only=np.array([r["k_only"] for r in layers]) if split else None,
+        v_only=np.array([r["v_only"] for r in layers]) if split else None,
+        effective_bits=effective,
+    )
+
+
 def profile_layers(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
@@ -153,54 +238,18 @@ def profile_layers(
     progress: bool = False,
     calibration: Calibration | None = None,
 ) -> Profile:
-    """Measure ``loss`` and ``output_error`` for every layer and candidate, plus attention statistics.
+    """Measure ``loss`` and ``output_error`` for every layer and candidate, plus attention statistics,
+    in this process (``kvtuner.search.units`` shares the same units out over a study's workers).
 
     ``input_ids`` ``[B, T]``: calibration tokens (no padding). ``calibration``: levels and
     thresholds for candidates with codebooks or outliers.
     """
     settings = settings or ProfileSettings()
-    candidates = settings.candidates()
-    split = settings.split_specs()
-    model_fp = fingerprint(model.config)
-    for spec in candidates + list(split or ()):  # e.g. a group size that does not divide head_dim
-        KVConfig([spec] * model_fp.num_layers).check_model(model_fp)
-        for layer in range(model_fp.num_layers):  # missing calibration or RoPE support: before any work
-            method_for(spec, layer, calibration, lambda i: rope_inv_freq(model.config, i))
+    check_profile(model, settings, calibration)
     t0 = time.perf_counter()
     evaluator = BlockwiseEvaluator(model, input_ids, capture=True, calibration=calibration)
-    layers = evaluator.num_layers
-    loss = np.zeros((layers, len(candidates)))
-    errors = np.zeros_like(loss)
-    effective = np.zeros_like(loss)
-    k_only, v_only = (np.zeros(layers), np.zeros(layers)) if split else (None, None)
-    stats = []
-    runs = layers * (len(candidates) + (2 if split else 0))
-    bar = tqdm(total=runs, desc="profile", unit="run", disable=not progress)
-    for layer in range(layers):
-        cap = evaluator.captured[layer]
-        stats.append(layer_statistics(cap.query, cap.key, cap.value, cap.scaling))
-        reference = decode_faithful_attention(cap.query, cap.key, cap.value, None, cap.scaling)
-        for c, spec in enumerate(candidates):
-            method = evaluator.method(layer, spec)
-            errors[layer, c] = output_error(cap.query, cap.key, cap.value, method, cap.scaling, reference)
-            loss[layer, c] = evaluator.kl_single(layer, spec)
-            effective[layer, c] = method.effective_bits(cap.key, cap.value)
-            bar.update()
-        if split:
-            k_only[layer] = evaluator.kl_single(layer, split[0])
-            v_only[layer] = evaluator.kl_single(layer, split[1])
-            bar.update(2)
-        bar.set_postfix(layer=layer)
-    bar.close()
-    return Profile(
-        candidates=candidates,
-        loss=loss,
-        output_error=errors,
-        layer_stats=stats,
-        tokens=evaluator.tokens,
-        seconds=time.perf_counter() - t0,
-        split_bits=settings.split_bits if split else None,
-        k_only=k_only,
-        v_only=v_only,
-        effective_bits=effective,
-    )
+    units = profile_units(settings, evaluator.num_layers)
+    results = {}
+    for unit in tqdm(units, desc="profile", unit="run", disable=not progress):
+        results[unit] = measure_unit(evaluator, settings, unit)
+    return assemble_profile(settings, evaluator.num_layers, evaluator.tokens, results, time.perf_counter() - t0)
