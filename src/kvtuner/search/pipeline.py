@@ -33,18 +33,18 @@ from kvtuner.profile import DEFAULT_PAIRS, BlockwiseEvaluator, Profile
 from kvtuner.search.additive import predicted_loss, solve_knapsack
 from kvtuner.search.plots import front_figure
 from kvtuner.search.space import SearchSpace, SpaceReport, build_space, dominates
+from kvtuner.search.batches import Coordinator
+from kvtuner.search.storage import Liveness, connect, shown
 from kvtuner.search.study import (
     Objective,
     SearchError,
     is_feasible,
-    make_sampler,
     measured_trials,
     open_study,
-    optimize,
     param_name,
-    seed_study,
 )
 
+PLAN_ATTR = "kvtuner_plan"
 SIZES = ("avg_bits", "kv_bytes")
 OBJECTIVES = ("kl", "gsm8k")
 SAMPLERS = ("nsga2", "tpe")
@@ -55,6 +55,9 @@ class SearchSettings:
     """How to search. Budgets are in nominal average bits; hard limits are Optuna constraints.
 
     storage: an Optuna storage URL; None means ``sqlite:///OUT/study.db``.
+    workers: 1: this process measures trials too; 0: it only proposes and queues them, and
+    ``kvtuner worker`` processes on the same storage and study measure them.
+    liveness: heartbeat, grace period and polling of the shared queue (see ``kvtuner.search.storage``).
     seed_step: the additive solve also seeds a config every ``seed_step`` bits.
     reference_check: re-measure each budget's pick and its uniform baseline with the chunked
     ``Evaluator`` on the held-out tokens (independent of the one-pass evaluator).
@@ -74,6 +77,8 @@ class SearchSettings:
     size: str = "avg_bits"
     objective: str = "kl"
     storage: str | None = None
+    workers: int = 1
+    liveness: Liveness = field(default_factory=Liveness)
     study_name: str = "kvtuner"
     resume: bool = False
     seed: int = 0
@@ -88,6 +93,8 @@ class SearchSettings:
             raise SearchError(f"unknown sampler {self.sampler!r}; use {' or '.join(SAMPLERS)}")
         if self.objective not in OBJECTIVES:
             raise SearchError(f"unknown objective {self.objective!r}; use {' or '.join(OBJECTIVES)}")
+        if self.workers < 0:
+            raise SearchError(f"--workers must not be negative, not {self.workers}")
         if self.trials < 1:
             raise SearchError(f"--trials must be at least 1, not {self.trials}")
         if self.groups is not None and self.groups < 1:
@@ -385,7 +392,8 @@ def run_search(
 
     t = time.perf_counter()
     measure = measure or BlockwiseEvaluator(model, calibration_ids, calibration=calibration).kl
-    storage = settings.storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
+    url = settings.storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
+    storage = shown(url)
     identity = {
         "space": space.describe(), "model": asdict(model_fp), "tokens": tokens, "objective": settings.objective,
         "size": settings.size, "max_avg_bits": settings.max_avg_bits, "max_kv_bytes": settings.max_kv_bytes,
@@ -396,12 +404,13 @@ def run_search(
         # what the caller's measure depends on (the CLI's GSM8K problems and max new tokens)
         "gsm8k": (meta or {}).get("gsm8k"),
     }
-    sampler = make_sampler(settings.sampler, settings.seed, settings.population)
-    study = open_study(storage, settings.study_name, sampler, settings.resume, identity)
-    queued = seed_study(study, _seeds(space, profile.loss, cost, group_solutions))
+    study = open_study(connect(url, settings.liveness), settings.study_name, settings.resume, identity, storage)
     objective = Objective(space, profile.loss, bits, nbytes, measure, settings.size,
                           settings.max_avg_bits, settings.max_kv_bytes)
-    optimize(study, objective, settings.trials, progress)
+    study.set_user_attr(PLAN_ATTR, objective.to_plan())  # what a worker needs to measure trials
+    coordinator = Coordinator(study, objective, _seeds(space, profile.loss, cost, group_solutions), settings.sampler,
+                              settings.seed, settings.population, settings.trials, settings.liveness)
+    coordinator.run(work=settings.workers > 0, progress=progress)
     timings["search"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -421,7 +430,11 @@ def run_search(
             known[tuple(config.layers)] = point
             points.append(point)
         additive_points[b] = None if choice is None else known[tuple(space.config(choice).layers)]
-    uniform = _uniform_points(profile, model_fp, tokens, dtype, measure, nbytes)
+    def known_or_measured(config: KVConfig) -> float:  # a uniform config the search measured costs nothing more
+        point = known.get(tuple(config.layers))
+        return point.loss if point is not None else measure(config)
+
+    uniform = _uniform_points(profile, model_fp, tokens, dtype, known_or_measured, nbytes)
     for p in [*points, *uniform]:
         p.effective_bits = 16 * p.kv_bytes / (fp16_layer * model_fp.num_layers)
     timings["measure_additive_uniform"] = time.perf_counter() - t
@@ -460,7 +473,7 @@ def run_search(
     result = SearchResult(
         space=space, sizes=sizes, points=points, front=front, uniform=uniform, budgets=picks,
         correlation=_correlation(points), timings=timings,
-        study={"name": settings.study_name, "storage": storage, "trials": len(all_trials), "seeded": queued,
+        study={"name": settings.study_name, "storage": storage, "trials": len(all_trials), "seeded": coordinator.queued_seeds,
                "complete": sum(t.state == optuna.trial.TrialState.COMPLETE for t in all_trials),
                "feasible": sum(t.state == optuna.trial.TrialState.COMPLETE and is_feasible(t) for t in all_trials),
                "measured": len(points), "sampler": settings.sampler, "meta": provenance},

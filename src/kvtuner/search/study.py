@@ -6,10 +6,10 @@ limits are Optuna constraints set from inside the trial (``Trial.set_constraint`
 Optuna 5.0); a trial over a limit is not measured and does not count toward ``--trials`` (see
 :class:`Objective` for why it is kept as a constrained trial rather than pruned).
 
-The study lives in an Optuna storage (SQLite under the run folder by default), so an
-interrupted search loses no finished trial and several processes on one study share the work
-(each stops once the study holds the requested number of feasible trials). A config already
-measured in the study, by any process, is not measured again.
+The study lives in an Optuna storage (SQLite under the run folder by default, PostgreSQL for a
+cluster; see :mod:`kvtuner.search.storage`). Its trials are proposed in deterministic batches
+and queued by one coordinator (:mod:`kvtuner.search.batches`); any number of processes measure
+them. A config already measured in the study, by any process, is not measured again.
 """
 
 from __future__ import annotations
@@ -17,23 +17,20 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import optuna
 import sqlalchemy.exc
 from optuna.trial import TrialState
-from tqdm.auto import tqdm
 
-from kvtuner.config import KVConfig
+from kvtuner.config import KVConfig, LayerSpec
 from kvtuner.search.additive import predicted_loss
-from kvtuner.search.space import SearchSpace
+from kvtuner.search.space import Group, SearchSpace
 
 SPACE_ATTR = "kvtuner_space"
 STORAGE_ATTEMPTS = 3
-# over-limit trials cost no measurement; a search may draw this many per trial still missing before it gives up
-ATTEMPTS_PER_TRIAL = 20
 
 
 class SearchError(ValueError):
@@ -53,13 +50,18 @@ def make_sampler(name: str, seed: int, population: int) -> optuna.samplers.BaseS
 
 
 def open_study(
-    storage: str, name: str, sampler: optuna.samplers.BaseSampler, resume: bool, identity: dict[str, Any]
+    storage: str | optuna.storages.BaseStorage, name: str, resume: bool, identity: dict[str, Any], where: str = ""
 ) -> optuna.Study:
     """Create the study, or with ``resume`` load it (creating it if absent); refuse a mismatched one.
 
     identity: what the study's trials depend on (space, data, model, objective); a resumed study
-    must have been made with the same.
+    must have been made with the same. where: the storage as messages show it.
+    The study's own sampler is never asked: every trial arrives with fixed parameters (see
+    :mod:`kvtuner.search.batches`), and a trial popped from an empty queue is pruned before it
+    suggests anything.
     """
+    where = where or str(storage)
+    sampler = optuna.samplers.RandomSampler()
     for attempt in range(STORAGE_ATTEMPTS):
         try:
             study = optuna.create_study(
@@ -69,7 +71,7 @@ def open_study(
             break
         except optuna.exceptions.DuplicatedStudyError:
             raise SearchError(
-                f"study {name!r} already exists in {storage}; pass --resume to continue it or give another --study-name"
+                f"study {name!r} already exists in {where}; pass --resume to continue it or give another --study-name"
             ) from None
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
             # two processes creating one fresh database race on its schema; the loser retries
@@ -88,25 +90,11 @@ def open_study(
         now = json.loads(text)
         differ = sorted(k for k in {*before, *now} if before.get(k, ...) != now.get(k, ...))
         raise SearchError(
-            f"study {name!r} in {storage} was made for another search space, model, data or sampler "
+            f"study {name!r} in {where} was made for another search space, model, data or sampler "
             f"(differs in: {', '.join(differ) or 'its identity'}); "
             "use a new --study-name (or the original settings) to resume"
         )
     return study
-
-
-def seed_study(study: optuna.Study, seeds: Sequence[tuple[dict[str, str], str]]) -> int:
-    """Enqueue the seed configs once per study (before any trial ran); returns how many were queued."""
-    if study.get_trials(deepcopy=False):
-        return 0
-    seen = set()
-    for params, source in seeds:
-        key = tuple(sorted(params.items()))
-        if key in seen:
-            continue
-        seen.add(key)
-        study.enqueue_trial(params, user_attrs={"source": source})
-    return len(seen)
 
 
 def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
@@ -122,6 +110,7 @@ class Objective:
     loss: ``[L, C]`` single-layer losses (for the additive prediction).
     bits / nbytes: ``[C]`` per-layer nominal bits and KV bytes of each candidate.
 
+    Trials arrive with their parameters fixed by the queue (see :mod:`kvtuner.search.batches`).
     A trial over a hard limit is not measured: it sets its constraints (``Trial.set_constraint``),
     records ``measured=False`` and completes with the additive prediction as a placeholder loss.
     It is kept COMPLETE and constrained rather than raising ``TrialPruned`` because that is what
@@ -130,7 +119,7 @@ class Objective:
     violation (constrained domination), so offspring are bred toward the limit; a pruned trial
     is invisible to it (and to TPE's constraint handling). The placeholder never reaches a
     result: :func:`measured_trials` (hence the front and the picks) keep feasible trials only,
-    and :func:`optimize` counts only feasible ones toward the requested number.
+    and the coordinator counts only feasible ones toward the requested number.
 
     Finished trials are read incrementally (:meth:`update`): each is decoded once, so the work
     per trial does not grow with the study (Optuna's cached RDB storage already fetches only
@@ -149,18 +138,45 @@ class Objective:
     def __post_init__(self) -> None:
         self._known: dict[tuple[int, ...], float] = {}
         self._seen: set[int] = set()  # numbers of the complete trials already decoded
-        self.feasible = 0  # complete, feasible (measured) trials in the study, as of the last update
+        self.measured = 0  # configs this process measured
+
+    # --- what every process needs, stored in the study ---------------------------------------
+    def to_plan(self) -> dict[str, Any]:
+        return {"candidates": [asdict(s) for s in self.space.candidates],
+                "groups": [{"layers": g.layers, "options": g.options} for g in self.space.groups],
+                "loss": self.loss.tolist(), "bits": self.bits.tolist(), "nbytes": self.nbytes.tolist(),
+                "size": self.size, "max_avg_bits": self.max_avg_bits, "max_kv_bytes": self.max_kv_bytes}
+
+    @classmethod
+    def from_plan(cls, plan: dict[str, Any], measure: Callable[[KVConfig], float]) -> "Objective":
+        """The coordinator's objective in a worker: same space, costs and limits; this process's ``measure``."""
+        candidates = [LayerSpec(**c) for c in plan["candidates"]]
+        loss = np.array(plan["loss"])
+        space = SearchSpace(candidates, [Group(g["layers"], g["options"]) for g in plan["groups"]], loss.shape[0])
+        return cls(space, loss, np.array(plan["bits"]), np.array(plan["nbytes"], dtype=np.int64), measure,
+                   plan["size"], plan["max_avg_bits"], plan["max_kv_bytes"])
+
+    # --- parameters -> config -----------------------------------------------------------------
+    def distributions(self) -> dict[str, optuna.distributions.CategoricalDistribution]:
+        labels = self.space.labels
+        return {param_name(i): optuna.distributions.CategoricalDistribution([labels[c] for c in g.options])
+                for i, g in enumerate(self.space.groups)}
+
+    def layer_choice(self, params: dict[str, Any]) -> list[int]:
+        labels = self.space.labels
+        return self.space.layer_choice([labels.index(params[param_name(i)]) for i in range(len(self.space.groups))])
 
     def choice(self, trial: optuna.Trial) -> list[int]:
-        labels = self.space.labels
-        picks = [
-            labels.index(trial.suggest_categorical(param_name(i), [labels[c] for c in g.options]))
-            for i, g in enumerate(self.space.groups)
-        ]
-        return self.space.layer_choice(picks)
+        return self.layer_choice({name: trial.suggest_categorical(name, d.choices)
+                                  for name, d in self.distributions().items()})
 
     def sizes(self, layer_choice: Sequence[int]) -> tuple[float, int]:
         return float(np.mean(self.bits[list(layer_choice)])), int(self.nbytes[list(layer_choice)].sum())
+
+    def within_limits(self, layer_choice: Sequence[int]) -> bool:
+        avg_bits, kv_bytes = self.sizes(layer_choice)
+        return ((self.max_avg_bits is None or avg_bits <= self.max_avg_bits)
+                and (self.max_kv_bytes is None or kv_bytes <= self.max_kv_bytes))
 
     def limits(self) -> str:
         """The hard limits, as the flags that set them."""
@@ -180,14 +196,11 @@ class Objective:
         trial.set_user_attr("avg_bits", avg_bits)
         trial.set_user_attr("kv_bytes", kv_bytes)
         trial.set_user_attr("predicted", predicted)
-        feasible = True
         if self.max_avg_bits is not None:
             trial.set_constraint("avg_bits", avg_bits - self.max_avg_bits)
-            feasible &= avg_bits <= self.max_avg_bits
         if self.max_kv_bytes is not None:
             trial.set_constraint("kv_bytes", (kv_bytes - self.max_kv_bytes) / self.max_kv_bytes)
-            feasible &= kv_bytes <= self.max_kv_bytes
-        if not feasible:
+        if not self.within_limits(layer_choice):
             trial.set_user_attr("measured", False)
             return predicted, size  # a placeholder: constrained domination ranks this trial by its violation
         trial.set_user_attr("measured", True)
@@ -198,11 +211,12 @@ class Objective:
             trial.set_user_attr("duplicate", True)
             return self._known[key], size
         value = self.measure(self.space.config(layer_choice))
+        self.measured += 1
         self._known[key] = value
         return value, size
 
-    def update(self, study: optuna.Study) -> int:
-        """Learn the trials finished (by any process) since the last update; returns the feasible count.
+    def update(self, study: optuna.Study) -> None:
+        """Learn the configs measured (by any process) since the last update.
 
         Only trials not seen before are decoded (trials finish out of number order across
         processes, so seen ones are tracked by number rather than by the highest number)."""
@@ -211,43 +225,7 @@ class Objective:
                 continue
             self._seen.add(t.number)
             if is_feasible(t):
-                self.feasible += 1
                 self._known.setdefault(tuple(t.user_attrs["layer_choice"]), t.values[0])
-        return self.feasible
-
-
-def optimize(study: optuna.Study, objective: Objective, trials: int, progress: bool = False,
-             attempts_per_trial: int = ATTEMPTS_PER_TRIAL) -> None:
-    """Run trials until the study holds ``trials`` complete, feasible (measured) ones, other processes' included.
-
-    Over-limit trials do not count; after ``attempts_per_trial`` draws per missing trial (plus
-    the queued seeds) without reaching the count, raise ``SearchError`` naming the limit.
-    """
-    done = objective.update(study)
-    todo = max(0, trials - done)
-    if todo == 0:
-        return
-    attempts = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) + attempts_per_trial * todo
-    bar = tqdm(total=trials, initial=done, desc="search", unit="trial", disable=not progress)
-
-    def tick(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        bar.n = min(objective.update(study), trials)
-        if trial.state == TrialState.COMPLETE and trial.user_attrs.get("measured"):
-            bar.set_postfix(loss=f"{trial.values[0]:.3g}", bits=f"{trial.user_attrs['avg_bits']:.2f}")
-        bar.refresh()
-        if objective.feasible >= trials:
-            study.stop()
-
-    try:
-        study.optimize(objective, n_trials=attempts, callbacks=[tick])
-    finally:
-        bar.close()
-    if objective.update(study) < trials:
-        raise SearchError(
-            f"only {objective.feasible} of the {trials} trials asked for were within {objective.limits()} after "
-            f"{attempts} attempts ({attempts_per_trial} per missing trial); over-limit trials are not measured "
-            "and do not count: loosen the limit or give candidates that fit it"
-        )
 
 
 def measured_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
