@@ -14,12 +14,13 @@ from rich.table import Table
 from kvtuner.config import KVConfig, KVConfigError
 from kvtuner.evaluate.data import DataError, read_text
 from kvtuner.models import ModelNotFoundError
-from kvtuner.search.commands import calibrate_command, profile_command, search_command
+from kvtuner.search.commands import calibrate_command, profile_command, search_command, worker_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.command("calibrate")(calibrate_command)
 app.command("profile")(profile_command)
 app.command("search")(search_command)
+app.command("worker")(worker_command)
 console = Console(stderr=True)
 stdout = Console(width=None if sys.stdout.isatty() else 160)
 

@@ -1,4 +1,4 @@
-"""``kvtuner calibrate``, ``kvtuner profile`` and ``kvtuner search``: flags -> settings -> the public API, then tables.
+"""``kvtuner calibrate``, ``kvtuner profile``, ``kvtuner search`` and ``kvtuner worker``: flags -> settings -> the public API, then tables.
 
 Each command checks every flag (pairs against the model's shape and RoPE, the calibration file
 against the model and the candidates, budgets, data files) before loading the model's weights,
@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -24,7 +26,9 @@ from kvtuner.evaluate.data import DataError
 from kvtuner.models import ModelNotFoundError
 from kvtuner.profile import DEFAULT_PAIRS, Profile, ProfileSettings, calibration_data, profile_layers
 from kvtuner.profile.candidates import split_list
+from kvtuner.search.job import gsm8k_error
 from kvtuner.search.pipeline import SearchResult, SearchSettings, run_search
+from kvtuner.search.storage import Liveness
 from kvtuner.search.study import SearchError
 
 console = Console(stderr=True, soft_wrap=True)
@@ -44,6 +48,8 @@ SplitOpt = Annotated[int, typer.Option("--split-bits", help="bits of the K-only 
 OutOpt = Annotated[Path, typer.Option("--out", help="output folder")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device for the model: cpu, cuda, cuda:1, ...")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")]
+StorageOpt = Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL shared by all workers, e.g. postgresql://user:password@host/db (default sqlite:///OUT/study.db)")]
+StudyOpt = Annotated[str, typer.Option("--study", "--study-name", help="study name in the storage")]
 
 
 def _fail(message: str) -> typer.Exit:
@@ -131,9 +137,9 @@ def _profile_identity(model: str, data_meta: dict[str, Any], settings: ProfileSe
             "calibration": None if calibration_path is None else hashlib.sha256(calibration_path.read_bytes()).hexdigest()}
 
 
-def _profile(lm, model: str, calib, settings: ProfileSettings, out: Path, progress: bool, calibration=None,
+def _profile(model: str, calib, settings: ProfileSettings, out: Path, measure: Callable[[], Profile],
              calibration_path: Path | None = None) -> tuple[Profile, bool]:
-    """The profile for these settings: reused from ``out/profile.json`` when it matches, else measured and saved."""
+    """The profile for these settings: reused from ``out/profile.json`` when it matches, else ``measure()``d and saved."""
     from kvtuner.profile.plots import heatmap, kv_split_figure
 
     identity = _profile_identity(model, calib.describe(), settings, calibration_path)
@@ -145,7 +151,7 @@ def _profile(lm, model: str, calib, settings: ProfileSettings, out: Path, progre
             old = None
         if old is not None and old.meta.get("identity") == identity:
             return old, True
-    profile = profile_layers(lm, calib.calibration, settings, progress=progress, calibration=calibration)
+    profile = measure()
     profile.meta = {"identity": identity, "data": calib.describe(), "model": model}
     profile.save(path)
     heatmap(profile, out / "heatmap.png")
@@ -215,8 +221,10 @@ def profile_command(
         lm, tokenizer = _load(model, device)
         out.mkdir(parents=True, exist_ok=True)
         calib = calibration_data(lm, tokenizer, tokens, data, cache_dir=out, progress=not as_json)
-        profile, reused = _profile(lm, model, calib, settings, out, progress=not as_json, calibration=fitted,
-                                   calibration_path=calibration)
+        profile, reused = _profile(
+            model, calib, settings, out,
+            lambda: profile_layers(lm, calib.calibration, settings, progress=not as_json, calibration=fitted),
+            calibration)
     except USER_ERRORS as e:
         raise _fail(str(e)) from None
     if as_json:
@@ -336,17 +344,57 @@ def _print_search(result: SearchResult) -> None:
     console.print("files: " + ", ".join(result.files.values()))
 
 
-def _gsm8k_error(lm, tokenizer, rows: list[dict], problems: int, max_new_tokens: int) -> Callable[[KVConfig], float]:
-    """Error rate of a config on GSM8K: rows 0-3 are the worked examples, the next ``problems`` are scored."""
-    from kvtuner.evaluate.gsm8k import evaluate_gsm8k
+def _search_job(model: str, profile_settings: ProfileSettings, settings: SearchSettings, data: list[Path] | None,
+                tokens: int, calibration: Path | None, gsm8k: dict | None):
+    """The job this command's flags describe, known before any weights load (see ``kvtuner.search.job``)."""
+    from dataclasses import asdict
 
-    shots, scored = rows[:4], rows[4 : 4 + problems]
+    from kvtuner.cache import fingerprint
+    from kvtuner.models import load_model_config
+    from kvtuner.profile.data import GENERATED
+    from kvtuner.search.job import SearchJob, sha256_file
 
-    def error(config: KVConfig) -> float:
-        result = evaluate_gsm8k(lm, tokenizer, config, scored, shots, max_new_tokens=max_new_tokens, progress=False)
-        return 1.0 - result.accuracy
+    return SearchJob(
+        model=model, fingerprint=asdict(fingerprint(load_model_config(model))), tokens=tokens,
+        profile={"pairs": list(profile_settings.pairs), "methods": list(profile_settings.methods),
+                 "group_size": profile_settings.group_size, "residual_length": profile_settings.residual_length,
+                 "split_bits": profile_settings.split_bits},
+        data=[GENERATED if str(p) == GENERATED else sha256_file(p) for p in data] if data else [GENERATED],
+        search={k: getattr(settings, k) for k in ("sampler", "seed", "population", "groups", "seed_step", "size",
+                                                  "max_avg_bits", "max_kv_bytes", "max_effective_bits", "max_overhead_bits")},
+        objective=settings.objective, gsm8k=gsm8k,
+        calibration=None if calibration is None else str(calibration.resolve()),
+        calibration_sha256=None if calibration is None else sha256_file(calibration),
+        liveness=asdict(settings.liveness),
+    )
 
-    return error
+
+def _start_workers(count: int, url: str, study: str, device: str, out: Path) -> list:
+    """``count`` ``kvtuner worker`` processes on this host; the URL goes through the environment (not the
+    command line, where ``ps`` would show its password); each logs to ``OUT/worker-<i>.log``."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "KVTUNER_STORAGE": url}
+    procs = []
+    for i in range(count):
+        with open(out / f"worker-{i + 1}.log", "w") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "kvtuner", "worker", "--study", study, "--device", device],
+                                          env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def _stop_workers(procs: list, wait_s: float) -> None:
+    """Workers leave by themselves once the study is done; any still running after ``wait_s`` is terminated."""
+    import subprocess
+
+    deadline = time.monotonic() + wait_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.terminate()
+            p.wait()
 
 
 def search_command(
@@ -361,9 +409,13 @@ def search_command(
     groups: Annotated[int, typer.Option("--groups", help="layer groups sharing one pair (0: one per layer)")] = 8,
     trials: Annotated[int, typer.Option("--trials", help="complete trials the study should hold")] = 60,
     sampler: Annotated[str, typer.Option("--sampler", help="nsga2 or tpe")] = "nsga2",
-    storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL (default sqlite:///OUT/study.db)")] = None,
-    study_name: Annotated[str, typer.Option("--study-name")] = "kvtuner",
-    resume: Annotated[bool, typer.Option("--resume", help="continue the study (or join other processes on it)")] = False,
+    storage: StorageOpt = None,
+    study_name: StudyOpt = "kvtuner",
+    resume: Annotated[bool, typer.Option("--resume", help="continue the study")] = False,
+    workers: Annotated[int, typer.Option("--workers", help="processes on this host that measure: 1 this one; N: this one and N-1 kvtuner worker processes; 0: none (kvtuner worker processes on other hosts measure)")] = 1,
+    heartbeat: Annotated[int, typer.Option("--heartbeat", help="seconds between a running trial's heartbeats")] = Liveness.heartbeat_s,
+    grace: Annotated[int, typer.Option("--grace", help="seconds without a heartbeat after which a trial's process counts as dead and the trial is retried")] = Liveness.grace_s,
+    poll: Annotated[float, typer.Option("--poll", help="seconds an idle process waits before it looks at the queue again")] = Liveness.poll_s,
     budgets: Annotated[str, typer.Option("--budgets", help="average-bit budgets to write configs for")] = "3.0,3.25,4.0,5.0,6.0",
     max_avg_bits: Annotated[Optional[float], typer.Option("--max-avg-bits", help="hard limit on every trial")] = None,
     max_kv_bytes: Annotated[Optional[int], typer.Option("--max-kv-bytes", help="hard limit on KV bytes at --tokens")] = None,
@@ -380,17 +432,30 @@ def search_command(
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
-    """Profile, prune, cluster, solve the additive model, search with Optuna, validate on held-out tokens."""
+    """Profile, prune, cluster, solve the additive model, search with Optuna, validate on held-out tokens.
+
+    The profile units and the search trials are queued in the study's storage; this process
+    proposes and queues them, and (with --workers 1 or more) measures them too. With a shared
+    --storage, kvtuner worker processes on any host join the work.
+    """
+    from kvtuner.profile import check_profile, profile_units
+    from kvtuner.search.job import check_job, publish_job
+    from kvtuner.search.storage import connect, shown
+    from kvtuner.search.units import UnitObjective, queue_units, share_profile
+
+    procs: list = []
     try:
         profile_settings = _profile_settings(pairs, methods, group_size, residual_length, split_bits)
         settings = SearchSettings(
             trials=trials, sampler=sampler, groups=groups or None, budgets=_floats(budgets, "--budgets"),
             max_avg_bits=max_avg_bits, max_kv_bytes=max_kv_bytes, max_effective_bits=max_effective_bits,
             max_overhead_bits=max_overhead_bits, size=size, objective=objective,
-            storage=storage, study_name=study_name, resume=resume, seed=seed,
+            storage=storage, study_name=study_name, resume=resume, seed=seed, workers=workers,
+            liveness=Liveness(heartbeat, grace, poll),
         )
         settings.check(profile_settings.candidates())
         _check_data(data)
+        gsm8k = None
         if objective == "gsm8k":
             if gsm8k_data is None:
                 raise SearchError("--objective gsm8k needs --gsm8k-data PATH/gsm8k_train.jsonl")
@@ -399,30 +464,74 @@ def search_command(
             rows = load_gsm8k(gsm8k_data)
             if len(rows) <= 4:
                 raise SearchError(f"{gsm8k_data}: needs more than 4 problems (the first 4 are the worked examples)")
+            gsm8k = {"rows": rows[: 4 + gsm8k_problems], "problems": gsm8k_problems, "max_new_tokens": gsm8k_max_new_tokens}
         _quiet()
         fitted = _check_candidates(profile_settings.candidates(), model, calibration)
+        job = _search_job(model, profile_settings, settings, data, tokens, calibration, gsm8k)
+        if storage is None:
+            out.mkdir(parents=True, exist_ok=True)  # the default storage is a file there
+        url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+        db = connect(url, settings.liveness)  # unreachable, refused, no driver: one line now
+        check_job(db, study_name, job, resume, shown(url))  # another model or space: one line now
         lm, tokenizer = _load(model, device)
         out.mkdir(parents=True, exist_ok=True)
         calib = calibration_data(lm, tokenizer, tokens, data, cache_dir=out, progress=not as_json)
-        profile, _ = _profile(lm, model, calib, profile_settings, out, progress=not as_json, calibration=fitted,
-                              calibration_path=calibration)
-        measure = _gsm8k_error(lm, tokenizer, rows, gsm8k_problems, gsm8k_max_new_tokens) if objective == "gsm8k" else None
+        publish_job(db, study_name, job, calib.calibration, calib.source)
+        procs = _start_workers(max(0, workers - 1), url, study_name, device, out)
+        units = UnitObjective(lm, calib.calibration, profile_settings, fitted) if workers > 0 else None
+
+        def shared() -> Profile:
+            check_profile(lm, profile_settings, fitted)
+            layers = profile_units(profile_settings, job.fingerprint["num_layers"])
+            study = queue_units(db, study_name, layers, settings.liveness)
+            return share_profile(study, profile_settings, layers, units, settings.liveness,
+                                 job.fingerprint["num_layers"], calib.calibration.numel(), progress=not as_json)
+
+        profile, _ = _profile(model, calib, profile_settings, out, shared, calibration)
+        if objective == "gsm8k":
+            measure = gsm8k_error(lm, tokenizer, gsm8k["rows"], gsm8k_problems, gsm8k_max_new_tokens)
+        else:  # the profile's evaluator already ran the full-precision pass on these tokens
+            measure = units.evaluator.kl if units is not None and units.evaluator is not None else None
         meta = {"model": model, "data": calib.describe(), "profile": str(out / PROFILE_FILE)}
         if objective == "gsm8k":  # part of the study identity: --resume with other settings is refused
-            import hashlib
+            from kvtuner.search.job import sha256_file
 
-            meta["gsm8k"] = {"data": hashlib.sha256(gsm8k_data.read_bytes()).hexdigest(),
-                             "problems": gsm8k_problems, "max_new_tokens": gsm8k_max_new_tokens}
-        result = run_search(lm, profile, calib.calibration, calib.validation, settings, out, measure=measure,
-                            meta=meta, progress=not as_json, calibration=fitted,
+            meta["gsm8k"] = {"data": sha256_file(gsm8k_data), "problems": gsm8k_problems,
+                             "max_new_tokens": gsm8k_max_new_tokens}
+        # check_job enforced --resume above; the study now exists because publish_job made it
+        result = run_search(lm, profile, calib.calibration, calib.validation, replace(settings, resume=True), out,
+                            measure=measure, meta=meta, progress=not as_json, calibration=fitted,
                             calibration_path=None if calibration is None else calibration.resolve())
+        _stop_workers(procs, 10 * settings.liveness.poll_s + 30)
     except USER_ERRORS as e:
         raise _fail(str(e)) from None
     except KeyboardInterrupt:
         typer.echo(f"interrupted: finished trials are kept in the study {study_name!r}; "
                    "run the same command with --resume to continue", err=True)
         raise typer.Exit(130) from None
+    finally:
+        _stop_workers(procs, 0)
     if as_json:
         print(json.dumps(result.to_dict()))
     else:
         _print_search(result)
+        if workers > 1:
+            console.print(f"worker logs: {', '.join(str(out / f'worker-{i + 1}.log') for i in range(workers - 1))}")
+
+
+def worker_command(
+    storage: Annotated[str, typer.Option("--storage", envvar="KVTUNER_STORAGE", help="the study's Optuna storage URL (or $KVTUNER_STORAGE)")],
+    study_name: StudyOpt = "kvtuner",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Measure a shared study's profile units and search trials until its kvtuner search is done."""
+    from kvtuner.search.storage import process_id
+    from kvtuner.search.worker import run_worker
+
+    try:
+        _quiet()
+        report = run_worker(storage, study_name, device, log=console.print)
+    except USER_ERRORS as e:
+        raise _fail(str(e)) from None
+    console.print(f"worker {process_id()}: {report.units} profile units and {report.trials} trials "
+                  f"({report.measured} configs measured) in {report.seconds:.1f} s")

@@ -19,7 +19,10 @@ and user attributes. So the killed piece is done again, once, and nothing that f
 
 from __future__ import annotations
 
+import os
+import socket
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -72,10 +75,13 @@ def connect(url: str, liveness: Liveness = Liveness()) -> RDBStorage:
     if url.startswith("postgresql"):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
     try:
-        return RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=liveness.heartbeat_s, grace_period=liveness.grace_s,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=liveness.max_retry),
-        )
+        with warnings.catch_warnings():  # heartbeats have been "experimental" since Optuna 2.8
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=liveness.heartbeat_s,
+                grace_period=liveness.grace_s,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=liveness.max_retry),
+            )
     except ImportError as e:
         missing = getattr(e.__cause__, "name", None) or "its database driver"
         raise SearchError(f"storage {shown(url)} needs the Python module {missing!r}, which is not installed "
@@ -97,8 +103,13 @@ def find_study(storage: RDBStorage, name: str) -> optuna.Study | None:
     return optuna.load_study(study_name=name, storage=storage)
 
 
+def process_id() -> str:
+    """``host:pid``, recorded on every trial a process runs (the dashboard shows who ran what)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def queued_only(objective: Callable[[optuna.Trial], Any], key: str) -> Callable[[optuna.Trial], Any]:
-    """Wrap an objective so that it only runs trials popped from the queue.
+    """Wrap an objective so that it only runs trials popped from the queue, and records who ran them.
 
     ``Study.optimize`` makes a new trial when the queue is empty, and another process can take
     the last queued trial between our look and our pop. A trial without the ``key`` user
@@ -108,6 +119,7 @@ def queued_only(objective: Callable[[optuna.Trial], Any], key: str) -> Callable[
     def run(trial: optuna.Trial) -> Any:
         if key not in trial.user_attrs:
             raise optuna.TrialPruned("popped from an empty queue")
+        trial.set_user_attr("worker", process_id())
         return objective(trial)
 
     return run
@@ -156,7 +168,9 @@ def requeue_orphans(study: optuna.Study, pieces: dict[Any, list[FrozenTrial]], w
         if len(trials) > liveness.max_retry:
             raise SearchError(f"{what} {piece} of study {study.study_name!r} failed {len(trials)} times "
                               f"(trials {', '.join(str(t.number) for t in trials)}); see the worker logs")
-        RetryHeartbeatStaleTrialCallback()(study, last)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            RetryHeartbeatStaleTrialCallback()(study, last)
 
 
 def _hashable(value: Any) -> Any:

@@ -14,9 +14,10 @@ from typing import Any
 
 import optuna
 from optuna.trial import TrialState
+from tqdm.auto import tqdm
 
 from kvtuner.profile import BlockwiseEvaluator, Profile, ProfileSettings, Unit, assemble_profile, measure_unit
-from kvtuner.search.storage import Liveness, pieces, queued_only, requeue_orphans
+from kvtuner.search.storage import Liveness, idle, pieces, queued_only, requeue_orphans, run_queued
 
 UNIT_ATTR = "unit"
 
@@ -76,3 +77,22 @@ def collect_profile(study: optuna.Study, settings: ProfileSettings, num_layers: 
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     seconds = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
     return assemble_profile(settings, num_layers, tokens, finished_units(study), seconds)
+
+
+def share_profile(study: optuna.Study, settings: ProfileSettings, units: list[Unit], objective: UnitObjective | None,
+                  liveness: Liveness, num_layers: int, tokens: int, progress: bool = False) -> Profile:
+    """Wait until every unit of ``study`` is complete, measuring queued ones here when given an ``objective``
+    (None: only ``kvtuner worker`` processes measure); then the profile."""
+    bar = tqdm(total=len(units), desc="profile", unit="unit", disable=not progress)
+    try:
+        while (done := len(finished_units(study))) < len(units):
+            bar.n = done
+            bar.refresh()
+            if objective is None or not run_queued(study, objective.queued()):
+                complete = {u.key for u in finished_units(study)}
+                missing = {k: t for k, t in pieces(study, UNIT_ATTR).items() if k not in complete}
+                requeue_orphans(study, missing, "profile unit", liveness.grace_s, liveness)
+                idle(study, liveness)
+    finally:
+        bar.close()
+    return collect_profile(study, settings, num_layers, tokens)
