@@ -34,6 +34,20 @@ def tiny_model_dir(tiny_llama, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def slow_model_dir(tmp_path_factory):
+    """Wider than tiny_llama, so that a trial lasts long enough (tens of ms) to be caught running."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024))
+    path = tmp_path_factory.mktemp("slow_model")
+    model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_ids():
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, 128, (1, 96), generator=g), torch.randint(0, 128, (1, 96), generator=g)

@@ -135,7 +135,9 @@ def run_queued(study: optuna.Study, objective: Callable[[optuna.Trial], Any]) ->
 
 def idle(study: optuna.Study, liveness: Liveness) -> None:
     """Nothing to run here now: fail the trials of dead processes (queueing their retries), then sleep."""
-    optuna.storages.fail_stale_trials(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     time.sleep(liveness.poll_s)
 
 
