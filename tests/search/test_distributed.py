@@ -158,7 +158,7 @@ def test_killed_workers_lose_nothing_and_the_front_is_the_single_worker_one(post
     [killed] = [t for t in trials if t.number == killed_trial]
     assert killed.state == TrialState.FAIL
     [retry] = retried(trials, killed_trial)
-    assert retry.state == TrialState.COMPLETE and retry.params == killed.params
+    assert retry.state == TrialState.COMPLETE and retry.params == killed.system_attrs["fixed_params"]  # same proposal
     assert retry.user_attrs["slot"] == killed.user_attrs["slot"]
 
     single = run(*search_args(slow_model_dir, tmp_path / "single"))
