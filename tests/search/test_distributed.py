@@ -94,18 +94,6 @@ def kill_mid_trial(url: str, study_name: str, procs: list[subprocess.Popen], dea
     raise AssertionError(f"no worker was caught running a trial of {study_name} within {deadline_s} s")
 
 
-def wait_for_study(url: str, name: str, process: subprocess.Popen, deadline_s: float = 180) -> None:
-    """Workers refuse a study that does not exist yet; the coordinator makes it once its model has loaded."""
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            optuna.load_study(study_name=name, storage=url)
-            return
-        except KeyError:
-            time.sleep(0.2)
-    raise AssertionError(f"no study {name}: " + (process.stderr.read()[-2000:] if process.poll() is not None else "timeout"))
-
-
 def retried(trials: list, number: int):
     """The trial that retried trial ``number`` (Optuna's heartbeat callback records the original's number)."""
     return [t for t in trials if t.system_attrs.get("failed_trial") == number]
@@ -124,7 +112,6 @@ def test_killed_workers_lose_nothing_and_the_front_is_the_single_worker_one(post
     name = f"fault-{uuid.uuid4().hex[:8]}"
     coordinator = spawn(*search_args(slow_model_dir, tmp_path / "distributed", "--storage", postgres_url,
                                      "--study", name, "--workers", 0, "--json"))
-    wait_for_study(postgres_url, name, coordinator)
     workers = [spawn("worker", "--storage", postgres_url, "--study", name) for _ in range(2)]
     try:
         killed_unit = kill_mid_trial(postgres_url, f"{name}.profile", workers)
@@ -220,5 +207,5 @@ def test_a_study_for_another_model_or_space_is_refused_before_the_model_loads(ti
 
 
 def test_a_worker_without_a_study_says_so(tmp_path):
-    result = run("worker", "--storage", f"sqlite:///{tmp_path / 'none.db'}", "--study", "nope")
+    result = run("worker", "--storage", f"sqlite:///{tmp_path / 'none.db'}", "--study", "nope", "--wait", 0)
     assert result.exit_code == 2 and result.stderr.startswith("error: no study 'nope' in sqlite:///")

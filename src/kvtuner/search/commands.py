@@ -523,6 +523,7 @@ def worker_command(
     storage: Annotated[str, typer.Option("--storage", envvar="KVTUNER_STORAGE", help="the study's Optuna storage URL (or $KVTUNER_STORAGE)")],
     study_name: StudyOpt = "kvtuner",
     device: DeviceOpt = "cpu",
+    wait: Annotated[float, typer.Option("--wait", help="seconds to wait for the study to appear (0: refuse a missing one at once)")] = 600,
 ) -> None:
     """Measure a shared study's profile units and search trials until its kvtuner search is done."""
     from kvtuner.search.storage import process_id
@@ -530,7 +531,7 @@ def worker_command(
 
     try:
         _quiet()
-        report = run_worker(storage, study_name, device, log=console.print)
+        report = run_worker(storage, study_name, device, wait, log=console.print)
     except USER_ERRORS as e:
         raise _fail(str(e)) from None
     console.print(f"worker {process_id()}: {report.units} profile units and {report.trials} trials "

@@ -19,7 +19,7 @@ import optuna
 from kvtuner.search.batches import DONE_ATTR, SLOT_ATTR
 from kvtuner.search.job import gsm8k_error, read_job, sha256_file, stored_tokens
 from kvtuner.search.pipeline import PLAN_ATTR
-from kvtuner.search.storage import connect, find_study, idle, queued_only, run_queued, shown
+from kvtuner.search.storage import Liveness, connect, find_study, idle, queued_only, run_queued, shown
 from kvtuner.search.study import Objective, SearchError
 from kvtuner.search.units import UnitObjective, profile_study_name
 
@@ -32,17 +32,25 @@ class WorkerReport:
     seconds: float
 
 
-def open_job(url: str, name: str):
+def open_job(url: str, name: str, wait_s: float, log: Callable[[str], None]):
     """The storage, the study and its job, checked against this host before any weights load: the model's shape and
-    the calibration file."""
+    the calibration file. A study that does not exist yet is waited for up to ``wait_s`` seconds (the
+    coordinator makes it once its model has loaded)."""
     from kvtuner.cache import fingerprint
     from kvtuner.method import Calibration
     from kvtuner.models import load_model_config
 
     where = shown(url)
-    study = find_study(connect(url), name)
+    storage = connect(url)
+    deadline = time.monotonic() + wait_s
+    study = find_study(storage, name)
+    if study is None and wait_s > 0:
+        log(f"waiting up to {wait_s:g} s for kvtuner search to create study {name!r} in {where}")
+        while study is None and time.monotonic() < deadline:
+            time.sleep(Liveness.poll_s)
+            study = find_study(storage, name)
     if study is None:
-        raise SearchError(f"no study {name!r} in {where}: start kvtuner search --storage URL --study {name} first "
+        raise SearchError(f"no study {name!r} in {where}: start kvtuner search --storage URL --study {name} "
                           "(workers may join at any time after that)")
     job = read_job(study)
     fp = fingerprint(load_model_config(job.model)).__dict__
@@ -59,12 +67,13 @@ def open_job(url: str, name: str):
     return storage, optuna.load_study(study_name=name, storage=storage), job, calibration
 
 
-def run_worker(url: str, name: str, device: str = "cpu", log: Callable[[str], None] = print) -> WorkerReport:
+def run_worker(url: str, name: str, device: str = "cpu", wait_s: float = 0.0,
+               log: Callable[[str], None] = print) -> WorkerReport:
     from kvtuner.models import load_model
     from kvtuner.profile import BlockwiseEvaluator
 
     t0 = time.perf_counter()
-    storage, study, job, calibration = open_job(url, name)
+    storage, study, job, calibration = open_job(url, name, wait_s, log)
     liveness = job.get_liveness()
     if stored_tokens(study) is None:
         log(f"waiting for kvtuner search to store the calibration tokens of study {name!r}")
