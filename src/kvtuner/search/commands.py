@@ -48,7 +48,7 @@ SplitOpt = Annotated[int, typer.Option("--split-bits", help="bits of the K-only 
 OutOpt = Annotated[Path, typer.Option("--out", help="output folder")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device for the model: cpu, cuda, cuda:1, ...")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")]
-StorageOpt = Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL shared by all workers, e.g. postgresql://user:password@host/db (default sqlite:///OUT/study.db)")]
+StorageOpt = Annotated[Optional[str], typer.Option("--storage", envvar="KVTUNER_STORAGE", help="Optuna storage URL shared by all workers, e.g. postgresql://user:password@host/db, or $KVTUNER_STORAGE (keeps the password off the command line; default sqlite:///OUT/study.db)")]
 StudyOpt = Annotated[str, typer.Option("--study", "--study-name", help="study name in the storage")]
 
 
