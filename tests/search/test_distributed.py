@@ -141,6 +141,7 @@ def test_killed_workers_lose_nothing_and_the_front_is_the_single_worker_one(post
     trials = optuna.load_study(study_name=name, storage=postgres_url).get_trials()
     slots = [t.user_attrs["slot"] for t in trials if t.state == TrialState.COMPLETE]
     assert len(slots) == len(set(slots)) and sorted(slots) == list(range(len(slots)))  # no slot twice, none lost
+    assert max(t.user_attrs["batch"] for t in trials) >= 1  # the sampler's batches ran, not only the seeds
     assert sum(t.state == TrialState.COMPLETE and t.user_attrs["measured"] for t in trials) == 24
     [killed] = [t for t in trials if t.number == killed_trial]
     assert killed.state == TrialState.FAIL
