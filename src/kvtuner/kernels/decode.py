@@ -501,7 +501,7 @@ def _residual(
 
 
 # Lengths change every step: specializing on them (== 1, % 16) would recompile mid-generation.
-@triton.jit(do_not_specialize=["n_hist", "n_skip", "n_res", "steps_per_split", "num_splits"])
+@triton.jit(do_not_specialize=["n_hist", "n_skip", "n_res", "steps_per_split", "num_splits", "first_split"])
 def _decode_split_kernel(
     Q, KW, KS, KZ, VW, VS, VZ, KL, VL, KR, VR, O_part, LSE_part,
     sq_b, sq_h,
@@ -511,14 +511,14 @@ def _decode_split_kernel(
     svs_b, svs_h, svs_t: tl.constexpr,
     skr_b, skr_h, skr_t,
     svr_b, svr_h, svr_t,
-    n_hist, n_skip, n_res, steps_per_split, num_splits, qk_scale,
+    n_hist, n_skip, n_res, steps_per_split, num_splits, first_split, qk_scale,
     H_KV: tl.constexpr, R: tl.constexpr, R_P: tl.constexpr, M: tl.constexpr, NG: tl.constexpr,
     NGV: tl.constexpr, D: tl.constexpr, G_K: tl.constexpr, G_V: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, W: tl.constexpr, NR: tl.constexpr, ASM: tl.constexpr,
     SHORT: tl.constexpr, K_NUQ: tl.constexpr, V_NUQ: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
+    split = first_split + tl.program_id(1)  # the history programs, then the residual's
     b = (pid_bh // H_KV).to(tl.int64)  # batch offsets of a long cache overflow int32
     h = pid_bh % H_KV
     offs_r = tl.arange(0, R_P)
@@ -697,13 +697,43 @@ def decode_attention_triton(
     _decode_split_kernel[(b * h_kv, n_parts)](
         query, kw, ks, kz, vw, vs, vz, kl, vl, keys, values, o_part, lse_part,
         query.stride(0), query.stride(1), *hist_strides, *keys.stride()[:3], *values.stride()[:3],
-        n_hist, history_start, n_res, steps_per_split, splits, scale * LOG2E,
+        n_hist, history_start, n_res, steps_per_split, splits, 0, scale * LOG2E,
         H_KV=h_kv, R=r, R_P=r_p, M=m, NG=ng, NGV=ngv, D=d,
         G_K=g_k, G_V=g_v, K_BITS=k_bits, V_BITS=v_bits, W=num_warps, NR=32,
         ASM=on_gpu if inline_asm is None else inline_asm, SHORT=n_hist < ng * g_k, K_NUQ=k_nuq, V_NUQ=v_nuq,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if on_gpu and maxnreg else {}),
     )
+    return _merge(o_part, lse_part, query)
+
+
+def _merge(o_part: torch.Tensor, lse_part: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    b, h_q, d = query.shape
+    n_parts = o_part.shape[1]
     out = torch.empty((b, h_q, d), device=query.device, dtype=query.dtype)
     parts = min(64, triton.next_power_of_2(n_parts))
     _decode_reduce_kernel[(b * h_q,)](o_part, lse_part, out, n_parts, D=d, PARTS=parts)
     return out
+
+
+def merge_with_residual(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+                        o_part: torch.Tensor, lse_part: torch.Tensor) -> torch.Tensor:
+    """Attention output from partial history results plus the residual: fills the last of ``o_part``'s
+    ``[B * H_q, parts, D]`` (normalized outputs) and ``lse_part``'s ``[B * H_q, parts]`` (base-2 log-sum-exp)
+    with the residual program of :func:`_decode_split_kernel`, then merges every part. How another history
+    kernel (:mod:`.gluon_decode`) shares this one's residual and merge."""
+    b, h_q, d = query.shape
+    h_kv, n_res = keys.shape[1], keys.shape[2]
+    r = h_q // h_kv
+    r_p = triton.next_power_of_2(r)
+    splits = o_part.shape[1] - 1
+    ngv, m, ng = stacking(r_p, d, 64, d)  # placeholders for the history constexprs: no history program runs
+    word = torch.empty(1, device=query.device, dtype=torch.int32)
+    half = torch.empty(1, device=query.device, dtype=torch.float16)
+    _decode_split_kernel[(b * h_kv, 1)](
+        query, word, half, half, word, half, half, word, word, keys, values, o_part, lse_part,
+        query.stride(0), query.stride(1), *(0,) * 12, *keys.stride()[:3], *values.stride()[:3],
+        0, 0, n_res, 0, splits, splits, scale * LOG2E,
+        H_KV=h_kv, R=r, R_P=r_p, M=m, NG=ng, NGV=ngv, D=d, G_K=64, G_V=d, K_BITS=4, V_BITS=4, W=4, NR=32,
+        ASM=query.is_cuda, SHORT=True, K_NUQ=0, V_NUQ=0, num_warps=4,
+    )
+    return _merge(o_part, lse_part, query)
