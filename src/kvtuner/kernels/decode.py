@@ -501,7 +501,7 @@ def _residual(
 
 
 # Lengths change every step: specializing on them (== 1, % 16) would recompile mid-generation.
-@triton.jit(do_not_specialize=["n_hist", "n_skip", "n_res", "steps_per_split", "num_splits", "first_split"])
+@triton.jit(do_not_specialize=["n_hist", "n_skip", "n_res", "steps_per_split", "num_splits"])
 def _decode_split_kernel(
     Q, KW, KS, KZ, VW, VS, VZ, KL, VL, KR, VR, O_part, LSE_part,
     sq_b, sq_h,
@@ -511,14 +511,14 @@ def _decode_split_kernel(
     svs_b, svs_h, svs_t: tl.constexpr,
     skr_b, skr_h, skr_t,
     svr_b, svr_h, svr_t,
-    n_hist, n_skip, n_res, steps_per_split, num_splits, first_split, qk_scale,
+    n_hist, n_skip, n_res, steps_per_split, num_splits, qk_scale,
     H_KV: tl.constexpr, R: tl.constexpr, R_P: tl.constexpr, M: tl.constexpr, NG: tl.constexpr,
     NGV: tl.constexpr, D: tl.constexpr, G_K: tl.constexpr, G_V: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, W: tl.constexpr, NR: tl.constexpr, ASM: tl.constexpr,
     SHORT: tl.constexpr, K_NUQ: tl.constexpr, V_NUQ: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
-    split = first_split + tl.program_id(1)  # the history programs, then the residual's
+    split = tl.program_id(1)
     b = (pid_bh // H_KV).to(tl.int64)  # batch offsets of a long cache overflow int32
     h = pid_bh % H_KV
     offs_r = tl.arange(0, R_P)
@@ -557,6 +557,50 @@ def _decode_reduce_kernel(O_part, LSE_part, Out, n_parts, D: tl.constexpr, PARTS
         lse = tl.load(LSE_part + row * n_parts + offs_p, mask=valid, other=float("-inf"))
         m_new = tl.maximum(m, tl.max(lse, 0))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # every part so far empty
+        w = tl.exp2(lse - m_use)
+        o = tl.load(O_part + (row * n_parts + offs_p)[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
+        alpha = tl.exp2(m - m_use)
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        l = l * alpha + tl.sum(w, 0)
+        m = m_new
+    tl.store(Out + row * D + offs_d, (acc / l).to(Out.dtype.element_ty))
+
+
+@triton.jit(do_not_specialize=["n_res", "n_parts"])
+def _residual_merge_kernel(
+    Q, KR, VR, O_part, LSE_part, Out, sq_b, sq_h, skr_b, skr_h, skr_t, svr_b, svr_h, svr_t, n_res, n_parts, qk_scale,
+    H_Q: tl.constexpr, R: tl.constexpr, D: tl.constexpr, NR: tl.constexpr, PARTS: tl.constexpr,
+):
+    """One query head: attention over its full-precision residual (fp32, NR tokens at a time), merged with the
+    history's partial outputs. One launch where another history kernel would need two (the residual program
+    of :func:`_decode_split_kernel`, then :func:`_decode_reduce_kernel`): at batch 1 the host's launch cost is
+    most of a step."""
+    row = tl.program_id(0)
+    b = (row // H_Q).to(tl.int64)
+    h = (row % H_Q) // R
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + b * sq_b + (row % H_Q) * sq_h + offs_d).to(tl.float32) * qk_scale
+    m = float("-inf")
+    l = 0.0
+    acc = tl.zeros([D], tl.float32)
+    for t0 in range(0, n_res, NR):
+        offs_t = t0 + tl.arange(0, NR)
+        valid = offs_t < n_res
+        k = tl.load(KR + b * skr_b + h * skr_h + offs_t[:, None] * skr_t + offs_d[None, :], mask=valid[:, None], other=0.0)
+        s = tl.where(valid, tl.sum(q[None, :] * k.to(tl.float32), 1), float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 0))
+        p = tl.exp2(s - m_new)
+        v = tl.load(VR + b * svr_b + h * svr_h + offs_t[:, None] * svr_t + offs_d[None, :], mask=valid[:, None], other=0.0)
+        alpha = tl.exp2(m - m_new)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+        l = l * alpha + tl.sum(p, 0)
+        m = m_new
+    for p0 in range(0, n_parts, PARTS):
+        offs_p = p0 + tl.arange(0, PARTS)
+        valid = offs_p < n_parts
+        lse = tl.load(LSE_part + row * n_parts + offs_p, mask=valid, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         w = tl.exp2(lse - m_use)
         o = tl.load(O_part + (row * n_parts + offs_p)[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
         alpha = tl.exp2(m - m_use)
@@ -697,18 +741,12 @@ def decode_attention_triton(
     _decode_split_kernel[(b * h_kv, n_parts)](
         query, kw, ks, kz, vw, vs, vz, kl, vl, keys, values, o_part, lse_part,
         query.stride(0), query.stride(1), *hist_strides, *keys.stride()[:3], *values.stride()[:3],
-        n_hist, history_start, n_res, steps_per_split, splits, 0, scale * LOG2E,
+        n_hist, history_start, n_res, steps_per_split, splits, scale * LOG2E,
         H_KV=h_kv, R=r, R_P=r_p, M=m, NG=ng, NGV=ngv, D=d,
         G_K=g_k, G_V=g_v, K_BITS=k_bits, V_BITS=v_bits, W=num_warps, NR=32,
         ASM=on_gpu if inline_asm is None else inline_asm, SHORT=n_hist < ng * g_k, K_NUQ=k_nuq, V_NUQ=v_nuq,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if on_gpu and maxnreg else {}),
     )
-    return _merge(o_part, lse_part, query)
-
-
-def _merge(o_part: torch.Tensor, lse_part: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    b, h_q, d = query.shape
-    n_parts = o_part.shape[1]
     out = torch.empty((b, h_q, d), device=query.device, dtype=query.dtype)
     parts = min(64, triton.next_power_of_2(n_parts))
     _decode_reduce_kernel[(b * h_q,)](o_part, lse_part, out, n_parts, D=d, PARTS=parts)
@@ -717,23 +755,17 @@ def _merge(o_part: torch.Tensor, lse_part: torch.Tensor, query: torch.Tensor) ->
 
 def merge_with_residual(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
                         o_part: torch.Tensor, lse_part: torch.Tensor) -> torch.Tensor:
-    """Attention output from partial history results plus the residual: fills the last of ``o_part``'s
-    ``[B * H_q, parts, D]`` (normalized outputs) and ``lse_part``'s ``[B * H_q, parts]`` (base-2 log-sum-exp)
-    with the residual program of :func:`_decode_split_kernel`, then merges every part. How another history
-    kernel (:mod:`.gluon_decode`) shares this one's residual and merge."""
+    """Attention output from a history kernel's partial results (``o_part`` ``[B * H_q, parts, D]``, normalized;
+    ``lse_part`` ``[B * H_q, parts]``, base-2 log-sum-exp) and the full-precision residual ``keys`` / ``values``
+    ``[B, H_kv, T_r, D]``, in one launch (:func:`_residual_merge_kernel`). How :mod:`.gluon_decode` shares
+    this module's partial-result format."""
     b, h_q, d = query.shape
     h_kv, n_res = keys.shape[1], keys.shape[2]
-    r = h_q // h_kv
-    r_p = triton.next_power_of_2(r)
-    splits = o_part.shape[1] - 1
-    ngv, m, ng = stacking(r_p, d, 64, d)  # placeholders for the history constexprs: no history program runs
-    word = torch.empty(1, device=query.device, dtype=torch.int32)
-    half = torch.empty(1, device=query.device, dtype=torch.float16)
-    _decode_split_kernel[(b * h_kv, 1)](
-        query, word, half, half, word, half, half, word, word, keys, values, o_part, lse_part,
-        query.stride(0), query.stride(1), *(0,) * 12, *keys.stride()[:3], *values.stride()[:3],
-        0, 0, n_res, 0, splits, splits, scale * LOG2E,
-        H_KV=h_kv, R=r, R_P=r_p, M=m, NG=ng, NGV=ngv, D=d, G_K=64, G_V=d, K_BITS=4, V_BITS=4, W=4, NR=32,
-        ASM=query.is_cuda, SHORT=True, K_NUQ=0, V_NUQ=0, num_warps=4,
+    n_parts = o_part.shape[1]
+    out = torch.empty((b, h_q, d), device=query.device, dtype=query.dtype)
+    _residual_merge_kernel[(b * h_q,)](
+        query, keys, values, o_part, lse_part, out, query.stride(0), query.stride(1), *keys.stride()[:3],
+        *values.stride()[:3], n_res, n_parts, scale * LOG2E,
+        H_Q=h_q, R=h_q // h_kv, D=d, NR=32, PARTS=min(64, triton.next_power_of_2(n_parts)),
     )
-    return _merge(o_part, lse_part, query)
+    return out

@@ -23,8 +23,8 @@ so that the scores' accumulator fragment is, converted to fp16, the A fragment o
   ``fma.rn.f16x2`` per register makes ``m' c s`` from ``64 + m' c`` (``y * s - 64 s``, one rounding);
   the zeros and the softmax sum come from one more mma a step (columns ``z_0 .. z_{NGV-1}, 1``).
 * **Split-K.** Programs ``(B * H_kv, splits)`` each reduce a run of 64-token blocks to a partial
-  output and log-sum-exp; the residual and the merge are :mod:`.decode`'s (one of its programs and
-  its reduce kernel), so both kernels share one partial-result format.
+  output and log-sum-exp, in :mod:`.decode`'s partial-result format; one more launch attends to the
+  full-precision residual and merges (:func:`~kvtuner.kernels.decode.merge_with_residual`).
 
 What it takes (:func:`gluon_supported`): uniform integer KIVI codes of 2, 4 or 8 bits a side, head dim
 64 or 128 with at least 256 value bits a token, key groups of 32, 64 or 128 tokens holding whole
@@ -431,10 +431,12 @@ def decode_attention_gluon(
     values: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Same arguments and result as :func:`~kvtuner.kernels.decode.decode_attention_triton` for a history that
     :func:`gluon_supported` accepts (``history_start`` 0); num_splits: history slices a KV head (default:
-    :func:`~kvtuner.kernels.decode.default_num_splits` over 64-token blocks, 8 one-warp programs an SM)."""
+    :func:`~kvtuner.kernels.decode.default_num_splits` over 64-token blocks, 8 one-warp programs an SM);
+    maxnreg: a register cap a thread (more resident warps, some spilled)."""
     from kvtuner.kernels.decode import default_num_splits, merge_with_residual
 
     if not gluon_supported(qkeys, qvalues, query):
@@ -453,16 +455,16 @@ def decode_attention_gluon(
     splits = min(num_splits or default_num_splits(n_blocks, b * h_kv, query.device, ctas_per_sm=8), n_blocks)
     groups_per_split = -(-n_blocks // splits) * group_step
     splits = -(-n_groups // groups_per_split)
-    o_part = torch.empty((b * h_q, splits + 1, d), device=query.device, dtype=torch.float32)
-    lse_part = torch.empty((b * h_q, splits + 1), device=query.device, dtype=torch.float32)
+    o_part = torch.empty((b * h_q, splits, d), device=query.device, dtype=torch.float32)
+    lse_part = torch.empty((b * h_q, splits), device=query.device, dtype=torch.float32)
     _gluon_decode_kernel[(b * h_kv, splits)](
         query, kw, ks, kz, vw, vs, vz, o_part, lse_part,
         query.stride(0), query.stride(1), kw.stride(0), kw.stride(1), kw.stride(2),
         ks.stride(0), ks.stride(1), ks.stride(2), vw.stride(0), vw.stride(1), vw.stride(2),
         vs.stride(0), vs.stride(1), vs.stride(2),
-        n_groups, groups_per_split, splits + 1, scale * LOG2E,
+        n_groups, groups_per_split, splits, scale * LOG2E,
         H_KV=h_kv, R=h_q // h_kv, D=d, G_K=g_k, G_V=g_v, K_BITS=qkeys.spec.bits, V_BITS=qvalues.spec.bits,
-        num_warps=1,
+        num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return merge_with_residual(query, keys, values, scale, o_part, lse_part)
 
