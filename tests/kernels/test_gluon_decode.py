@@ -154,20 +154,20 @@ def test_compiles_for_sm90_with_trivial_layouts_and_no_shared_memory(compiled):
 
 # Warp instructions a cached token and KV head in the decode loop (D = 128, 4 query heads a KV head),
 # measured on triton 3.6.0 when the budget was set, with a little headroom; Triton's kernel: 28.6 for K4V4.
-SASS_BUDGET = {"K2V2": 19.5, "K2V4": 20.0, "K2V8": 21.0, "K4V2": 20.0, "K4V4": 21.0, "K4V8": 21.5, "K8V2": 21.5,
-               "K8V4": 22.0, "K8V8": 23.0}
+SASS_BUDGET = {"K2V2": 18.5, "K2V4": 19.0, "K2V8": 20.0, "K4V2": 19.0, "K4V4": 19.5, "K4V8": 20.5, "K8V2": 20.5,
+               "K8V4": 21.0, "K8V8": 22.0}
 
 
 def test_decode_loop_stays_in_registers_and_within_its_instruction_budget(compiled):
     """Per 64-token iteration at D = 128: every code is decoded exactly once, two a register (keys: 64 * 128 / 2
     / 32 lanes = 128 lop3, values as many lop3 and one fma each: a miscompiled pairing once decoded only half
-    of the values), the mmas are 8 k-steps x 8 n-tiles a side plus 4 small ones a group, and nothing goes
-    through shared memory."""
+    of the values), the mmas are 8 k-steps x 8 n-tiles a side plus, a group, 8 + 8 for the key offsets and 2 + 2
+    for the value zeros and the softmax sum, and nothing goes through shared memory."""
     for (k, v) in PAIRS:
         census = compiled[f"K{k}V{v}D128R4"]
         assert census["LDS"] == census["STS"] == census["BAR"] == 0, census
         assert census["HFMA2"] == 128 and census["LOP3"] >= 256, (k, v, census["HFMA2"], census["LOP3"])
-        assert census["HMMA"] == 64 + 64 + 2 * (2 + 8 + 8), (k, v, census["HMMA"])
+        assert census["HMMA"] == 64 + 64 + 2 * (8 + 8 + 2 + 2), (k, v, census["HMMA"])
         assert census["per_token"] <= SASS_BUDGET[f"K{k}V{v}"], (k, v, census["per_token"])
 
 
@@ -199,7 +199,7 @@ def test_kernel_matches_the_reference_on_gpu(k_bits, v_bits, d, ratio):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("groups", [(32, 64), (64, 32), (128, 128), (128, 32)])
+@pytest.mark.parametrize("groups", [(32, 64), (64, 32), (128, 128), (128, 32), (32, 16)])
 def test_kernel_group_sizes_on_gpu(groups):
     from kvtuner.kernels.gluon_decode import decode_attention_gluon
 

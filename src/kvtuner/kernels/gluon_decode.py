@@ -21,14 +21,15 @@ so that the scores' accumulator fragment is, converted to fp16, the A fragment o
 * **Values: dequantized in the operand, by token pairs.** A B-fragment register holds one channel of
   two consecutive tokens, so one ``prmt`` pairs the half-words of two tokens' words and one
   ``fma.rn.f16x2`` per register makes ``m' c s`` from ``64 + m' c`` (``y * s - 64 s``, one rounding);
-  the zeros and the softmax sum come from one more mma a step (columns ``z_0 .. z_{NGV-1}, 1``).
+  the zeros and the softmax sum come from two small mmas a group (zeros: column g those of lane g's
+  value group, which every column lane g holds shares).
 * **Split-K.** Programs ``(B * H_kv, splits)`` each reduce a run of 64-token blocks to a partial
   output and log-sum-exp, in :mod:`.decode`'s partial-result format; one more launch attends to the
   full-precision residual and merges (:func:`~kvtuner.kernels.decode.merge_with_residual`).
 
 What it takes (:func:`gluon_supported`): uniform integer KIVI codes of 2, 4 or 8 bits a side, head dim
 64 or 128 with at least 256 value bits a token, key groups of 32, 64 or 128 tokens holding whole
-blocks, value groups of at least ``D / 8`` channels with at most 7 a token, no sink tokens. 3-bit
+blocks, value groups of at least ``D / 8`` channels, no sink tokens. 3-bit
 codes, codebooks and sinks stay on :mod:`.decode`.
 """
 
@@ -176,9 +177,10 @@ def _key_tile(base, t0, skw_t: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr
 
 
 @gluon.jit
-def _value_tile(base, sbase, t0, svw_t: gl.constexpr, svs_t: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr,
+def _value_tile(base, sbase, zbase, t0, svw_t: gl.constexpr, svs_t: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr,
                 NTOK: gl.constexpr, G_V: gl.constexpr, b_l: gl.constexpr):
-    """[NTOK, D] fp16 B operand ``m' c s`` of NTOK value tokens from ``t0``, columns in :func:`value_channels` order."""
+    """B operands of NTOK value tokens from ``t0``: [NTOK, D] fp16 ``m' c s``, columns in :func:`value_channels`
+    order, and [NTOK, 8] their zeros, column g the zero of lane g's value group (that of all its columns)."""
     NWL: gl.constexpr = D * BITS // 256  # words a lane reads of each token
     RPW: gl.constexpr = 16 // BITS
     # [token pairs (JH: 8 tokens apart), t, g, words]: lanes (g, t), a lane's words contiguous (one vector load)
@@ -188,11 +190,15 @@ def _value_tile(base, sbase, t0, svw_t: gl.constexpr, svs_t: gl.constexpr, D: gl
     g = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, x_l))))
     w = gl.arange(0, NWL, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, x_l))))
     tok_a = t0 + jh[:, None, None] * 8 + t[None, :, None] * 2  # [JH, 4, 1]: tokens a; b = a + 1
-    gv = (g * (D // 8)) // G_V
+    gv = (g * (D // 8)) // G_V  # a lane's D / 8 channels lie in one value group
     words_a = base + (tok_a * svw_t + (g * NWL)[None, None, :])[:, :, :, None] + w[None, None, None, :]
     scales_a = sbase + (tok_a * svs_t + gv[None, None, :])[:, :, :, None]  # [JH, 4, 8, 1]
     wa = gl.load(words_a)
     wb = gl.load(words_a + svw_t)
+    zeros_a = zbase + (tok_a * svs_t + gv[None, None, :])  # [JH, 4, 8], as the scales
+    za = gl.load(zeros_a)
+    zb = gl.load(zeros_a + svs_t)
+    zeros = gl.reshape(gl.permute(gl.join(za, zb), [0, 1, 3, 2]), [NTOK, 8])  # k = jh * 8 + t * 2 + e, n = g
     sa = gl.load(scales_a).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
     sb = gl.load(scales_a + svs_t).to(gl.int16, bitcast=True).to(gl.int32)
     s2 = gl.broadcast(sa | (sb << 16), wa)[0]  # (s_a, s_b) as one f16x2
@@ -211,7 +217,8 @@ def _value_tile(base, sbase, t0, svw_t: gl.constexpr, svs_t: gl.constexpr, D: gl
                     gl.join(gl.join(gl.join(o[8], o[9]), gl.join(o[10], o[11])),
                             gl.join(gl.join(o[12], o[13]), gl.join(o[14], o[15]))))  # [.., e, r0, r1, r2, half]
         z = gl.permute(z, [0, 1, 4, 3, 8, 7, 6, 5, 2])
-    return gl.convert_layout(gl.reshape(z, [NTOK, D]), b_l, assert_trivial=True)
+    return (gl.convert_layout(gl.reshape(z, [NTOK, D]), b_l, assert_trivial=True),
+            gl.convert_layout(zeros.to(gl.float16), b_l, assert_trivial=True))
 
 
 @gluon.jit
@@ -268,22 +275,21 @@ def _group_scores(qm, qz, KS_h, KZ_h, KW_h, grp, sks_g: gl.constexpr, skw_t: gl.
 
 
 @gluon.jit
-def _group_values(s, m_new, acc, acc_z, VW_h, VS_h, VZ_h, t0, svw_t: gl.constexpr, svs_t: gl.constexpr,
+def _group_values(s, m_new, acc, acc_z, acc_l, VW_h, VS_h, VZ_h, t0, svw_t: gl.constexpr, svs_t: gl.constexpr,
                   D: gl.constexpr, G_K: gl.constexpr, G_V: gl.constexpr, V_BITS: gl.constexpr,
                   mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr):
-    """``acc += P V`` (columns in :func:`value_channels` order, ``m' c s``) and ``acc_z += P [z_0 .. z_{NGV-1}, 1]``."""
-    NGV: gl.constexpr = D // G_V
+    """``acc += P V`` (columns in :func:`value_channels` order, ``m' c s``), ``acc_z += P z`` (column g: the
+    zeros of lane g's value group) and ``acc_l += P 1`` (the softmax sum, in all 8 columns)."""
     p = gl.convert_layout(gl.exp2(s - m_new[:, None]).to(gl.float16), a_l, assert_trivial=True)
-    acc = mma_v2(p, _value_tile(VW_h, VS_h, t0, svw_t, svs_t, D, V_BITS, G_K, G_V, b_l), acc)
-    tok = gl.arange(0, G_K, layout=gl.SliceLayout(1, b_l))
-    col = gl.arange(0, 8, layout=gl.SliceLayout(0, b_l))
-    z = gl.load(VZ_h + (t0 + tok)[:, None] * svs_t + col[None, :], mask=(col < NGV)[None, :], other=0.0)
-    z = gl.where(col[None, :] == NGV, 1.0, z.to(gl.float32)).to(gl.float16)
-    return acc, mma_v2(p, z, acc_z)
+    values, zeros = _value_tile(VW_h, VS_h, VZ_h, t0, svw_t, svs_t, D, V_BITS, G_K, G_V, b_l)
+    acc = mma_v2(p, values, acc)
+    acc_z = mma_v2(p, zeros, acc_z)
+    acc_l = mma_v2(p, gl.full([G_K, 8], 1.0, gl.float16, b_l), acc_l)
+    return acc, acc_z, acc_l
 
 
 @gluon.jit
-def _block(acc, acc_z, m_i, qm, qz, grp0, NG: gl.constexpr, KS_h, KZ_h, KW_h, VW_h, VS_h, VZ_h,
+def _block(acc, acc_z, acc_l, m_i, qm, qz, grp0, NG: gl.constexpr, KS_h, KZ_h, KW_h, VW_h, VS_h, VZ_h,
            sks_g: gl.constexpr, skw_t: gl.constexpr, svw_t: gl.constexpr, svs_t: gl.constexpr,
            R: gl.constexpr, D: gl.constexpr, G_K: gl.constexpr, G_V: gl.constexpr, K_BITS: gl.constexpr, V_BITS: gl.constexpr,
            mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr):
@@ -303,12 +309,13 @@ def _block(acc, acc_z, m_i, qm, qz, grp0, NG: gl.constexpr, KS_h, KZ_h, KW_h, VW
         alpha = gl.exp2(m_i - m_new)
         acc = acc * alpha[:, None]
         acc_z = acc_z * alpha[:, None]
-    acc, acc_z = _group_values(s0, m_new, acc, acc_z, VW_h, VS_h, VZ_h, grp0 * G_K, svw_t, svs_t,
+        acc_l = acc_l * alpha[:, None]
+    acc, acc_z, acc_l = _group_values(s0, m_new, acc, acc_z, acc_l, VW_h, VS_h, VZ_h, grp0 * G_K, svw_t, svs_t,
                                D, G_K, G_V, V_BITS, mma, a_l, b_l)
     if NG == 2:
-        acc, acc_z = _group_values(s1, m_new, acc, acc_z, VW_h, VS_h, VZ_h, (grp0 + 1) * G_K, svw_t, svs_t,
+        acc, acc_z, acc_l = _group_values(s1, m_new, acc, acc_z, acc_l, VW_h, VS_h, VZ_h, (grp0 + 1) * G_K, svw_t, svs_t,
                                    D, G_K, G_V, V_BITS, mma, a_l, b_l)
-    return acc, acc_z, m_new
+    return acc, acc_z, acc_l, m_new
 
 
 # Group counts change every 32 tokens: specializing on them would recompile mid-generation.
@@ -325,7 +332,6 @@ def _gluon_decode_kernel(
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
     GPB: gl.constexpr = BLOCK_C // G_K if G_K < BLOCK_C else 1
-    NGV: gl.constexpr = D // G_V
     pid = gl.program_id(0)
     split = gl.program_id(1)
     b = (pid // H_KV).to(gl.int64)  # batch offsets of a long cache overflow int32
@@ -347,28 +353,26 @@ def _gluon_decode_kernel(
     VZ_h = VZ + b * svs_b + h * svs_h
     m_i = gl.full([16], float("-inf"), gl.float32, layout=gl.SliceLayout(1, mma))
     acc = gl.zeros([16, D], gl.float32, mma)
-    acc_z = gl.zeros([16, 8], gl.float32, mma)  # columns: sum p z_v for each value group v, then sum p
+    acc_z = gl.zeros([16, 8], gl.float32, mma)  # column g: sum p z of lane g's value group
+    acc_l = gl.zeros([16, 8], gl.float32, mma)  # sum p, 8 copies
     g_lo = split * groups_per_split
     g_hi = gl.minimum(g_lo + groups_per_split, n_groups)
     for grp in range(g_lo, g_hi - GPB + 1, GPB):
-        acc, acc_z, m_i = _block(acc, acc_z, m_i, qm, qz, grp, GPB, KS_h, KZ_h, KW_h, VW_h, VS_h, VZ_h,
+        acc, acc_z, acc_l, m_i = _block(acc, acc_z, acc_l, m_i, qm, qz, grp, GPB, KS_h, KZ_h, KW_h, VW_h, VS_h, VZ_h,
                                  sks_g, skw_t, svw_t, svs_t, R, D, G_K, G_V, K_BITS, V_BITS, mma, a_l, b_l)
     if GPB == 2:
         if (g_hi - g_lo) % 2 == 1:  # a history of an odd number of groups ends with a single one
-            acc, acc_z, m_i = _block(acc, acc_z, m_i, qm, qz, g_hi - 1, 1, KS_h, KZ_h, KW_h, VW_h, VS_h, VZ_h,
+            acc, acc_z, acc_l, m_i = _block(acc, acc_z, acc_l, m_i, qm, qz, g_hi - 1, 1, KS_h, KZ_h, KW_h, VW_h, VS_h, VZ_h,
                                      sks_g, skw_t, svw_t, svs_t, R, D, G_K, G_V, K_BITS, V_BITS, mma, a_l, b_l)
 
-    # out = (acc / m' + sum_t p z_v(t)) / sum_t p, columns back to their stored channels
-    col = gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
+    # out = (acc / m' + sum_t p z(t)) / sum_t p, columns back to their stored channels; column n's zeros are
+    # those of its lane's group, in the acc_z column the thread holding n holds (n % 8)
     vch, vmult = _value_channel(gl.arange(0, D, layout=gl.SliceLayout(0, mma)), V_BITS, D)
-    out = acc / vmult[None, :]
-    for v in gl.static_range(NGV):
-        zv = gl.sum(gl.where(col[None, :] == v, acc_z, 0.0), 1)
-        out += gl.where((vch // G_V)[None, :] == v, zv[:, None], 0.0)
-    l = gl.sum(gl.where(col[None, :] == NGV, acc_z, 0.0), 1)
+    out = (acc / vmult[None, :] + _tile_columns(acc_z, D, mma)) / _tile_columns(acc_l, D, mma)
+    l = gl.max(acc_l, 1)
     rows_o = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
     part = ((b * H_KV + h) * R + rows_o) * n_parts + split
-    gl.store(O_part + part[:, None] * D + vch[None, :], out / l[:, None], mask=(rows_o < R)[:, None])
+    gl.store(O_part + part[:, None] * D + vch[None, :], out, mask=(rows_o < R)[:, None])
     gl.store(LSE_part + part, m_i + gl.log2(l), mask=rows_o < R)
 
 
@@ -418,7 +422,7 @@ def gluon_supported(qkeys: QuantizedTensor, qvalues: QuantizedTensor, query: tor
         and k.fp8 is None and v.fp8 is None and not k.symmetric and not v.symmetric
         and d in (64, 128) and d * v.bits >= 256 and r <= 16
         and g_k in (32, 64, 128) and qkeys.num_tokens % g_k == 0
-        and d // 8 <= g_v <= d and d % g_v == 0 and d // g_v <= 7
+        and d // 8 <= g_v <= d and d % g_v == 0
         and qkeys.scale.dtype == torch.float16 and qvalues.scale.dtype == torch.float16
     )
 
