@@ -246,13 +246,15 @@ def test_residual_merge_joins_partial_history_results_with_the_residual():
     parts_o, parts_lse = [], []
     for lo, hi in ((0, 50), (50, 50), (50, 192)):
         s = torch.einsum("bhrd,bhtd->bhrt", q, k_hist[:, :, lo:hi]) / math.log(2)
-        lse = torch.logsumexp(s * math.log(2), -1) / math.log(2) if hi > lo else torch.full(s.shape[:-1], -math.inf)
-        p = torch.softmax(s * math.log(2), -1) if hi > lo else s
-        o = torch.einsum("bhrt,bhtd->bhrd", p, v_hist[:, :, lo:hi]) if hi > lo else torch.zeros(b, h_kv, h_q // h_kv, d)
+        if hi > lo:
+            lse = torch.logsumexp(s * math.log(2), -1) / math.log(2)
+            o = torch.einsum("bhrt,bhtd->bhrd", torch.softmax(s * math.log(2), -1), v_hist[:, :, lo:hi])
+        else:  # what a split past the history's end leaves
+            lse, o = torch.full(s.shape[:-1], -math.inf, dtype=s.dtype, device=s.device), torch.zeros_like(q)
         parts_o.append(o.reshape(b * h_q, d))
         parts_lse.append(lse.reshape(b * h_q))
-    o_part = torch.stack(parts_o, 1).float().to(DEVICE)
-    lse_part = torch.stack(parts_lse, 1).float().to(DEVICE)
+    o_part = torch.stack(parts_o, 1).float()
+    lse_part = torch.stack(parts_lse, 1).float()
     out = kd.merge_with_residual(args["query"], args["keys"], args["values"], args["scale"], o_part, lse_part)
     ref = decode_attention_reference(**{**args, "query": args["query"].double()}, compute_dtype=torch.float64)
     assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[torch.float16]

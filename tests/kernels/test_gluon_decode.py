@@ -226,8 +226,8 @@ def test_auto_dispatch_reads_gluon_layouts_with_gluon_and_the_rest_with_triton(m
     calls = []
     monkeypatch.setattr(gluon_decode, "decode_attention_gluon", lambda *a, **k: calls.append("gluon") or a[0])
     monkeypatch.setattr(decode, "decode_attention_triton", lambda *a, **k: calls.append("triton") or a[0])
-    for k_bits, expected in ((4, "gluon"), (3, "triton")):
-        case = make_case(k_bits, 4, device="cuda")
+    for k_bits, n_hist, expected in ((4, 2**15, "gluon"), (3, 2**15, "triton"), (4, 96, "triton")):
+        case = make_case(k_bits, 4, n_hist=n_hist, device="cuda")  # 96 tokens: too little work for one-warp programs
         kernels.decode_attention(**case, key_spec=case["qkeys"].spec, value_spec=case["qvalues"].spec)
         assert calls[-1] == expected
     with pytest.raises(ValueError, match="does not read this layout"):

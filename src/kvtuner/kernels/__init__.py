@@ -9,7 +9,8 @@ a dequantized copy. Two kernels serve :class:`~kvtuner.cache.layer.MixedPrecisio
   specialized per layer on its (K bits, V bits) (:mod:`.decode`).
 
 ``backend``: ``"auto"`` runs, on CUDA tensors, the Gluon tensor-core decode kernel (:mod:`.gluon_decode`)
-where it reads the layout and triton is the version it is written for, else Triton's when triton is
+where it reads the layout, triton is the version it is written for and the history is long enough for it
+to be the faster (``gluon_preferred``), else Triton's when triton is
 installed and the specs are supported (KIVI layout: asymmetric integer codes, keys per channel, values
 per token, uniform or indexing one non-uniform level table a side), and torch otherwise; ``"gluon"``,
 ``"triton"`` or ``"torch"`` forces one, and forcing a kernel on a layout it does not read raises
@@ -133,9 +134,10 @@ def decode_attention(
     if backend == "gluon" and not (query.is_cuda and gluon_available()):
         raise ValueError(f"backend='gluon' needs CUDA tensors and triton {GLUON_TRITON}x (Gluon has no interpreter)")
     if backend == "gluon" or (backend == "auto" and query.is_cuda and qkeys is not None and gluon_available()):
-        from kvtuner.kernels.gluon_decode import decode_attention_gluon, gluon_supported
+        from kvtuner.kernels.gluon_decode import decode_attention_gluon, gluon_preferred, gluon_supported
 
-        if qkeys is not None and gluon_supported(qkeys, qvalues, query, history_start):
+        if (qkeys is not None and gluon_supported(qkeys, qvalues, query, history_start)
+                and (backend == "gluon" or gluon_preferred(qkeys))):
             return decode_attention_gluon(query, qkeys, qvalues, keys, values, scale)
         if backend == "gluon":
             raise ValueError("the Gluon decode kernel does not read this layout (see kvtuner.kernels.gluon_decode); "

@@ -427,6 +427,18 @@ def gluon_supported(qkeys: QuantizedTensor, qvalues: QuantizedTensor, query: tor
     )
 
 
+GLUON_MIN_WORK = 2**18  # cached tokens x sequences x KV heads: below it the Triton kernel is as fast or faster
+
+
+def gluon_preferred(qkeys: QuantizedTensor) -> bool:
+    """Whether the Gluon kernel beats :mod:`.decode`'s on this history. Measured on the H200 (CUDA-graph GPU time,
+    Llama-3.1-8B shape, ``benchmarks/results/attention_h200_gluon*.json``): 1.2-1.9x faster from 32k tokens at
+    batch 1 and 4 (and all of batch 16-64), but 10-15% slower on 4k tokens at batch 1, even at batch 4, and
+    mixed at batch 64 (K4V2 9% slower): one-warp programs need enough of them to hide memory latency."""
+    b, h_kv, t = qkeys.shape[0], qkeys.shape[1], qkeys.num_tokens
+    return b * h_kv * t >= GLUON_MIN_WORK
+
+
 def decode_attention_gluon(
     query: torch.Tensor,
     qkeys: QuantizedTensor,
