@@ -246,6 +246,20 @@ def longctx(
         console.print(table)
 
 
+@app.command("lm-eval", add_help_option=False,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def lm_eval_command(ctx: typer.Context) -> None:
+    """lm-evaluation-harness's own command line with --model kvtuner and the task gsm8k_local (local files).
+
+    Example: kvtuner lm-eval --model kvtuner --model_args pretrained=default,kv=K4V4 --tasks gsm8k_local
+    --metadata '{"data_dir": "../shared/data"}' --limit 20 --device cpu (needs pip install 'kvtuner[lm-eval]')."""
+    try:
+        from kvtuner.evaluate.harness import run_lm_eval
+    except ImportError as e:
+        raise fail(str(e)) from None
+    run_lm_eval(ctx.args)
+
+
 @app.command()
 def gsm8k(
     data: Annotated[Path, typer.Option("--data", help="GSM8K jsonl to score (question/answer)")],
