@@ -187,15 +187,10 @@ def generate(
     )
 
 
-def _tokens(text: str) -> int:
-    """``2048``, ``2k`` (= 2048) or ``8K``."""
-    text = text.strip().lower()
-    return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
-
-
 @app.command()
 def longctx(
-    filler: Annotated[Path, typer.Option("--filler", help="text file the filler comes from (e.g. a novel)")],
+    filler: Annotated[Path, typer.Option("--filler", help="text file the filler comes from (e.g. a novel): its first 3/4 "
+                                         "(the last 1/4 is search --objective longctx's)")],
     model: ModelOpt = "default",
     kv: KvOpt = None,
     config: ConfigOpt = None,
@@ -212,10 +207,10 @@ def longctx(
     as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
 ) -> None:
     """Passkey retrieval: a key hidden at each depth of long prompts, against the full-precision cache on the same prompts."""
-    from kvtuner.evaluate.longctx import evaluate_retrieval, retrieval_figure
+    from kvtuner.evaluate.longctx import evaluate_retrieval, parse_length, retrieval_figure
 
     try:
-        length_list = [_tokens(x) for x in lengths.split(",")]
+        length_list = [parse_length(x) for x in lengths.split(",")]
         depth_list = [float(x) / 100 for x in depths.split(",")]
     except ValueError:
         raise fail(f"--lengths and --depths take comma-separated numbers, not {lengths!r} / {depths!r}") from None
