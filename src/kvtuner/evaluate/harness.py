@@ -78,8 +78,10 @@ class KVTunerLM(HFLM):
         if isinstance(pretrained, str):
             from kvtuner.models import load_model
 
-            dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype) if isinstance(dtype, str) else dtype
-            pretrained, kwargs["tokenizer"] = load_model(pretrained, dtype=dtype, device=device)
+            if isinstance(dtype, str):
+                dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype)
+            pretrained, tokenizer = load_model(pretrained, dtype=dtype, device=device)
+            kwargs.setdefault("tokenizer", tokenizer)
         if kv_config is not None:
             config = KVConfig.load(kv_config)
             config.name = config.name or Path(kv_config).stem
@@ -102,7 +104,9 @@ class KVTunerLM(HFLM):
 
     @torch.no_grad()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-        """(sum of log-probs, greedy?) of each continuation, the context prefilled and the continuation decoded."""
+        """(sum of log-probs, greedy?) of each continuation, the context prefilled and the continuation decoded.
+
+        One request at a time: ``override_bs`` (HFLM's rolling scorer passes it) has nothing to size."""
         results = []
         for request, context_enc, continuation_enc in tqdm(requests, disable=disable_tqdm or self.rank != 0,
                                                            desc="loglikelihood through the kvtuner cache"):
