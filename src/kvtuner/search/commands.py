@@ -349,6 +349,16 @@ def _gsm8k_error(lm, tokenizer, rows: list[dict], problems: int, max_new_tokens:
     return error
 
 
+def _retrieval_error(lm, tokenizer, prompts) -> Callable[[KVConfig], float]:
+    """Share of calibration-split passkey prompts whose key a config loses (see kvtuner.evaluate.longctx)."""
+    from kvtuner.evaluate.longctx import retrieval_accuracy
+
+    def error(config: KVConfig) -> float:
+        return 1.0 - retrieval_accuracy(lm, tokenizer, prompts, config)
+
+    return error
+
+
 def search_command(
     model: ModelOpt = "default",
     data: DataOpt = None,
@@ -370,10 +380,14 @@ def search_command(
     max_effective_bits: Annotated[Optional[float], typer.Option("--max-effective-bits", help="hard limit on real stored bits per element (scales, outliers, codebooks included)")] = None,
     max_overhead_bits: Annotated[Optional[float], typer.Option("--max-overhead-bits", help="a budget's config stores at most budget + this many effective bits (1.0: what group-32 KIVI pays)")] = None,
     size: Annotated[str, typer.Option("--size", help="size objective: avg_bits or kv_bytes")] = "avg_bits",
-    objective: Annotated[str, typer.Option("--objective", help="kl (calibration KL) or gsm8k (few-shot error)")] = "kl",
+    objective: Annotated[str, typer.Option("--objective", help="kl (calibration KL), gsm8k (few-shot error) or longctx (passkey error)")] = "kl",
     gsm8k_data: Annotated[Optional[Path], typer.Option("--gsm8k-data", help="gsm8k_train.jsonl for --objective gsm8k")] = None,
     gsm8k_problems: Annotated[int, typer.Option("--gsm8k-problems", help="problems scored per trial")] = 16,
     gsm8k_max_new_tokens: Annotated[int, typer.Option("--gsm8k-max-new-tokens")] = 256,
+    longctx_filler: Annotated[Optional[Path], typer.Option("--longctx-filler", help="filler text for --objective longctx; its prompts are kvtuner longctx's calibration split (other keys, other filler tokens)")] = None,
+    longctx_lengths: Annotated[str, typer.Option("--longctx-lengths", help="prompt lengths in tokens, e.g. 2k,4k")] = "2k",
+    longctx_depths: Annotated[str, typer.Option("--longctx-depths", help="depths of the key in percent")] = "0,25,50,75,100",
+    longctx_trials: Annotated[int, typer.Option("--longctx-trials", min=1, help="prompts per (length, depth)")] = 4,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     calibration: CalibrationOpt = None,
     out: OutOpt = Path("runs/search"),
@@ -399,6 +413,21 @@ def search_command(
             rows = load_gsm8k(gsm8k_data)
             if len(rows) <= 4:
                 raise SearchError(f"{gsm8k_data}: needs more than 4 problems (the first 4 are the worked examples)")
+        if objective == "longctx":
+            from kvtuner.evaluate import read_text
+            from kvtuner.evaluate.longctx import parse_length
+
+            if longctx_filler is None:
+                raise SearchError("--objective longctx needs --longctx-filler FILE (a long text, e.g. a novel)")
+            filler = read_text(longctx_filler)
+            try:
+                passkey = {"lengths": [parse_length(x) for x in split_list(longctx_lengths)],
+                           "depths": [float(x) / 100 for x in split_list(longctx_depths)], "trials": longctx_trials}
+            except ValueError:
+                raise SearchError("--longctx-lengths and --longctx-depths take comma-separated numbers, "
+                                  f"not {longctx_lengths!r} / {longctx_depths!r}") from None
+            if not passkey["lengths"] or not all(0 <= d <= 1 for d in passkey["depths"]):
+                raise SearchError("--longctx-lengths needs a length and --longctx-depths percentages from 0 to 100")
         _quiet()
         fitted = _check_candidates(profile_settings.candidates(), model, calibration)
         lm, tokenizer = _load(model, device)
@@ -413,6 +442,16 @@ def search_command(
 
             meta["gsm8k"] = {"data": hashlib.sha256(gsm8k_data.read_bytes()).hexdigest(),
                              "problems": gsm8k_problems, "max_new_tokens": gsm8k_max_new_tokens}
+        if objective == "longctx":  # likewise
+            import hashlib
+
+            from kvtuner.evaluate.longctx import passkey_prompts
+
+            prompts = passkey_prompts(tokenizer, filler, passkey["lengths"], passkey["depths"], passkey["trials"],
+                                      seed, split="calibration")
+            measure = _retrieval_error(lm, tokenizer, prompts)
+            meta["longctx"] = {"filler": hashlib.sha256(longctx_filler.read_bytes()).hexdigest(),
+                               "split": "calibration", **passkey}
         result = run_search(lm, profile, calib.calibration, calib.validation, settings, out, measure=measure,
                             meta=meta, progress=not as_json, calibration=fitted,
                             calibration_path=None if calibration is None else calibration.resolve())

@@ -46,7 +46,7 @@ from kvtuner.search.study import (
 )
 
 SIZES = ("avg_bits", "kv_bytes")
-OBJECTIVES = ("kl", "gsm8k")
+OBJECTIVES = ("kl", "gsm8k", "longctx")
 SAMPLERS = ("nsga2", "tpe")
 
 
@@ -108,7 +108,7 @@ class SearchSettings:
 
 @dataclass
 class Point:
-    """One measured config. ``loss``: the objective on the calibration tokens (KL, or GSM8K error)."""
+    """One measured config. ``loss``: the objective on the calibration tokens (KL, GSM8K or passkey error)."""
 
     name: str
     source: str  # trial | additive | uniform
@@ -346,10 +346,11 @@ def run_search(
     """Search mixed-precision configs for ``model`` from its ``profile``; see the module docstring.
 
     measure: the objective's quality measurement of a config; default: decode-faithful KL on
-    ``calibration_ids`` (the CLI passes a GSM8K error rate for ``--objective gsm8k``).
-    meta: provenance recorded with the study, the result and every written config; its ``data``
-    and ``gsm8k`` (the GSM8K settings ``measure`` scores with) are part of the study identity, so
-    ``--resume`` refuses a study measured on other data or other GSM8K settings.
+    ``calibration_ids`` (the CLI passes a GSM8K error rate for ``--objective gsm8k``, a passkey error rate on
+    calibration-split prompts for ``--objective longctx``).
+    meta: provenance recorded with the study, the result and every written config; its ``data``,
+    ``gsm8k`` and ``longctx`` (the settings ``measure`` scores with) are part of the study identity, so
+    ``--resume`` refuses a study measured on other data or other GSM8K or passkey settings.
     calibration: levels and thresholds for candidates with codebooks, outliers or kvquant; the
     written configs reference ``calibration_path``, relative to ``out_dir``.
     """
@@ -396,6 +397,8 @@ def run_search(
         # what the caller's measure depends on (the CLI's GSM8K problems and max new tokens)
         "gsm8k": (meta or {}).get("gsm8k"),
     }
+    if (meta or {}).get("longctx") is not None:  # only when set, so studies made before it resume as they were
+        identity["longctx"] = meta["longctx"]
     sampler = make_sampler(settings.sampler, settings.seed, settings.population)
     study = open_study(storage, settings.study_name, sampler, settings.resume, identity)
     queued = seed_study(study, _seeds(space, profile.loss, cost, group_solutions))
