@@ -1,7 +1,7 @@
 """The Gluon decode kernel: its packed math on the CPU, its compiled form for sm_90a, its numerics on a GPU.
 
 Gluon has no interpreter, so CI checks (1) that the registers each thread decodes hold exactly the codes
-:func:`kvtuner.quant.unpack` reads and that the kernel's arithmetic, emulated step for step in torch,
+:func:`kvtuner.quant.unpack` reads and that the kernel's arithmetic, emulated in torch,
 attends like the float64 reference; (2) that the kernel compiles ahead of time for sm_90a with every
 layout conversion trivial and its decode loop within an instruction budget with no shared-memory
 round trip, under the triton the GPU image has (3.6.0, installed beside the project's own triton by
@@ -100,13 +100,13 @@ def test_emulated_kernel_across_gqa_and_groups(ratio, v_group, k_group):
     assert rel_err(emulate_decode(**case, num_splits=2), case) < 2e-3
 
 
-def test_emulated_kernel_cancels_the_magic_offset_on_large_keys():
-    """Keys of magnitude ~1000 (scales near 100): the 64-offsets are ~64 * sum(q s) and cancel in fp32."""
+def test_emulated_kernel_keeps_small_key_differences_on_a_large_common_offset():
+    """Keys riding on +500 in every channel (zeros ~500, scales ~0.3): the offset term q . z_g, ~100x the scores'
+    spread, is summed in fp32 from fp16 products and cancels in the softmax; the small differences survive."""
     case = make_case(4, 4, n_hist=128, seed=9)
-    big = make_case(4, 4, n_hist=128, seed=9)
-    big["qkeys"] = quantize(case["qkeys"].dequantize() * 300, QuantSpec(4, 32, "channel"))
-    big["query"] = case["query"] / 300
-    assert rel_err(emulate_decode(**big), big) < 2e-3
+    case["qkeys"] = quantize(case["qkeys"].dequantize() + 500, QuantSpec(4, 32, "channel"))
+    assert case["qkeys"].zero.float().mean() > 400
+    assert rel_err(emulate_decode(**case), case) < 2e-3
 
 
 # ---------------------------------------------------------------- compiled for sm_90a (no GPU needed)
@@ -135,7 +135,7 @@ def compiled():
     reason = _gluon_triton_ok()
     if reason:
         pytest.skip(reason)
-    cases = [[k, v, 128, 4] for k, v in PAIRS] + [[4, 4, 64, 3], [2, 4, 64, 7], [8, 8, 64, 1], [4, 2, 128, 8]]
+    cases = [[k, v, 128, 4] for k, v in PAIRS] + [[4, 4, 64, 3], [2, 4, 64, 7], [8, 8, 64, 1], [4, 2, 128, 16]]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # other test modules set it
     env["PYTHONPATH"] = f"{GLUON_TRITON}{os.pathsep}{ROOT / 'src'}"
     run = subprocess.run([sys.executable, "-c", COMPILE, json.dumps(cases)], capture_output=True, text=True,
@@ -147,7 +147,7 @@ def compiled():
 def test_compiles_for_sm90_with_trivial_layouts_and_no_shared_memory(compiled):
     """Compiling at all proves every convert_layout(..., assert_trivial=True): the decoded registers are the
     mma fragments. No shared memory is allocated anywhere in the kernel."""
-    assert len(compiled) == 13
+    assert len(compiled) == 13  # GQA 16 compiles; the GPU tests go to 8
     for name, census in compiled.items():
         assert census["shared"] == 0, name
 
@@ -155,7 +155,7 @@ def test_compiles_for_sm90_with_trivial_layouts_and_no_shared_memory(compiled):
 # Warp instructions a cached token and KV head in the decode loop (D = 128, 4 query heads a KV head),
 # measured on triton 3.6.0 when the budget was set, with a little headroom; Triton's kernel: 28.6 for K4V4.
 SASS_BUDGET = {"K2V2": 18.5, "K2V4": 19.0, "K2V8": 20.0, "K4V2": 19.0, "K4V4": 19.5, "K4V8": 20.5, "K8V2": 20.5,
-               "K8V4": 21.0, "K8V8": 22.0}
+               "K8V4": 21.0, "K8V8": 22.0}  # measured: 18.0 18.4 19.4 18.7 19.2 20.1 19.9 20.3 21.2
 
 
 def test_decode_loop_stays_in_registers_and_within_its_instruction_budget(compiled):
@@ -166,6 +166,8 @@ def test_decode_loop_stays_in_registers_and_within_its_instruction_budget(compil
     for (k, v) in PAIRS:
         census = compiled[f"K{k}V{v}D128R4"]
         assert census["LDS"] == census["STS"] == census["BAR"] == 0, census
+        if k != 8:  # 8-bit keys take 255 registers and spill a few (16-32 B): NOTES, round 8
+            assert census["stack"] == 0 and census.get("LDL", 0) == 0, (k, v, census["stack"])
         assert census["HFMA2"] == 128 and census["LOP3"] >= 256, (k, v, census["HFMA2"], census["LOP3"])
         assert census["HMMA"] == 64 + 64 + 2 * (8 + 8 + 2 + 2), (k, v, census["HMMA"])
         assert census["per_token"] <= SASS_BUDGET[f"K{k}V{v}"], (k, v, census["per_token"])
@@ -193,7 +195,7 @@ def test_kernel_matches_the_reference_on_gpu(k_bits, v_bits, d, ratio):
         on_cpu = {k: v.cpu() if torch.is_tensor(v) else v.map(torch.Tensor.cpu) if k.startswith("q") and k != "query"
                   else v for k, v in case.items()}
         emulated = emulate_decode(**on_cpu, num_splits=splits or 1) if n_hist <= 256 else None
-        if emulated is not None:  # the emulation is the kernel's arithmetic: closer to it than to the reference
+        if emulated is not None:  # the emulation's arithmetic, within the bf16 output's rounding
             assert ((out.cpu().double() - emulated.double()).norm() / emulated.double().norm()) < 6e-3
 
 
@@ -209,22 +211,22 @@ def test_kernel_group_sizes_on_gpu(groups):
 
 
 def test_gluon_is_preferred_from_the_measured_amount_of_work():
-    """2^18 cached tokens x sequences x KV heads: batch 1 x 8 KV heads from 32k tokens (1.2x faster there on the
-    H200), not at 4k (10-15% slower)."""
+    """2^16 cached tokens x sequences x KV heads (histories as the benchmark's, its residual of 32 aside): batch 1 x
+    8 KV heads at 32k (1.2x faster on the H200) and batch 4 at 4k (1.1x), not batch 1 at 4k (10-15% slower)."""
     from kvtuner.kernels.gluon_decode import gluon_preferred
 
     def history(batch, h_kv, tokens):
         return QuantizedTensor(torch.empty(0), None, None, QuantSpec(4, 32, "channel"), torch.Size((batch, h_kv, tokens, 128)))
 
-    assert gluon_preferred(history(1, 8, 32768)) and gluon_preferred(history(16, 8, 4096))
-    assert not gluon_preferred(history(1, 8, 4096)) and not gluon_preferred(history(4, 8, 4096))
+    assert gluon_preferred(history(1, 8, 32736)) and gluon_preferred(history(4, 8, 4064))
+    assert not gluon_preferred(history(1, 8, 4064))
 
 
 def test_forcing_gluon_without_a_gpu_says_why():
     from kvtuner import kernels
 
     case = make_case(4, 4)
-    with pytest.raises(ValueError, match="needs CUDA tensors"):
+    with pytest.raises(ValueError, match="needs CUDA tensors on sm_80"):
         kernels.decode_attention(**case, key_spec=case["qkeys"].spec, value_spec=case["qvalues"].spec,
                                  backend="gluon")
 
@@ -242,6 +244,9 @@ def test_auto_dispatch_reads_gluon_layouts_with_gluon_and_the_rest_with_triton(m
         case = make_case(k_bits, 4, n_hist=n_hist, device="cuda")  # 96 tokens: too little work for one-warp programs
         kernels.decode_attention(**case, key_spec=case["qkeys"].spec, value_spec=case["qvalues"].spec)
         assert calls[-1] == expected
+    case = make_case(3, 4, device="cuda")
     with pytest.raises(ValueError, match="does not read this layout"):
-        case = make_case(3, 4, device="cuda")
         kernels.decode_attention(**case, key_spec=case["qkeys"].spec, value_spec=case["qvalues"].spec, backend="gluon")
+    with pytest.raises(ValueError, match="sink tokens"):
+        kernels.decode_attention(**case, key_spec=case["qkeys"].spec, value_spec=case["qvalues"].spec, backend="gluon",
+                                 history_start=1)

@@ -82,8 +82,8 @@ def packed_attention_forward(
 def use_packed_attention(model, cache: Cache, backend: Backend = "auto") -> Iterator[None]:
     """Run ``model``'s one-token steps on ``cache``'s packed storage inside the ``with`` block.
 
-    backend: ``"auto"`` (Triton kernels on CUDA, the streaming torch path elsewhere), ``"triton"``
-    or ``"torch"``; see :mod:`kvtuner.kernels`. A cache with no layer the packed path reads (fp16 only, or
+    backend: ``"auto"`` (Gluon or Triton kernels on CUDA, the streaming torch path elsewhere), ``"gluon"``,
+    ``"triton"`` or ``"torch"``; see :mod:`kvtuner.kernels`. A cache with no layer the packed path reads (fp16 only, or
     only options it does not read) leaves the model's attention implementation as it is.
     """
     name = f"kvtuner_packed_{id(cache):x}"

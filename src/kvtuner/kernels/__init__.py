@@ -22,6 +22,7 @@ imported only when used.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Literal
 
@@ -74,14 +75,18 @@ def decode_supported(key_spec: QuantSpec, value_spec: QuantSpec, head_dim: int) 
     )
 
 
-def gluon_available() -> bool:
-    """Whether the Gluon kernel can be compiled here: triton with ``triton.experimental.gluon``, at the version
-    it is written for."""
-    if importlib.util.find_spec("triton") is None:
+@functools.cache
+def gluon_available(device: torch.device, measured_only: bool = True) -> bool:
+    """Whether the Gluon kernel runs on ``device``: a CUDA GPU with ``mma.sync`` m16n8k16 (sm_80 on; with
+    ``measured_only``, sm_90 on, the GPUs it was measured on) and triton with ``triton.experimental.gluon`` at
+    the version the kernel is written for."""
+    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
         return False
     import triton
 
-    return triton.__version__.startswith(GLUON_TRITON) and importlib.util.find_spec("triton.experimental.gluon") is not None
+    if not triton.__version__.startswith(GLUON_TRITON) or importlib.util.find_spec("triton.experimental.gluon") is None:
+        return False
+    return torch.cuda.get_device_capability(device) >= ((9, 0) if measured_only else (8, 0))
 
 
 def use_triton(backend: Backend, device: torch.device, supported: bool, what: str) -> bool:
@@ -131,16 +136,21 @@ def decode_attention(
     ``history_start`` are not attended. Returns [B, H_q, D]. See
     :func:`~kvtuner.kernels.reference.decode_attention_reference`.
     """
-    if backend == "gluon" and not (query.is_cuda and gluon_available()):
-        raise ValueError(f"backend='gluon' needs CUDA tensors and triton {GLUON_TRITON}x (Gluon has no interpreter)")
-    if backend == "gluon" or (backend == "auto" and query.is_cuda and qkeys is not None and gluon_available()):
+    if backend == "gluon":
+        if not gluon_available(query.device, measured_only=False):
+            raise ValueError(f"backend='gluon' needs CUDA tensors on sm_80 or newer and triton {GLUON_TRITON}x "
+                             "(Gluon has no interpreter)")
+        if qkeys is None or history_start:
+            raise ValueError("the Gluon decode kernel reads a packed history without sink tokens; "
+                             f"this call has {'no history' if qkeys is None else 'sink tokens'}: use backend='triton'")
+    if backend == "gluon" or (backend == "auto" and qkeys is not None and gluon_available(query.device)):
         from kvtuner.kernels.gluon_decode import decode_attention_gluon, gluon_preferred, gluon_supported
 
-        if (qkeys is not None and gluon_supported(qkeys, qvalues, query, history_start)
-                and (backend == "gluon" or gluon_preferred(qkeys))):
+        if gluon_supported(qkeys, qvalues, query, history_start) and (backend == "gluon" or gluon_preferred(qkeys)):
             return decode_attention_gluon(query, qkeys, qvalues, keys, values, scale)
         if backend == "gluon":
-            raise ValueError("the Gluon decode kernel does not read this layout (see kvtuner.kernels.gluon_decode); "
+            raise ValueError("the Gluon decode kernel does not read this layout (2, 4 or 8 uniform bits a side, head "
+                             "dim 64 or 128, key groups of 32-128 tokens: kvtuner.kernels.gluon_decode); "
                              "use backend='triton'")
     supported = decode_supported(key_spec, value_spec, query.shape[-1]) and all(
         q is None or q.levels is None or (q.levels.dim() == 1 and q.spec.bits in (2, 3, 4)) for q in (qkeys, qvalues))

@@ -543,14 +543,11 @@ def _decode_split_kernel(
     tl.store(O_part + part[:, None] * D + col[None, :], out, mask=(offs_r < R)[:, None])
 
 
-@triton.jit(do_not_specialize=["n_parts"])
-def _decode_reduce_kernel(O_part, LSE_part, Out, n_parts, D: tl.constexpr, PARTS: tl.constexpr):
-    """Merge one query head's partial outputs, weighting each by exp2(its lse - max lse), PARTS at a time."""
-    row = tl.program_id(0)
+@triton.jit
+def _merge_parts(acc, l, m, O_part, LSE_part, row, n_parts, D: tl.constexpr, PARTS: tl.constexpr):
+    """The softmax state (unnormalized acc [D], sum l, max m; base 2) merged with one query head's partial
+    outputs, each weighted by exp2(its lse - max lse), PARTS at a time."""
     offs_d = tl.arange(0, D)
-    m = float("-inf")
-    l = 0.0
-    acc = tl.zeros([D], tl.float32)
     for p0 in range(0, n_parts, PARTS):
         offs_p = p0 + tl.arange(0, PARTS)
         valid = offs_p < n_parts
@@ -563,7 +560,15 @@ def _decode_reduce_kernel(O_part, LSE_part, Out, n_parts, D: tl.constexpr, PARTS
         acc = acc * alpha + tl.sum(w[:, None] * o, 0)
         l = l * alpha + tl.sum(w, 0)
         m = m_new
-    tl.store(Out + row * D + offs_d, (acc / l).to(Out.dtype.element_ty))
+    return acc, l
+
+
+@triton.jit(do_not_specialize=["n_parts"])
+def _decode_reduce_kernel(O_part, LSE_part, Out, n_parts, D: tl.constexpr, PARTS: tl.constexpr):
+    """Merge one query head's partial outputs."""
+    row = tl.program_id(0)
+    acc, l = _merge_parts(tl.zeros([D], tl.float32), 0.0, float("-inf"), O_part, LSE_part, row, n_parts, D, PARTS)
+    tl.store(Out + row * D + tl.arange(0, D), (acc / l).to(Out.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=["n_res", "n_parts"])
@@ -595,18 +600,7 @@ def _residual_merge_kernel(
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         l = l * alpha + tl.sum(p, 0)
         m = m_new
-    for p0 in range(0, n_parts, PARTS):
-        offs_p = p0 + tl.arange(0, PARTS)
-        valid = offs_p < n_parts
-        lse = tl.load(LSE_part + row * n_parts + offs_p, mask=valid, other=float("-inf"))
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w = tl.exp2(lse - m_use)
-        o = tl.load(O_part + (row * n_parts + offs_p)[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
-        alpha = tl.exp2(m - m_use)
-        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
-        l = l * alpha + tl.sum(w, 0)
-        m = m_new
+    acc, l = _merge_parts(acc, l, m, O_part, LSE_part, row, n_parts, D, PARTS)
     tl.store(Out + row * D + offs_d, (acc / l).to(Out.dtype.element_ty))
 
 
@@ -762,6 +756,8 @@ def merge_with_residual(query: torch.Tensor, keys: torch.Tensor, values: torch.T
     b, h_q, d = query.shape
     h_kv, n_res = keys.shape[1], keys.shape[2]
     n_parts = o_part.shape[1]
+    if any(t.stride(-1) != 1 for t in (query, keys, values)) or not (o_part.is_contiguous() and lse_part.is_contiguous()):
+        raise ValueError("query, keys and values must be contiguous in their last dimension, the parts contiguous")
     out = torch.empty((b, h_q, d), device=query.device, dtype=query.dtype)
     _residual_merge_kernel[(b * h_q,)](
         query, keys, values, o_part, lse_part, out, query.stride(0), query.stride(1), *keys.stride()[:3],

@@ -43,7 +43,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from kvtuner.kernels.gluon_layout import BLOCK, LOG2E, MAGIC, MAGIC_BITS
+from kvtuner.kernels.gluon_layout import BLOCK, LOG2E, MAGIC, MAGIC_BITS, split_plan
 from kvtuner.quant import QuantizedTensor
 
 MAGIC_C = gl.constexpr(MAGIC)
@@ -103,7 +103,7 @@ def _key_channel(k, BITS: gl.constexpr, D: gl.constexpr):
     RPW: gl.constexpr = 16 // BITS
     CPW: gl.constexpr = 32 // BITS
     WPT: gl.constexpr = D * BITS // 128
-    HR: gl.constexpr = RPW // 2 if RPW >= 2 else 1
+    HR: gl.constexpr = RPW // 2
     jj = k // 16
     r = (jj % HR) * 2 + (k // 8) % 2
     ch = (((k // 2) % 4) * WPT + jj // HR) * CPW + (k % 2) * (CPW // 2) + r
@@ -376,11 +376,6 @@ def _gluon_decode_kernel(
     gl.store(LSE_part + part, m_i + gl.log2(l), mask=rows_o < R)
 
 
-def _kernel_constexprs(h_kv: int, r: int, d: int, g_k: int, g_v: int, k_bits: int, v_bits: int,
-                       strides: dict[str, int]) -> dict[str, int]:
-    return dict(H_KV=h_kv, R=r, D=d, G_K=g_k, G_V=g_v, K_BITS=k_bits, V_BITS=v_bits, **strides)
-
-
 def compile_sm90(k_bits: int, v_bits: int, head_dim: int = 128, gqa: int = 4, key_group: int = 32,
                  value_group: int = 32):
     """The kernel compiled ahead of time for sm_90a (no GPU needed): its ``asm`` holds ttgir, ptx and cubin.
@@ -392,7 +387,7 @@ def compile_sm90(k_bits: int, v_bits: int, head_dim: int = 128, gqa: int = 4, ke
 
     d = head_dim
     strides = dict(skw_t=d * k_bits // 32, sks_g=d, svw_t=d * v_bits // 32, svs_t=d // value_group)
-    constexprs = _kernel_constexprs(8, gqa, d, key_group, value_group, k_bits, v_bits, strides)
+    constexprs = dict(H_KV=8, R=gqa, D=d, G_K=key_group, G_V=value_group, K_BITS=k_bits, V_BITS=v_bits, **strides)
     types = {"Q": "*fp16", "KW": "*i32", "KS": "*fp16", "KZ": "*fp16", "VW": "*i32", "VS": "*fp16", "VZ": "*fp16",
              "O_part": "*fp32", "LSE_part": "*fp32"}
     ints = ["sq_b", "sq_h", "skw_b", "skw_h", "sks_b", "sks_h", "svw_b", "svw_h", "svs_b", "svs_h",
@@ -401,7 +396,8 @@ def compile_sm90(k_bits: int, v_bits: int, head_dim: int = 128, gqa: int = 4, ke
                  for name in _gluon_decode_kernel.arg_names}
     signature["qk_scale"] = "fp32"
     assert set(ints) <= set(signature)
-    # a real launch sees 16-byte aligned pointers and strides that are multiples of 16 (the launcher checks)
+    # the variant a launch with 16-byte aligned pointers and strides that are multiples of 16 gets (Triton
+    # specializes on that at each launch: other tensors run another, still correct, binary)
     aligned = [i for i, name in enumerate(_gluon_decode_kernel.arg_names)
                if name in types or name in ints[:10]]
     source = GluonASTSource(_gluon_decode_kernel, signature, constexprs=constexprs,
@@ -411,7 +407,9 @@ def compile_sm90(k_bits: int, v_bits: int, head_dim: int = 128, gqa: int = 4, ke
 
 def gluon_supported(qkeys: QuantizedTensor, qvalues: QuantizedTensor, query: torch.Tensor,
                     history_start: int = 0) -> bool:
-    """Whether :func:`decode_attention_gluon` reads this history (see the module docstring)."""
+    """Whether :func:`decode_attention_gluon` reads this history (see the module docstring). Not checked (it would
+    cost a host sync a step): value scales must stay below 1024 (``-64 s`` is an fp16) and ``16 q s`` within
+    fp16 for the keys' scales s, far beyond what attention activations reach."""
     k, v = qkeys.spec, qvalues.spec
     d = query.shape[-1]
     r = query.shape[1] // qkeys.shape[1]
@@ -427,14 +425,15 @@ def gluon_supported(qkeys: QuantizedTensor, qvalues: QuantizedTensor, query: tor
     )
 
 
-GLUON_MIN_WORK = 2**18  # cached tokens x sequences x KV heads: below it the Triton kernel is as fast or faster
+GLUON_MIN_WORK = 2**16  # cached tokens x sequences x KV heads: below it the Triton kernel is the faster
 
 
 def gluon_preferred(qkeys: QuantizedTensor) -> bool:
-    """Whether the Gluon kernel beats :mod:`.decode`'s on this history. Measured on the H200 (CUDA-graph GPU time,
-    Llama-3.1-8B shape, ``benchmarks/results/attention_h200_gluon*.json``): 1.2-1.9x faster from 32k tokens at
-    batch 1 and 4 (and all of batch 16-64), but 10-15% slower on 4k tokens at batch 1, even at batch 4, and
-    mixed at batch 64 (K4V2 9% slower): one-warp programs need enough of them to hide memory latency."""
+    """Whether the Gluon kernel beats :mod:`.decode`'s on this history. Measured on the H200 (Llama-3.1-8B shape,
+    ``benchmarks/results/attention_h200_gluon*.json``): 1.2-1.9x faster from 32k tokens at every batch, and at
+    batch 4 / 4k (CUDA graphs: 1.1x for K4V4, 1.3x for K8V8, even for K2V2); 10-15% slower at batch 1 / 4k
+    (32.5k work), where too few one-warp programs run to hide memory latency. At batch 16-64 / 4k the two are
+    even or the Gluon one ahead, except K4V2 at batch 64 (9% slower, eager)."""
     b, h_kv, t = qkeys.shape[0], qkeys.shape[1], qkeys.num_tokens
     return b * h_kv * t >= GLUON_MIN_WORK
 
@@ -466,11 +465,9 @@ def decode_attention_gluon(
     if any(t.stride(-1) != 1 for t in (query, kw, ks, vw, vs)):
         raise ValueError("every input must be contiguous in its last dimension")
     n_groups = qkeys.num_tokens // g_k
-    group_step = max(1, BLOCK // g_k)
-    n_blocks = -(-n_groups // group_step)
-    splits = min(num_splits or default_num_splits(n_blocks, b * h_kv, query.device, ctas_per_sm=8), n_blocks)
-    groups_per_split = -(-n_blocks // splits) * group_step
-    splits = -(-n_groups // groups_per_split)
+    n_blocks = -(-n_groups // max(1, BLOCK // g_k))
+    splits, groups_per_split = split_plan(n_groups, g_k, num_splits or default_num_splits(
+        n_blocks, b * h_kv, query.device, ctas_per_sm=8))
     o_part = torch.empty((b * h_q, splits, d), device=query.device, dtype=torch.float32)
     lse_part = torch.empty((b * h_q, splits), device=query.device, dtype=torch.float32)
     _gluon_decode_kernel[(b * h_kv, splits)](
@@ -485,8 +482,9 @@ def decode_attention_gluon(
     return merge_with_residual(query, keys, values, scale, o_part, lse_part)
 
 
-def loop_census(kernel) -> dict:
-    """:func:`kvtuner.kernels.sass.loop_census` of a :func:`compile_sm90` kernel (its loop covers 64 tokens)."""
+def loop_census(kernel, key_group: int = 32) -> dict:
+    """:func:`kvtuner.kernels.sass.loop_census` of a :func:`compile_sm90` kernel: its loop covers one block,
+    ``max(BLOCK, key_group)`` tokens."""
     from kvtuner.kernels.sass import loop_census as census
 
-    return census(kernel, BLOCK)
+    return census(kernel, max(BLOCK, key_group))

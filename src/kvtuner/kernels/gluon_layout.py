@@ -1,5 +1,5 @@
 """The packed math of the Gluon decode kernel (:mod:`.gluon_decode`) in torch: its channel orders, its
-magic-number decode and a step-for-step CPU emulation.
+magic-number decode and a CPU emulation of its arithmetic.
 
 Gluon kernels do not run under ``TRITON_INTERPRET=1``, so this is what CI can check of them without a GPU:
 that the registers each thread decodes hold the codes :func:`kvtuner.quant.unpack` reads (bit for bit,
@@ -64,22 +64,30 @@ def magic_decode(words: torch.Tensor, field: torch.Tensor, half: torch.Tensor, b
     return (((words >> shift) & mask) | MAGIC_BITS).to(torch.int16).view(torch.float16)
 
 
-def key_codes(qkeys: QuantizedTensor) -> torch.Tensor:
-    """The key history as the kernel's B operands hold it: ``[..., T, D]`` fp16 ``64 + m' c``, D in key order."""
-    bits, d = qkeys.spec.bits, qkeys.shape[-1]
-    ch, field = key_channels(torch.arange(d), bits, d)
+def _codes(q: QuantizedTensor, order) -> torch.Tensor:
+    bits, d = q.spec.bits, q.shape[-1]
+    ch, field = order(torch.arange(d), bits, d)
     word = ch // (32 // bits)
     half = (ch % (32 // bits)) // (16 // bits)
-    return magic_decode(qkeys.payload[..., word], field, half, bits)
+    return magic_decode(q.payload[..., word], field, half, bits)
+
+
+def key_codes(qkeys: QuantizedTensor) -> torch.Tensor:
+    """The key history as the kernel's B operands hold it: ``[..., T, D]`` fp16 ``64 + m' c``, D in key order."""
+    return _codes(qkeys, key_channels)
 
 
 def value_codes(qvalues: QuantizedTensor) -> torch.Tensor:
     """The value history's fp16 ``64 + m' c``, ``[..., T, D]`` with D in value (output column) order."""
-    bits, d = qvalues.spec.bits, qvalues.shape[-1]
-    ch, field = value_channels(torch.arange(d), bits, d)
-    word = ch // (32 // bits)
-    half = (ch % (32 // bits)) // (16 // bits)
-    return magic_decode(qvalues.payload[..., word], field, half, bits)
+    return _codes(qvalues, value_channels)
+
+
+def split_plan(n_groups: int, key_group: int, num_splits: int) -> tuple[int, int]:
+    """(splits, key groups a split) for ``num_splits`` asked: whole 64-token blocks a split, no split empty."""
+    step = max(1, BLOCK // key_group)
+    blocks = -(-n_groups // step)
+    per_split = -(-blocks // max(1, min(num_splits, blocks))) * step
+    return -(-n_groups // per_split), per_split
 
 
 def emulate_decode(query: torch.Tensor, qkeys: QuantizedTensor, qvalues: QuantizedTensor, keys: torch.Tensor,
@@ -87,7 +95,9 @@ def emulate_decode(query: torch.Tensor, qkeys: QuantizedTensor, qvalues: Quantiz
     """The Gluon kernel's arithmetic on the CPU (same arguments as
     :func:`~kvtuner.kernels.decode.decode_attention_triton`): what it rounds to fp16 is rounded here, what it
     accumulates in fp32 is summed in float32 (in another order), and the history is reduced in
-    ``num_splits`` slices of 64-token blocks and merged with the residual by their log-sum-exp."""
+    ``num_splits`` slices of 64-token blocks and merged with the residual by their log-sum-exp. One
+    difference: the kernel lets its running max lag a block's by up to 2^8 (fewer rescales), which changes
+    only where fp16 rounds the probabilities; here the max is exact every block."""
     b, h_q, d = query.shape
     h_kv, n_hist = qkeys.shape[1], qkeys.num_tokens
     r = h_q // h_kv
@@ -108,8 +118,7 @@ def emulate_decode(query: torch.Tensor, qkeys: QuantizedTensor, qvalues: Quantiz
 
     n_groups = n_hist // g_k
     step = max(1, BLOCK // g_k)
-    blocks = -(-n_groups // step)
-    per_split = -(-blocks // num_splits) * step
+    _, per_split = split_plan(n_groups, g_k, num_splits)
     parts = []  # (normalized output [B, H, R, D] in stored channel order, lse [B, H, R])
     for g_lo in range(0, n_groups, per_split):
         m = torch.full((b, h_kv, r), float("-inf"))
