@@ -26,6 +26,7 @@ def run(*args):
     (("profile", "--methods", "awq"), "error: unknown method 'awq'"),
     (("search", "--sampler", "random"), "error: unknown sampler 'random'; use nsga2 or tpe"),
     (("search", "--objective", "gsm8k"), "error: --objective gsm8k needs --gsm8k-data"),
+    (("search", "--context", "8192"), "error: with --context, budgets are fractions of the fp16 KV bytes"),
 ])
 def test_bad_arguments_fail_fast_with_one_line(args, message):
     result = run(*args, "--model", "no/such-model")  # flags are checked before any model is looked up
