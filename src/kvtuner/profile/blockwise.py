@@ -45,6 +45,13 @@ from kvtuner.config import KVConfig, LayerSpec
 from kvtuner.method import Calibration, KVMethod, method_for
 
 ATTENTION_NAME = "kvtuner_blockwise"
+
+
+class UnsupportedModelError(NotImplementedError):
+    """The model does something the one-pass passes (profile, calibration) do not model: an attention argument
+    such as a logit softcap or sinks, a layer type beyond full and sliding attention, a decoder whose layers a
+    suffix run cannot replay. Refused rather than measured wrong; the CLI prints it as one line."""
+
 QUERY_SLICE = 256  # queries per masked attention call (see decode_faithful_attention)
 KL_ROWS = 512  # positions per KL step: bounds the [rows, vocab] temporaries
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -133,7 +140,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         raise RuntimeError("kvtuner's blockwise attention needs a kvtuner_plan; use BlockwiseEvaluator")
     extras = attention_extras(dropout, kwargs)
     if extras:
-        raise NotImplementedError(f"{type(module).__name__} calls attention with {', '.join(extras)}; the one-pass "
+        raise UnsupportedModelError(f"{type(module).__name__} calls attention with {', '.join(extras)}; the one-pass "
                                   "profile implements causal attention with an optional sliding window only")
     idx = module.layer_idx
     scaling = scaling or query.shape[-1] ** -0.5
@@ -169,7 +176,7 @@ class BlockwiseEvaluator:
                  calibration: Calibration | None = None):
         kinds = {kind for kind, _ in layer_types(model.config)} - set(SUPPORTED_LAYER_TYPES)
         if kinds:
-            raise NotImplementedError(
+            raise UnsupportedModelError(
                 f"{type(model).__name__} has {', '.join(sorted(kinds))} layers; the one-pass evaluator models "
                 "full and sliding-window causal attention only"
             )
@@ -254,7 +261,7 @@ class BlockwiseEvaluator:
         previous layer's hidden states)."""
         logits = self.suffix_logits(self.num_layers - 1, [None] * self.num_layers)
         if not torch.allclose(torch.log_softmax(logits.float(), -1), self.ref_logprobs, atol=1e-3):
-            raise NotImplementedError(
+            raise UnsupportedModelError(
                 f"{type(self.model).__name__}: replaying its last decoder layer does not reproduce its logits; "
                 "the layer-suffix profile needs decoders whose layers pass hidden states from one to the next"
             )

@@ -49,7 +49,7 @@ from kvtuner.method import (
     needs_calibration,
     thresholds_key,
 )
-from kvtuner.profile.blockwise import decode_faithful_attention
+from kvtuner.profile.blockwise import UnsupportedModelError, decode_faithful_attention
 from kvtuner.quant.codebook import fit_levels
 from kvtuner.quant.rope import rotate
 
@@ -78,7 +78,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     whose gradients are dL/dK and dL/dV."""
     extras = attention_extras(dropout, kwargs)
     if extras:
-        raise NotImplementedError(f"{type(module).__name__} calls attention with {', '.join(extras)}; calibration "
+        raise UnsupportedModelError(f"{type(module).__name__} calls attention with {', '.join(extras)}; calibration "
                                   "implements causal attention with an optional sliding window only")
     probe_k, probe_v, captured = kvtuner_probe
     idx = module.layer_idx

@@ -23,13 +23,14 @@ from kvtuner.config import KVConfig, KVConfigError, LayerSpec, parse_shorthand
 from kvtuner.evaluate.data import DataError
 from kvtuner.models import EMBEDDED, ModelNotFoundError
 from kvtuner.profile import DEFAULT_PAIRS, Profile, ProfileSettings, calibration_data, profile_layers
+from kvtuner.profile.blockwise import UnsupportedModelError
 from kvtuner.profile.candidates import split_list
 from kvtuner.search.pipeline import SearchResult, SearchSettings, run_search
 from kvtuner.search.study import SearchError
 
 console = Console(stderr=True, soft_wrap=True)
 stdout = Console(width=None if sys.stdout.isatty() else 180)
-USER_ERRORS = (KVConfigError, DataError, ModelNotFoundError, SearchError)
+USER_ERRORS = (KVConfigError, DataError, ModelNotFoundError, SearchError, UnsupportedModelError)
 PROFILE_FILE = "profile.json"
 
 ModelOpt = Annotated[str, typer.Option("--model", help=f"a named model ({', '.join(EMBEDDED)}: GGUFs from PyPI packages, "
