@@ -141,7 +141,8 @@ def use_packed_attention(model, cache: Cache, backend: Backend = "auto") -> Iter
         return
     previous = model.config._attn_implementation
     AttentionInterface.register(name, partial(packed_attention_forward, cache=cache, fallback=previous, backend=backend))
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[previous])
+    if previous in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:  # the masks the model's own attention expects
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[previous])
     try:
         model.set_attn_implementation(name)
         for layer in layers:
