@@ -95,7 +95,11 @@ def _expected_sha256(model: EmbeddedModel) -> str | None:
     if model.sha256_from is None:
         return model.sha256
     package, name = model.sha256_from
-    for line in (_package_dir(package, model) / name).read_text().splitlines():
+    try:
+        lines = (_package_dir(package, model) / name).read_text().splitlines()
+    except OSError:
+        raise ModelNotFoundError(f"cannot read {package}/{name}; reinstall: {model.install_command}") from None
+    for line in lines:
         digest, _, file_name = line.partition("  ")
         if file_name.strip() == model.file_name:
             return digest
