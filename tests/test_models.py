@@ -77,12 +77,14 @@ def test_make_models_installs_every_named_model():
 
 
 def _installed_config(name):
+    """The config read from an installed named model's GGUF (about 20 s: transformers parses its metadata)."""
     try:
         return models.load_model_config(name)
     except ModelNotFoundError as e:
         pytest.skip(f"{name} not installed (make models): {e}")
 
 
+@pytest.mark.slow
 def test_gemma3_270m_is_the_hybrid_model_the_issue_describes():
     from kvtuner.cache.compat import layer_types
 
@@ -94,6 +96,7 @@ def test_gemma3_270m_is_the_hybrid_model_the_issue_describes():
     assert config.attn_logit_softcapping is None  # no softcap: the packed path and the profile can run it
 
 
+@pytest.mark.slow
 def test_qwen25_coder_is_full_attention_with_qkv_bias_shape():
     from kvtuner.cache import fingerprint
     from kvtuner.cache.compat import layer_types
