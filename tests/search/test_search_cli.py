@@ -96,18 +96,16 @@ def test_candidates_are_checked_against_model_and_calibration_before_weights_loa
     assert result.exit_code == 2 and "group_size 32 does not divide head_dim 16" in result.stderr
 
 
-def test_a_model_the_profile_does_not_model_is_refused_in_one_line(tmp_path):
+def test_a_model_the_profile_does_not_model_is_refused_in_one_line(tiny_model_dir, tmp_path):
     """Gemma 2 softcaps its attention logits, which the one-pass profile does not implement."""
     import torch
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    from tests.search.conftest import char_tokenizer
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
     Gemma2ForCausalLM(Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=8,
                                    attn_logit_softcapping=50.0)).save_pretrained(tmp_path / "gemma2")
-    char_tokenizer().save_pretrained(tmp_path / "gemma2")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "gemma2")  # one token per character
     (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
     result = run("profile", "--model", tmp_path / "gemma2", "--data", tmp_path / "text.txt", "--tokens", 64,
                  "--group-size", 16, "--pairs", "KV4", "--out", tmp_path / "out")
