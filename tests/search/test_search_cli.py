@@ -27,6 +27,7 @@ def run(*args):
     (("search", "--sampler", "random"), "error: unknown sampler 'random'; use nsga2 or tpe"),
     (("search", "--objective", "gsm8k"), "error: --objective gsm8k needs --gsm8k-data"),
     (("search", "--objective", "longctx"), "error: --objective longctx needs --longctx-filler"),
+    (("search", "--context", "8192"), "error: with --context, budgets are fractions of the fp16 KV bytes"),
 ])
 def test_bad_arguments_fail_fast_with_one_line(args, message):
     result = run(*args, "--model", "no/such-model")  # flags are checked before any model is looked up
@@ -108,3 +109,20 @@ def test_candidates_are_checked_against_model_and_calibration_before_weights_loa
     assert result.exit_code == 2 and result.stderr.startswith("error: nothing to calibrate in 'KV4,K2V4'")
     result = run("calibrate", "--model", model, "--pairs", "KV4+nuq")  # group 32 does not divide head_dim 16
     assert result.exit_code == 2 and "group_size 32 does not divide head_dim 16" in result.stderr
+
+
+def test_a_model_the_profile_does_not_model_is_refused_in_one_line(tiny_model_dir, tmp_path):
+    """Gemma 2 softcaps its attention logits, which the one-pass profile does not implement."""
+    import torch
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                                   attn_logit_softcapping=50.0)).save_pretrained(tmp_path / "gemma2")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "gemma2")  # one token per character
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    result = run("profile", "--model", tmp_path / "gemma2", "--data", tmp_path / "text.txt", "--tokens", 64,
+                 "--group-size", 16, "--pairs", "KV4", "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr  # after the weights' progress bars: one line
+    assert result.stderr.strip().splitlines()[-1].startswith("error: Gemma2Attention calls attention with softcap")

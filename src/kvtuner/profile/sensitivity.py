@@ -178,11 +178,12 @@ def profile_layers(
     bar = tqdm(total=runs, desc="profile", unit="run", disable=not progress)
     for layer in range(layers):
         cap = evaluator.captured[layer]
-        stats.append(layer_statistics(cap.query, cap.key, cap.value, cap.scaling))
-        reference = decode_faithful_attention(cap.query, cap.key, cap.value, None, cap.scaling)
+        window = cap.sliding_window
+        stats.append(layer_statistics(cap.query, cap.key, cap.value, cap.scaling, window))
+        reference = decode_faithful_attention(cap.query, cap.key, cap.value, None, cap.scaling, window)
         for c, spec in enumerate(candidates):
             method = evaluator.method(layer, spec)
-            errors[layer, c] = output_error(cap.query, cap.key, cap.value, method, cap.scaling, reference)
+            errors[layer, c] = output_error(cap.query, cap.key, cap.value, method, cap.scaling, reference, window)
             loss[layer, c] = evaluator.kl_single(layer, spec)
             effective[layer, c] = method.effective_bits(cap.key, cap.value)
             bar.update()

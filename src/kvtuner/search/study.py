@@ -120,7 +120,8 @@ class Objective:
 
     measure: the expensive quality measurement of a whole config.
     loss: ``[L, C]`` single-layer losses (for the additive prediction).
-    bits / nbytes: ``[C]`` per-layer nominal bits and KV bytes of each candidate.
+    bits: ``[C]`` nominal bits of each candidate; nbytes: ``[L, C]`` KV bytes of each layer with each candidate
+    (or ``[C]``, the same in every layer).
 
     A trial over a hard limit is not measured: it sets its constraints (``Trial.set_constraint``),
     records ``measured=False`` and completes with the additive prediction as a placeholder loss.
@@ -160,7 +161,8 @@ class Objective:
         return self.space.layer_choice(picks)
 
     def sizes(self, layer_choice: Sequence[int]) -> tuple[float, int]:
-        return float(np.mean(self.bits[list(layer_choice)])), int(self.nbytes[list(layer_choice)].sum())
+        nbytes = np.broadcast_to(self.nbytes, (len(layer_choice), self.nbytes.shape[-1]))
+        return float(np.mean(self.bits[list(layer_choice)])), int(nbytes[np.arange(len(layer_choice)), layer_choice].sum())
 
     def limits(self) -> str:
         """The hard limits, as the flags that set them."""
