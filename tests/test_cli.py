@@ -59,23 +59,26 @@ def test_eval_json_reports_quality_and_real_bytes(wikitext):
     assert row["tokens"] == 64 and row["avg_bits"] == 3.0 and row["kv_bytes"] < row["kv_bytes_fp16"]
 
 
-def test_sliding_window_layers_are_refused_in_one_line_before_any_weights_load(tmp_path, wikitext):
-    """A hybrid model (Gemma 3 layout: five sliding layers, then a full one) given only its config: --kv on every
-    layer is refused by layer type; --layers full passes validation, so the next error is the missing weights."""
-    from transformers import Gemma3TextConfig
+def test_layer_types_are_checked_in_one_line_before_any_weights_load(tmp_path, wikitext):
+    """Given only a config: quantizing a hybrid model's sliding layers passes validation (the next error is the
+    missing weights); a layer type kvtuner does not quantize (Llama 4's chunked attention) is refused by type."""
+    from transformers import Gemma3TextConfig, Llama4TextConfig
 
     Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-                     num_key_value_heads=1, head_dim=16, sliding_window=8).save_pretrained(tmp_path)
-    result = run("eval", "--data", wikitext, "--model", tmp_path, "--kv", "K4V4", "--group-size", "16",
+                     num_key_value_heads=1, head_dim=16, sliding_window=8).save_pretrained(tmp_path / "gemma")
+    Llama4TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=1, head_dim=16, attention_chunk_size=8).save_pretrained(tmp_path / "llama4")
+    for layers in ([], ["--layers", "full"]):
+        result = run("eval", "--data", wikitext, "--model", tmp_path / "gemma", "--kv", "K4V4", "--group-size", "16",
+                     "--residual-length", "16", *layers)
+        assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+        assert result.stderr.startswith("error: cannot load model")
+    result = run("eval", "--data", wikitext, "--model", tmp_path / "llama4", "--kv", "K4V4", "--group-size", "16",
                  "--residual-length", "16")
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
-        "error: layer 0 is a 'sliding_attention' layer; kvtuner quantizes only full-attention layers "
-        "(give layer 0 an fp16 spec to keep it unquantized; the CLI's --layers full does that for a --kv shorthand)"]
-    result = run("eval", "--data", wikitext, "--model", tmp_path, "--kv", "K4V4", "--group-size", "16",
-                 "--residual-length", "16", "--layers", "full")
-    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
-    assert result.stderr.startswith("error: cannot load model") and "'sliding_attention' layer" not in result.stderr
+        "error: layer 0 is a 'chunked_attention' layer; kvtuner quantizes only full-attention and sliding-window "
+        "layers (give layer 0 an fp16 spec to keep it unquantized; the CLI's --layers full does that for a --kv shorthand)"]
 
 
 def test_layers_full_keeps_sliding_layers_fp16_and_refuses_what_it_cannot_do(tmp_path):

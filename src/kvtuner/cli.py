@@ -14,7 +14,7 @@ from rich.table import Table
 from kvtuner.config import KVConfig, KVConfigError
 from kvtuner.evaluate.data import DataError, read_text
 from kvtuner.models import ModelNotFoundError
-from kvtuner.search.commands import calibrate_command, profile_command, search_command, worker_command
+from kvtuner.search.commands import ModelOpt, calibrate_command, profile_command, search_command, worker_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.command("calibrate")(calibrate_command)
@@ -24,7 +24,6 @@ app.command("worker")(worker_command)
 console = Console(stderr=True)
 stdout = Console(width=None if sys.stdout.isatty() else 160)
 
-ModelOpt = Annotated[str, typer.Option("--model", help="'default' (SmolLM2-135M-Instruct), a Hugging Face id or folder, or a .gguf file")]
 KvOpt = Annotated[Optional[list[str]], typer.Option("--kv", help="uniform shorthand: fp16, KV8, K8V4, K4V2, ... (eval: repeatable)")]
 ConfigOpt = Annotated[Optional[list[Path]], typer.Option("--config", help="per-layer config: kvtuner JSON or KVTuner YAML preset (eval: repeatable)")]
 MethodOpt = Annotated[str, typer.Option("--method", help="with --kv: kivi, per_token, fp8 or kvquant")]
@@ -188,15 +187,10 @@ def generate(
     )
 
 
-def _tokens(text: str) -> int:
-    """``2048``, ``2k`` (= 2048) or ``8K``."""
-    text = text.strip().lower()
-    return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
-
-
 @app.command()
 def longctx(
-    filler: Annotated[Path, typer.Option("--filler", help="text file the filler comes from (e.g. a novel)")],
+    filler: Annotated[Path, typer.Option("--filler", help="text file the filler comes from (e.g. a novel): its first 3/4 "
+                                         "(the last 1/4 is search --objective longctx's)")],
     model: ModelOpt = "default",
     kv: KvOpt = None,
     config: ConfigOpt = None,
@@ -213,10 +207,10 @@ def longctx(
     as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
 ) -> None:
     """Passkey retrieval: a key hidden at each depth of long prompts, against the full-precision cache on the same prompts."""
-    from kvtuner.evaluate.longctx import evaluate_retrieval, retrieval_figure
+    from kvtuner.evaluate.longctx import evaluate_retrieval, parse_length, retrieval_figure
 
     try:
-        length_list = [_tokens(x) for x in lengths.split(",")]
+        length_list = [parse_length(x) for x in lengths.split(",")]
         depth_list = [float(x) / 100 for x in depths.split(",")]
     except ValueError:
         raise fail(f"--lengths and --depths take comma-separated numbers, not {lengths!r} / {depths!r}") from None
@@ -245,6 +239,20 @@ def longctx(
         for n, row in zip(r.lengths, r.accuracy):
             table.add_row(str(n), *[f"{a:.2f}" for a in row])
         console.print(table)
+
+
+@app.command("lm-eval", add_help_option=False,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def lm_eval_command(ctx: typer.Context) -> None:
+    """lm-evaluation-harness's own command line with --model kvtuner and the task gsm8k_local (local files).
+
+    Example: kvtuner lm-eval --model kvtuner --model_args pretrained=default,kv=K4V4 --tasks gsm8k_local
+    --metadata '{"data_dir": "../shared/data"}' --limit 20 --device cpu (needs pip install 'kvtuner[lm-eval]')."""
+    try:
+        from kvtuner.evaluate.harness import run_lm_eval
+    except ImportError as e:
+        raise fail(str(e)) from None
+    run_lm_eval(ctx.args)
 
 
 @app.command()

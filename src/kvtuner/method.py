@@ -37,6 +37,7 @@ layer's business; the method says how long it is (:attr:`KVMethod.window`).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,8 +46,8 @@ from typing import Any, Callable
 import torch
 
 from kvtuner.config import KVConfigError, LayerSpec, ModelFingerprint, write_atomic
-from kvtuner.quant import (QuantizedTensor, QuantSpec, cat_tokens, group_view, pack, slice_tokens, unpack,
-                           write_tokens)
+from kvtuner.quant import (QuantizedTensor, QuantSpec, cat_tokens, group_view, pack, slice_tokens, token_group,
+                           unpack, write_tokens)
 from kvtuner.quant import quantize as quantize_reference
 from kvtuner.quant.codebook import nearest_level, snap_levels, uniform_levels
 from kvtuner.quant.outliers import INDEX_LIMIT, SparseOutliers, cat_blocks, extract
@@ -214,6 +215,15 @@ class StoredSide:
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "StoredSide":
         return StoredSide(self.codes.map(fn), self.outliers.map(fn) if self.outliers else None)
 
+    @property
+    def token_unit(self) -> int:
+        """Tokens stored together: a key group (per-channel scales), an outlier block, else one token."""
+        return math.lcm(token_group(self.codes), self.outliers.block if self.outliers else 1)
+
+    def drop_front(self, tokens: int) -> "StoredSide":
+        outliers = self.outliers.drop_front(tokens // self.outliers.block) if self.outliers else None
+        return StoredSide(slice_tokens(self.codes, tokens, self.codes.num_tokens), outliers)
+
 
 @dataclass
 class StoredKV:
@@ -239,12 +249,28 @@ class StoredKV:
         sink = [fn(t) if t is not None else None for t in (self.sink_keys, self.sink_values)]
         return StoredKV(self.keys.map(fn), self.values.map(fn), *sink)
 
-    def append(self, block: "StoredKV", buffers: "tuple[QuantizedTensor, QuantizedTensor] | None" = None) -> "StoredKV":
+    @property
+    def token_unit(self) -> int:
+        """The granularity at which the front of this history can be dropped (:meth:`drop_front`): whole key
+        groups and outlier blocks, so that what is kept reads back exactly as it was stored."""
+        return math.lcm(self.keys.token_unit, self.values.token_unit)
+
+    def drop_front(self, tokens: int) -> "StoredKV":
+        """This history without its first ``tokens`` tokens (a multiple of :attr:`token_unit`), sharing storage:
+        what a sliding-window layer does with the groups its window has left behind."""
+        if tokens % self.token_unit:
+            raise ValueError(f"dropping {tokens} tokens cuts a stored group of {self.token_unit}")
+        sink = [None if t is None or t.shape[-2] <= tokens else t[..., tokens:, :]
+                for t in (self.sink_keys, self.sink_values)]
+        return StoredKV(self.keys.drop_front(tokens), self.values.drop_front(tokens), *sink)
+
+    def append(self, block: "StoredKV", buffers: "tuple[QuantizedTensor, QuantizedTensor] | None" = None,
+               at: int = 0) -> "StoredKV":
         """This history followed by ``block`` (sink tokens only ever come in the first blocks).
 
-        buffers: key and value code buffers (:func:`~kvtuner.quant.reserve_tokens`) whose first tokens are
-        this history's codes and that have room for ``block``: its codes are written in place and the result
-        views the buffers; without them the codes are concatenated (a copy of the whole history)."""
+        buffers: key and value code buffers (:func:`~kvtuner.quant.reserve_tokens`) that hold this history's
+        codes from token ``at`` on and have room for ``block`` after them: its codes are written in place and
+        the result views the buffers; without them the codes are concatenated (a copy of the whole history)."""
         n = self.num_tokens
         sides = []
         for i, (mine, theirs) in enumerate(((self.keys, block.keys), (self.values, block.values))):
@@ -252,8 +278,8 @@ class StoredKV:
             if buffers is None:
                 codes = cat_tokens([mine.codes, theirs.codes])
             else:
-                write_tokens(buffers[i], n, theirs.codes)
-                codes = slice_tokens(buffers[i], 0, n + block.num_tokens)
+                write_tokens(buffers[i], at + n, theirs.codes)
+                codes = slice_tokens(buffers[i], at, at + n + block.num_tokens)
             sides.append(StoredSide(codes, outliers))
         sink = [_cat_optional(a, b) for a, b in ((self.sink_keys, block.sink_keys), (self.sink_values, block.sink_values))]
         return StoredKV(*sides, *sink)
@@ -281,8 +307,11 @@ class KVMethod:
         value_calibration: SideCalibration | None = None,
         inv_freq: torch.Tensor | None = None,
     ):
-        if not spec.is_quantized:
-            raise ValueError("KVMethod needs a quantized spec; fp16 layers are stored as they are")
+        if spec.method == "fp16":
+            # A 16/16 spec of a quantizing method is accepted: it keeps its tokens as they are through the same
+            # windows, which the cache never builds (transformers' layers do that cheaper) but the tests use to
+            # check a layer's bookkeeping bit for bit against transformers' own layers.
+            raise ValueError("KVMethod needs a quantizing method; fp16 layers are stored as they are")
         self.spec = spec
         self.key_spec, self.value_spec = quant_specs(spec)
         self.key_calibration = replace(key_calibration) if key_calibration else SideCalibration()

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from transformers import DynamicCache, MistralConfig
+from transformers import DynamicCache
 
 from kvtuner import KVConfig, KVConfigError, LayerSpec, MixedPrecisionCache
 from kvtuner.cache import MixedPrecisionLayer, cache_kwargs
@@ -130,19 +130,16 @@ def test_crop_within_residual_is_exact_and_into_history_requantizes(tiny_llama):
     assert cache.get_seq_length() == 24
 
 
-def test_sliding_window_layers_refused_when_quantized_and_exact_in_fp16():
-    cfg = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, sliding_window=16)
-    with pytest.raises(KVConfigError, match="layer 0 is a 'sliding_attention' layer"):
-        MixedPrecisionCache(KVConfig.uniform("KV4", 2, group_size=8, residual_length=8), cfg)
-    from transformers import MistralForCausalLM
+def test_layer_types_beyond_full_and_sliding_are_refused_when_quantized():
+    """Llama 4's chunked attention sees only its own chunk: kvtuner does not model that, so it refuses to quantize it
+    (sliding-window layers are quantized: tests/cache/test_sliding.py)."""
+    from transformers import Llama4TextConfig
 
-    torch.manual_seed(0)
-    model = MistralForCausalLM(cfg).eval()
-    x = ids(1, 40)
-    ref = gen(model, DynamicCache(config=cfg), {"input_ids": x})
-    out = gen(model, MixedPrecisionCache(KVConfig.uniform("fp16", 2), cfg), {"input_ids": x})
-    assert torch.equal(out, ref)
+    cfg = Llama4TextConfig(num_hidden_layers=4, attention_chunk_size=8)
+    with pytest.raises(KVConfigError, match="layer 0 is a 'chunked_attention' layer"):
+        MixedPrecisionCache(KVConfig.uniform("KV4", 4), cfg)
+    specs = [LayerSpec("fp16")] * 3 + [LayerSpec("kivi", 4, 4)]
+    assert type(MixedPrecisionCache(KVConfig(specs), cfg).layers[3]).__name__ == "MixedPrecisionLayer"
 
 
 def test_group_must_divide_head_dim(tiny_llama):

@@ -5,7 +5,8 @@ import torch
 
 from kvtuner.config import KVConfig
 from kvtuner.evaluate.data import DataError, read_text
-from kvtuner.evaluate.longctx import NEEDLE, evaluate_retrieval, passkey_prompt, retrieval_figure
+from kvtuner.evaluate.longctx import (INSTRUCTION, NEEDLE, QUESTION, evaluate_retrieval, passkey_prompt,
+                                      passkey_prompts, retrieval_figure)
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,25 @@ def test_prompts_have_the_exact_length_and_the_key_at_its_depth(tokenizer, fille
     other = passkey_prompt(tokenizer, filler, length, 0.5, seed=8)
     assert other.key != passkey_prompt(tokenizer, filler, length, 0.5, seed=7).key or \
         not torch.equal(other.input_ids, passkey_prompt(tokenizer, filler, length, 0.5, seed=7).input_ids)
+
+
+def test_calibration_prompts_never_share_a_key_or_a_filler_token_with_evaluation_prompts(tokenizer, filler):
+    """Same lengths, depths, trials and seed (the worst case): even keys against odd, and filler spans on either
+    side of the split; each span is exactly the filler the prompt holds around its needle."""
+    filler_ids = tokenizer(filler, add_special_tokens=False).input_ids
+    head, tail = (len(tokenizer(t, add_special_tokens=False).input_ids) for t in (INSTRUCTION, QUESTION))
+    grid = dict(lengths=[300, 1000], depths=[0.0, 0.5, 1.0], trials=8, seed=0)
+    evaluation = passkey_prompts(tokenizer, filler, **grid)
+    calibration = passkey_prompts(tokenizer, filler, **grid, split="calibration")
+    assert len(evaluation) == len(calibration) == 48
+    assert {p.key for p in evaluation}.isdisjoint(p.key for p in calibration)
+    assert len({p.key for p in calibration}) > 40  # keys vary, they are not one constant
+    assert max(p.filler_span[1] for p in evaluation) <= min(p.filler_span[0] for p in calibration)
+    for prompt in evaluation[::7] + calibration[::7]:
+        ids, at = prompt.input_ids[0].tolist(), needle_at(tokenizer, prompt)
+        needle = len(tokenizer(NEEDLE.format(key=prompt.key), add_special_tokens=False).input_ids)
+        start, end = prompt.filler_span
+        assert ids[head:at] + ids[at + needle : len(ids) - tail] == filler_ids[start:end]
 
 
 def test_too_little_filler_and_bad_depths_are_refused(tokenizer):

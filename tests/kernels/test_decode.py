@@ -9,6 +9,7 @@ arithmetic in Triton, and a GPU test runs that path too.
 """
 
 import itertools
+import math
 import os
 from dataclasses import replace
 
@@ -229,3 +230,31 @@ def test_diffuse_attention_over_a_long_history_in_one_split_on_gpu(k_bits, v_bit
                 keys=k[:, :, -32:], values=v[:, :, -32:], scale=128**-0.5)
     assert rel_err(case, num_splits=1) < TOL[torch.bfloat16]
 
+
+
+def test_residual_merge_joins_partial_history_results_with_the_residual():
+    """merge_with_residual (the Gluon kernel's residual and merge, one launch) against the reference: the history
+    split in three uneven parts, each a normalized output and its base-2 log-sum-exp, as a history kernel
+    writes them; one part empty (lse -inf) as a split past the history's end would leave it."""
+    case = make_case(4, 4, 4, 32 * 6, 19, seed=21)
+    args = {k: v for k, v in case.items() if k not in ("key_spec", "value_spec")}
+    b, h_q, d = args["query"].shape
+    h_kv = args["keys"].shape[1]
+    k_hist = args["qkeys"].dequantize(torch.float64)
+    v_hist = args["qvalues"].dequantize(torch.float64)
+    q = args["query"].double().reshape(b, h_kv, h_q // h_kv, d) * args["scale"]
+    parts_o, parts_lse = [], []
+    for lo, hi in ((0, 50), (50, 50), (50, 192)):
+        s = torch.einsum("bhrd,bhtd->bhrt", q, k_hist[:, :, lo:hi]) / math.log(2)
+        if hi > lo:
+            lse = torch.logsumexp(s * math.log(2), -1) / math.log(2)
+            o = torch.einsum("bhrt,bhtd->bhrd", torch.softmax(s * math.log(2), -1), v_hist[:, :, lo:hi])
+        else:  # what a split past the history's end leaves
+            lse, o = torch.full(s.shape[:-1], -math.inf, dtype=s.dtype, device=s.device), torch.zeros_like(q)
+        parts_o.append(o.reshape(b * h_q, d))
+        parts_lse.append(lse.reshape(b * h_q))
+    o_part = torch.stack(parts_o, 1).float()
+    lse_part = torch.stack(parts_lse, 1).float()
+    out = kd.merge_with_residual(args["query"], args["keys"], args["values"], args["scale"], o_part, lse_part)
+    ref = decode_attention_reference(**{**args, "query": args["query"].double()}, compute_dtype=torch.float64)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[torch.float16]

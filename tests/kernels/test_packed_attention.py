@@ -97,7 +97,7 @@ def test_layers_the_kernel_cannot_read_stay_on_the_torch_path_with_one_warning(m
     config = KVConfig([parse_label("KV4+sink1+prerope", 16, 16), LayerSpec("kivi", 4, 4, 16, 16)])
     ref = run(model, MixedPrecisionCache(config, model.config), prompt, steps)
     cache = MixedPrecisionCache(config, model.config)
-    with pytest.warns(UserWarning, match=r"1 layer\(s\) \(KV4\+sink1\+prerope\) use options the packed decode kernel"):
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) with options the packed decode kernel does not read \(KV4\+sink1\+prerope\)"):
         with use_packed_attention(model, cache, backend="torch"):
             out = run(model, cache, prompt, steps)
     assert cache.layers[0].packed_decode is False

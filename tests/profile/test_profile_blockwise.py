@@ -101,3 +101,71 @@ def test_default_model_profile_equals_evaluator(default_model, wikitext):
         expected = reference.evaluate(single_layer(30, layer, spec)).kl
         # float32 model: the two paths' summation orders alone differ by 1.5e-4 relative (see the float64 test above)
         assert fast.kl_single(layer, spec) == pytest.approx(expected, rel=1e-3)
+
+
+def test_block_mask_sliding_window():
+    """Window 2 blocks, sliding window 3: query t sees keys t-2..t, quantized before its block start."""
+    mask = block_mask(4, 6, history=4, window=2, sliding_window=3, first=1).int().tolist()
+    assert [row[:3] for row in mask] == [[0, 1, 1], [0, 0, 1]]  # history keys 1..3
+    assert [row[3:] for row in mask] == [[1, 0], [1, 1]]  # own block keys 4..5
+
+
+@pytest.mark.parametrize("spec", [LayerSpec("kivi", 4, 2, G, 32), LayerSpec("per_token", 4, 4, G, 0)],
+                         ids=lambda s: s.method)
+@pytest.mark.parametrize("sliding_window", [5, 40])
+def test_sliding_attention_matches_token_by_token_reference(spec, sliding_window):
+    g = torch.Generator().manual_seed(sliding_window)
+    q, k, v = (torch.randn(1, h, 150, 16, generator=g) for h in (4, 2, 2))
+    kq, vq = KVMethod(spec).roundtrip(k, v)
+    want = torch.empty_like(q)
+    for t in range(150):
+        start, lo = (t // spec.window) * spec.window, max(t - sliding_window + 1, 0)
+        keys = torch.cat([kq[..., lo:start, :], k[..., max(lo, start) : t + 1, :]], dim=-2).repeat_interleave(2, 1)
+        values = torch.cat([vq[..., lo:start, :], v[..., max(lo, start) : t + 1, :]], dim=-2).repeat_interleave(2, 1)
+        want[..., t : t + 1, :] = torch.softmax(q[..., t : t + 1, :] @ keys.transpose(-1, -2) * 0.25, dim=-1) @ values
+    torch.testing.assert_close(decode_faithful_attention(q, k, v, KVMethod(spec), 0.25, sliding_window), want,
+                               rtol=1e-5, atol=1e-5)
+
+
+def hybrid_models():
+    """Tiny Gemma 3 (sliding and full layers, q/k norms, one KV head, two RoPE bases) and Mistral (all sliding)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
+
+    tiny = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=1)
+    torch.manual_seed(0)
+    gemma = Gemma3ForCausalLM(Gemma3TextConfig(**tiny, head_dim=16, sliding_window=40, layer_types=[
+        "sliding_attention", "full_attention", "sliding_attention"]))
+    torch.manual_seed(0)
+    mistral = MistralForCausalLM(MistralConfig(**tiny, sliding_window=24))
+    return {"gemma3": gemma.eval().double(), "mistral": mistral.eval().double()}
+
+
+@pytest.mark.parametrize("name", ["gemma3", "mistral"])
+def test_single_layer_profile_equals_evaluator_on_sliding_layers(name):
+    """The one-pass profile on hybrid models (layers replayed through the model's own forward) is the chunked
+    evaluator's KL with sliding layers quantized, 150 tokens against windows of 40 and 24 (float64, see above)."""
+    model = hybrid_models()[name]
+    tokens = ids(150)
+    settings = ProfileSettings(pairs=("K4V2", "KV2+prerope"), group_size=8, residual_length=16, split_bits=None)
+    profile = profile_layers(model, tokens, settings)
+    evaluator = Evaluator(model, tokens)
+    assert profile.layer_stats[0]["entropy"] > 0
+    for layer in range(3):
+        for c, spec in enumerate(profile.candidates):
+            expected = evaluator.evaluate(single_layer(3, layer, spec)).kl
+            assert profile.loss[layer, c] == pytest.approx(expected, rel=1e-5), (layer, spec.label)
+    fast = BlockwiseEvaluator(model, tokens)
+    config = KVConfig.uniform("K2V2", 3, group_size=8, residual_length=16)
+    assert fast.kl(config) == pytest.approx(evaluator.evaluate(config).kl, rel=1e-5)
+
+
+def test_attention_arguments_it_does_not_implement_are_refused():
+    """Gemma 2 softcaps its attention logits: the profile must refuse rather than compute softmax without it."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                                           attn_logit_softcapping=50.0)).eval()
+    with pytest.raises(NotImplementedError, match="Gemma2Attention calls attention with softcap"):
+        BlockwiseEvaluator(model, ids(32))

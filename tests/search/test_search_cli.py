@@ -26,6 +26,8 @@ def run(*args):
     (("profile", "--methods", "awq"), "error: unknown method 'awq'"),
     (("search", "--sampler", "random"), "error: unknown sampler 'random'; use nsga2 or tpe"),
     (("search", "--objective", "gsm8k"), "error: --objective gsm8k needs --gsm8k-data"),
+    (("search", "--objective", "longctx"), "error: --objective longctx needs --longctx-filler"),
+    (("search", "--context", "8192"), "error: with --context, budgets are fractions of the fp16 KV bytes"),
 ])
 def test_bad_arguments_fail_fast_with_one_line(args, message):
     result = run(*args, "--model", "no/such-model")  # flags are checked before any model is looked up
@@ -75,6 +77,23 @@ def test_gsm8k_objective_runs(tiny_model_dir, tmp_path):
     assert all(0.0 <= p["loss"] <= 1.0 for p in out["points"])  # error rates, not KL
 
 
+def test_longctx_objective_runs_and_its_prompts_are_part_of_the_study(tiny_model_dir, tmp_path):
+    filler = tmp_path / "filler.txt"
+    filler.write_text(" ".join(f"Line {i} of a made-up story goes here." for i in range(200)))
+    common = ("--model", tiny_model_dir, "--tokens", 64, "--group-size", 16, "--out", tmp_path, "--pairs", "KV8,K2V2",
+              "--split-bits", 0, "--groups", 1, "--budgets", "8", "--objective", "longctx", "--longctx-filler", filler,
+              "--longctx-lengths", "400", "--longctx-depths", "0,100")
+    # --workers 2: a kvtuner worker process rebuilds the passkey prompts from the job stored in the study
+    result = run("search", *common, "--trials", 2, "--longctx-trials", 1, "--workers", 2, "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert all(p["loss"] in (0.0, 0.5, 1.0) for p in out["points"])  # error rates over 2 prompts
+    result = run("search", *common, "--trials", 3, "--longctx-trials", 2, "--resume")
+    assert result.exit_code == 2 and "differs in: longctx" in result.stderr
+    result = run("search", *common, "--trials", 3, "--longctx-trials", 1, "--context", 4096, "--budgets", "1", "--resume")
+    assert result.exit_code == 2 and "differs in: context" in result.stderr
+
+
 def test_candidates_are_checked_against_model_and_calibration_before_weights_load(tiny_model_dir, tiny_llama, tmp_path):
     """A tiny Llama folder: its config loads in a moment, and every refusal comes before its weights do."""
     from kvtuner.method import Calibration
@@ -93,3 +112,20 @@ def test_candidates_are_checked_against_model_and_calibration_before_weights_loa
     assert result.exit_code == 2 and result.stderr.startswith("error: nothing to calibrate in 'KV4,K2V4'")
     result = run("calibrate", "--model", model, "--pairs", "KV4+nuq")  # group 32 does not divide head_dim 16
     assert result.exit_code == 2 and "group_size 32 does not divide head_dim 16" in result.stderr
+
+
+def test_a_model_the_profile_does_not_model_is_refused_in_one_line(tiny_model_dir, tmp_path):
+    """Gemma 2 softcaps its attention logits, which the one-pass profile does not implement."""
+    import torch
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                                   attn_logit_softcapping=50.0)).save_pretrained(tmp_path / "gemma2")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "gemma2")  # one token per character
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    result = run("profile", "--model", tmp_path / "gemma2", "--data", tmp_path / "text.txt", "--tokens", 64,
+                 "--group-size", 16, "--pairs", "KV4", "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr  # after the weights' progress bars: one line
+    assert result.stderr.strip().splitlines()[-1].startswith("error: Gemma2Attention calls attention with softcap")

@@ -38,8 +38,11 @@ __all__ = [
 ]
 
 # Architectures whose RoPE is transformers' rotate_half rotation of the whole head (no partial
-# rotary, no interleaving), computed by a ``<Name>RotaryEmbedding(config)`` with ``inv_freq``.
-PRE_ROPE_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+# rotary, no interleaving), computed by a ``<Name>RotaryEmbedding(config)`` with ``inv_freq`` (or, with
+# one RoPE per layer type, ``<layer_type>_inv_freq``), mapped to their modeling module. Gemma 3 normalizes
+# keys (k_norm) before RoPE, so its pre-RoPE keys are the normalized ones: the rotation is all that is undone.
+PRE_ROPE_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+                          "gemma3_text": "gemma3"}
 
 
 def layer_types(model_config: PretrainedConfig) -> list[tuple[str, dict]]:
@@ -83,26 +86,34 @@ def position_ids_from(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return None
 
 
-_INV_FREQ: dict[tuple[str, str], torch.Tensor] = {}
+_INV_FREQ: dict[tuple[str, str, str], torch.Tensor] = {}
 
 
-def _inv_freq(model_type: str, text_config) -> torch.Tensor:
-    key = (model_type, text_config.to_json_string())
+def _inv_freq(model_type: str, text_config, layer_type: str) -> torch.Tensor:
+    key = (model_type, text_config.to_json_string(), layer_type)
     if key in _INV_FREQ:  # every layer asks, with the same config
         return _INV_FREQ[key]
-    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    module_name = PRE_ROPE_ARCHITECTURES[model_type]
+    module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
     rotary = [getattr(module, name) for name in dir(module) if name.endswith("RotaryEmbedding")]
     if len(rotary) != 1:
         raise NotImplementedError(f"{model_type}: cannot find its rotary embedding class")
-    _INV_FREQ[key] = rotary[0](config=text_config).inv_freq.detach().float().cpu()
+    embedding = rotary[0](config=text_config)
+    inv_freq = getattr(embedding, f"{layer_type}_inv_freq", None)
+    scaling = getattr(embedding, f"{layer_type}_attention_scaling", getattr(embedding, "attention_scaling", 1.0))
+    if scaling != 1.0:
+        from kvtuner.config import KVConfigError
+
+        raise KVConfigError(f"{model_type}: its RoPE scales cos/sin by {scaling} ({layer_type} layers), which is not a "
+                            "rotation; drop the prerope option for this model")
+    _INV_FREQ[key] = (embedding.inv_freq if inv_freq is None else inv_freq).detach().float().cpu()
     return _INV_FREQ[key]
 
 
 def rope_inv_freq(model_config: PretrainedConfig, layer: int) -> torch.Tensor:
     """The RoPE frequencies ``[D/2]`` of ``layer`` (pre-RoPE keys); a clear refusal for other architectures.
 
-    Per layer because hybrid models give sliding and full layers different RoPE bases (Gemma 3);
-    every architecture supported so far has one, the same for all layers.
+    Per layer because hybrid models give sliding and full layers different RoPE bases (Gemma 3).
     """
     from kvtuner.config import KVConfigError
 
@@ -115,4 +126,4 @@ def rope_inv_freq(model_config: PretrainedConfig, layer: int) -> torch.Tensor:
         )
     if getattr(text, "partial_rotary_factor", 1.0) != 1.0:
         raise KVConfigError(f"{model_type}: pre-RoPE keys need RoPE over the whole head (partial_rotary_factor is set)")
-    return _inv_freq(model_type, text)
+    return _inv_freq(model_type, text, layer_types(model_config)[layer][0])

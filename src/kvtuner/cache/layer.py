@@ -28,6 +28,13 @@ bit-exact with the torch reference). With ``packed_decode`` set (by
 :func:`kvtuner.cache.attention.use_packed_attention`), a one-token update skips reading the
 history back: it returns only the residual and leaves the pre-flush history in
 ``pending_history`` for the packed decode kernel.
+
+Sliding-window layers (:class:`MixedPrecisionSlidingLayer`, Mistral, Gemma 2/3) follow the same rule
+and then drop, from the front of the history, the whole stored groups (key groups, outlier blocks:
+:attr:`~kvtuner.method.StoredKV.token_unit`) that no later query can see, so their memory stays
+bounded by the window plus one group and the residual. What they return and the mask sizes they
+report are transformers' ``DynamicSlidingWindowLayer``'s: the ``sliding_window - 1`` tokens before the
+new ones, and the new ones.
 """
 
 from __future__ import annotations
@@ -60,6 +67,8 @@ class MixedPrecisionLayer(CacheLayerMixin):
         self.pending_history: StoredKV | None = None
         self.history: StoredKV | None = None
         self._buffers: tuple[QuantizedTensor, QuantizedTensor] | None = None  # code buffers the history views
+        self._buffer_start = 0  # token of the code buffers where the history begins
+        self.first_token = 0  # cache index of the history's first token (earlier ones were dropped: sliding layers)
         self.position_offset: torch.Tensor | None = None  # [B]: position of token t is t + offset
         self._memo: tuple[torch.Tensor, torch.Tensor] | None = None
         self.cumulative_length = 0
@@ -113,6 +122,8 @@ class MixedPrecisionLayer(CacheLayerMixin):
         self.keys = self.values = None
         self.history = None
         self._buffers = None
+        self._buffer_start = 0
+        self.first_token = 0
         self._memo = None
         self.position_offset = None
         self.cumulative_length = 0
@@ -122,13 +133,13 @@ class MixedPrecisionLayer(CacheLayerMixin):
         if not self.is_initialized:
             return
         keep = tokens_to_keep(self.cumulative_length, tokens_to_remove)
-        quantized = self.quantized_length
-        if keep >= quantized:
-            self.keys = self.keys[..., : keep - quantized, :].clone()
-            self.values = self.values[..., : keep - quantized, :].clone()
+        stored_end = self.first_token + self.quantized_length  # cache index of the residual's first token
+        if keep >= stored_end:
+            self.keys = self.keys[..., : keep - stored_end, :].clone()
+            self.values = self.values[..., : keep - stored_end, :].clone()
         else:
             hist_k, hist_v = self.dequantized_history()
-            self.keys, self.values = hist_k[..., :keep, :], hist_v[..., :keep, :]
+            self.keys, self.values = hist_k[..., : keep - self.first_token, :], hist_v[..., : keep - self.first_token, :]
             self.history = None
             self._buffers = None
             self._memo = None
@@ -165,7 +176,9 @@ class MixedPrecisionLayer(CacheLayerMixin):
             return None
         if self._memo is not None:
             return self._memo
-        history = self.method.dequantize(self.history, 0, self.positions(0, self.quantized_length), self.dtype)
+        start = self.first_token
+        history = self.method.dequantize(self.history, start, self.positions(start, start + self.quantized_length),
+                                         self.dtype)
         if self.keep_dequantized:
             self._memo = history
         return history
@@ -175,7 +188,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
         if n < self.window:
             return
         m = (n // self.window) * self.window
-        start = self.quantized_length
+        start = self.first_token + self.quantized_length
         positions = self.positions(start, start + m)
         block = self.method.quantize(self.keys[..., :m, :], self.values[..., :m, :], start, positions, self.backend)
         self.history = self._append(block)
@@ -197,11 +210,13 @@ class MixedPrecisionLayer(CacheLayerMixin):
             self._buffers = None
             return block
         n, m = self.quantized_length, block.num_tokens
-        if self._buffers is None or n + m > self._buffers[0].num_tokens:
+        if self._buffers is None or self._buffer_start + n + m > self._buffers[0].num_tokens:
+            # a sliding layer's history starts further into its buffers at every drop: the copy moves it back
             capacity = -(-max(int(n * self.GROWTH), n + m) // self.window) * self.window
             self._buffers = (reserve_tokens(self.history.keys.codes, capacity),
                              reserve_tokens(self.history.values.codes, capacity))
-        return self.history.append(block, self._buffers)
+            self._buffer_start = 0
+        return self.history.append(block, self._buffers, self._buffer_start)
 
     def reserved_nbytes(self) -> int:
         """Bytes of the stored history with its code buffers at full capacity, used or not: compare with
@@ -221,6 +236,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
         if self.history is not None:
             self.history = self.history.map(fn)  # compact: the next flush reserves again
         self._buffers = None
+        self._buffer_start = 0
         if self._memo is not None:
             self._memo = (fn(self._memo[0]), fn(self._memo[1]))
 
@@ -233,3 +249,72 @@ class MixedPrecisionLayer(CacheLayerMixin):
         if self.history is not None:
             stored += self.history.nbytes()
         return stored + self.method.table_bytes()
+
+
+class MixedPrecisionSlidingLayer(MixedPrecisionLayer):
+    """A sliding-window layer (``sliding_attention``): a query sees only the ``sliding_window`` most recent
+    positions, itself included.
+
+    Storage is the parent's, minus the whole stored groups that fell out of the window (see the module
+    docstring). ``update`` returns and ``get_mask_sizes`` reports exactly what transformers'
+    ``DynamicSlidingWindowLayer`` does, so sliding and full layers of one cache share its masks, and with
+    16-bit sides the layer is bit for bit that layer. ``activate_past_recording`` (assisted decoding) keeps
+    every token until the next ``crop``, as transformers' layer does; a crop that needs tokens already
+    dropped is refused.
+    """
+
+    is_sliding = True
+
+    def __init__(self, method: KVMethod, sliding_window: int, keep_dequantized: bool = False,
+                 backend: Backend = "auto"):
+        super().__init__(method, keep_dequantized, backend)
+        self.sliding_window = sliding_window
+        self.record_past = False
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, window={self.sliding_window})"
+
+    def activate_past_recording(self, **kwargs) -> None:
+        self.record_past = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        visible = min(self.cumulative_length, self.sliding_window - 1) + key_states.shape[-2]
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if not self.record_past:
+            self._drop_unseen()
+        return keys[..., -visible:, :], values[..., -visible:, :]
+
+    def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
+        kv_offset = max(self.cumulative_length - self.sliding_window + 1, 0)
+        return min(self.cumulative_length, self.sliding_window - 1) + query_length, kv_offset
+
+    def get_max_length(self) -> int:
+        return self.sliding_window
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if not self.is_initialized:
+            return
+        keep = tokens_to_keep(self.cumulative_length, tokens_to_remove)
+        if self.first_token > max(keep - self.sliding_window + 1, 0):
+            raise RuntimeError(
+                f"cannot crop this sliding-window layer to {keep} tokens: the window would reach back to tokens it "
+                "dropped (call activate_past_recording before the forward passes that may be rolled back)")
+        super().crop(tokens_to_remove)
+        self._drop_unseen()
+
+    def _drop_unseen(self) -> None:
+        """Drop the whole stored groups before the first position the next query can see."""
+        if self.history is None:
+            return
+        first_visible = self.cumulative_length - self.sliding_window + 1
+        unit = self.history.token_unit
+        drop = min((first_visible - self.first_token) // unit * unit, self.quantized_length)
+        if drop <= 0:
+            return
+        self.history = self.history.drop_front(drop) if drop < self.quantized_length else None
+        self.first_token += drop
+        self._buffer_start += drop
+        if self.history is None:
+            self._buffers, self._buffer_start = None, 0
+        if self._memo is not None:
+            self._memo = tuple(t[..., drop:, :] for t in self._memo) if self.history is not None else None

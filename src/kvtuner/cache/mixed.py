@@ -6,10 +6,11 @@ Use it as any cache::
     model.generate(**inputs, past_key_values=cache)
     cache.nbytes(), cache.nbytes_fp16()
 
-Layers with a quantized spec get a :class:`~kvtuner.cache.layer.MixedPrecisionLayer`; fp16
-layers get transformers' own unquantized layer for their type (so 16-bit specs behave exactly
-like ``DynamicCache``, sliding windows included). Quantizing a sliding-window layer is refused
-with a clear error rather than done wrong.
+Layers with a quantized spec get a :class:`~kvtuner.cache.layer.MixedPrecisionLayer`, or for a
+``sliding_attention`` layer a :class:`~kvtuner.cache.layer.MixedPrecisionSlidingLayer` (bounded: it drops
+the stored groups its window left behind); fp16 layers get transformers' own unquantized layer for their
+type (so 16-bit specs behave exactly like ``DynamicCache``, sliding windows included). Quantizing a layer
+of any other type (chunked, linear attention, ...) is refused with a clear error rather than done wrong.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from kvtuner.cache.compat import Cache, DynamicLayer, dynamic_layer_for, layer_types, rope_inv_freq
-from kvtuner.cache.layer import MixedPrecisionLayer
+from kvtuner.cache.layer import MixedPrecisionLayer, MixedPrecisionSlidingLayer
 from kvtuner.config import KVConfig, KVConfigError, ModelFingerprint
 from kvtuner.kernels import Backend
 from kvtuner.method import Calibration, KVMethod, build_methods, needs_calibration
 
-SUPPORTED_QUANTIZED_TYPES = ("full_attention",)
+SUPPORTED_QUANTIZED_TYPES = ("full_attention", "sliding_attention")
 
 
 def fingerprint(model_config: PretrainedConfig) -> ModelFingerprint:
@@ -68,7 +69,7 @@ def check_layer_types(config: KVConfig, model_config: PretrainedConfig) -> list[
     for i, (spec, (layer_type, _)) in enumerate(zip(config.layers, types)):
         if spec.is_quantized and layer_type not in SUPPORTED_QUANTIZED_TYPES:
             raise KVConfigError(
-                f"layer {i} is a {layer_type!r} layer; kvtuner quantizes only full-attention layers "
+                f"layer {i} is a {layer_type!r} layer; kvtuner quantizes only full-attention and sliding-window layers "
                 f"(give layer {i} an fp16 spec to keep it unquantized; the CLI's --layers full does that for a --kv shorthand)"
             )
     return types
@@ -102,6 +103,8 @@ class MixedPrecisionCache(Cache):
         for method, (layer_type, kwargs) in zip(methods, types):
             if method is None:
                 layers.append(dynamic_layer_for(layer_type, kwargs) if layer_type != "full_attention" else DynamicLayer())
+            elif layer_type == "sliding_attention":
+                layers.append(MixedPrecisionSlidingLayer(method, kwargs["sliding_window"], keep_dequantized, backend))
             else:
                 layers.append(MixedPrecisionLayer(method, keep_dequantized=keep_dequantized, backend=backend))
         super().__init__(layers=layers)
@@ -118,12 +121,18 @@ class MixedPrecisionCache(Cache):
         return total
 
     def nbytes_fp16(self) -> int:
-        """Bytes the same stored tokens would take as fp16 keys and values."""
+        """Bytes an fp16 ``DynamicCache`` would store for the same tokens: every token of a full-attention layer,
+        the last ``sliding_window - 1`` of a sliding one (the baseline that ``nbytes`` is compared with)."""
         total = 0
         for layer in self.layers:
             if not layer.is_initialized:
                 continue
             b, h, _, d = layer.keys.shape
-            tokens = layer.get_seq_length() if isinstance(layer, MixedPrecisionLayer) else layer.keys.shape[-2]
+            if isinstance(layer, MixedPrecisionSlidingLayer):
+                tokens = min(layer.get_seq_length(), layer.sliding_window - 1)
+            elif isinstance(layer, MixedPrecisionLayer):
+                tokens = layer.get_seq_length()
+            else:
+                tokens = layer.keys.shape[-2]
             total += 2 * b * h * tokens * d * 2
         return total

@@ -10,6 +10,11 @@ the model itself can do.
 
 Decode-faithful by construction: the prompt is prefilled through the config's cache and the
 answer generated greedily from it, one token a step, inside ``use_packed_attention``.
+
+Two disjoint splits, so a search can calibrate on retrieval without tuning to the prompts it is
+judged on (``kvtuner search --objective longctx``): ``evaluation`` prompts take even keys and their
+filler from the first three quarters of the filler's tokens, ``calibration`` prompts odd keys and the
+last quarter. Whatever the seeds, lengths and depths, the two never share a key or a filler token.
 """
 
 from __future__ import annotations
@@ -33,6 +38,14 @@ INSTRUCTION = ("There is a pass key hidden inside a lot of irrelevant text. Find
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 ANSWER_TOKENS = 8
+SPLITS = ("evaluation", "calibration")
+CALIBRATION_SHARE = 4  # the last 1/4 of the filler's tokens is the calibration split's
+
+
+def parse_length(text: str) -> int:
+    """Prompt length in tokens: ``2048``, ``2k`` (= 2048) or ``8K``."""
+    text = text.strip().lower()
+    return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
 
 
 @dataclass
@@ -41,6 +54,7 @@ class PasskeyPrompt:
     key: str
     length: int
     depth: float
+    filler_span: tuple[int, int]  # [start, end) of the filler's tokens the prompt holds
 
 
 @dataclass
@@ -54,25 +68,41 @@ class RetrievalResult:
     answers: list[str] = field(default_factory=list)
 
 
+def split_range(filler_length: int, split: str) -> range:
+    """The filler token positions ``split`` draws from: the first 3/4 for evaluation, the rest for calibration."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    cut = filler_length - filler_length // CALIBRATION_SHARE
+    return range(0, cut) if split == "evaluation" else range(cut, filler_length)
+
+
+def split_key(rng: random.Random, split: str) -> str:
+    """A 5-digit key: even for evaluation, odd for calibration."""
+    return str(10000 + 2 * rng.randrange(45000) + (split == "calibration"))
+
+
 def passkey_prompt(tokenizer: PreTrainedTokenizerBase, filler: str | Sequence[int], length: int, depth: float,
-                   seed: int) -> PasskeyPrompt:
+                   seed: int, split: str = "evaluation") -> PasskeyPrompt:
     """A prompt of exactly ``length`` tokens: instruction, filler with the needle at ``depth``, question.
 
     ``filler``: text, or its token ids (tokenize a long text once for many prompts).
-    The filler is read from a seed-chosen offset of ``filler`` (so trials differ in text as well as key);
-    the needle goes in at the sentence end nearest ``depth`` of the filler part, if one is within 5% of it."""
+    The filler is read from a seed-chosen offset within ``split``'s part of ``filler`` (so trials differ in text
+    as well as key); the needle goes in at the sentence end nearest ``depth`` of the filler part, if one is within
+    5% of it."""
     if not 0 <= depth <= 1:
         raise ValueError(f"depth must be in [0, 1], not {depth}")
+    filler_ids = tokenizer(filler, add_special_tokens=False).input_ids if isinstance(filler, str) else filler
+    part = split_range(len(filler_ids), split)
     rng = random.Random(seed)
-    key = str(rng.randint(10000, 99999))
+    key = split_key(rng, split)
     head = tokenizer(INSTRUCTION, add_special_tokens=False).input_ids
     tail = tokenizer(QUESTION, add_special_tokens=False).input_ids
     needle = tokenizer(NEEDLE.format(key=key), add_special_tokens=False).input_ids
     budget = length - len(head) - len(tail) - len(needle)
-    filler_ids = tokenizer(filler, add_special_tokens=False).input_ids if isinstance(filler, str) else filler
-    if budget <= 0 or len(filler_ids) < budget:
-        raise DataError(f"a {length}-token prompt needs {max(budget, 0)} filler tokens; the filler has {len(filler_ids)}")
-    start = rng.randrange(0, len(filler_ids) - budget + 1)
+    if budget <= 0 or len(part) < budget:
+        raise DataError(f"a {length}-token prompt needs {max(budget, 0)} filler tokens; the {split} part of the "
+                        f"filler has {len(part)} (of {len(filler_ids)})")
+    start = rng.randrange(part.start, part.stop - budget + 1)
     body = filler_ids[start : start + budget]
     cut = round(depth * budget)
     ends = [i + 1 for i, t in enumerate(tokenizer.convert_ids_to_tokens(body)) if t.rstrip().endswith(".")]
@@ -80,7 +110,16 @@ def passkey_prompt(tokenizer: PreTrainedTokenizerBase, filler: str | Sequence[in
     if near and 0 < cut < budget:
         cut = min(near, key=lambda e: abs(e - cut))
     ids = head + body[:cut] + needle + body[cut:] + tail
-    return PasskeyPrompt(torch.tensor([ids]), key, length, depth)
+    return PasskeyPrompt(torch.tensor([ids]), key, length, depth, (start, start + budget))
+
+
+def passkey_prompts(tokenizer: PreTrainedTokenizerBase, filler: str, lengths: Sequence[int], depths: Sequence[float],
+                    trials: int, seed: int = 0, split: str = "evaluation") -> list[PasskeyPrompt]:
+    """``trials`` prompts for every (length, depth), length-major; each prompt seeded by its cell and trial."""
+    filler_ids = tokenizer(filler, add_special_tokens=False).input_ids
+    return [passkey_prompt(tokenizer, filler_ids, length, depth, seed=hash((seed, length, j, trial)) % 2**31,
+                           split=split)
+            for length in lengths for j, depth in enumerate(depths) for trial in range(trials)]
 
 
 @torch.no_grad()
@@ -112,24 +151,29 @@ def evaluate_retrieval(
     seed: int = 0,
     progress: bool = True,
 ) -> list[RetrievalResult]:
-    """Passkey accuracy of every config (None: full precision) on the same prompts: ``trials`` per (length, depth).
+    """Passkey accuracy of every config (None: full precision) on the same evaluation-split prompts: ``trials`` per
+    (length, depth).
 
     A key counts as retrieved when its digits appear in the answer."""
     results = [RetrievalResult("fp16 (DynamicCache)" if c is None else c.name or "config", list(lengths), list(depths),
                                [[0.0] * len(depths) for _ in lengths]) for c in configs]
-    filler_ids = tokenizer(filler, add_special_tokens=False).input_ids
-    cells = [(i, length, j, depth) for i, length in enumerate(lengths) for j, depth in enumerate(depths)]
-    bar = tqdm(total=len(cells) * trials * len(configs), desc="passkey", unit="answer", disable=not progress)
-    for i, length, j, depth in cells:
-        for trial in range(trials):
-            prompt = passkey_prompt(tokenizer, filler_ids, length, depth, seed=hash((seed, length, j, trial)) % 2**31)
-            for result, config in zip(results, configs):
-                text = answer(model, tokenizer, prompt, config)
-                result.answers.append(text)
-                result.accuracy[i][j] += (prompt.key in text) / trials
-                bar.update()
+    prompts = passkey_prompts(tokenizer, filler, lengths, depths, trials, seed)
+    bar = tqdm(total=len(prompts) * len(configs), desc="passkey", unit="answer", disable=not progress)
+    for n, prompt in enumerate(prompts):
+        i, j = divmod(n // trials, len(depths))
+        for result, config in zip(results, configs):
+            text = answer(model, tokenizer, prompt, config)
+            result.answers.append(text)
+            result.accuracy[i][j] += (prompt.key in text) / trials
+            bar.update()
     bar.close()
     return results
+
+
+def retrieval_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[PasskeyPrompt],
+                       config: KVConfig | None) -> float:
+    """Share of ``prompts`` whose key ``config``'s cache retrieves (the search's ``longctx`` objective is 1 minus it)."""
+    return sum(p.key in answer(model, tokenizer, p, config) for p in prompts) / len(prompts)
 
 
 def retrieval_figure(results: Sequence[RetrievalResult], path: str | Path) -> Path:

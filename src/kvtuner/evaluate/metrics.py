@@ -9,10 +9,16 @@ from __future__ import annotations
 import torch
 
 
+KL_ROWS = 256  # rows per float64 step: bounds the [rows, V] temporaries (0.5 GB each at Gemma 3's 262k vocabulary)
+
+
 def kl_sum(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
     """Sum over rows of KL(P_ref || P): how far the quantized distribution drifts from full precision."""
-    ref = ref_logprobs.double()
-    return float((ref.exp() * (ref - logprobs.double())).sum())
+    total = 0.0
+    for start in range(0, ref_logprobs.shape[0], KL_ROWS):
+        ref = ref_logprobs[start : start + KL_ROWS].double()
+        total += float((ref.exp() * (ref - logprobs[start : start + KL_ROWS].double())).sum())
+    return total
 
 
 def top1_matches(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> int:

@@ -8,11 +8,13 @@ a dequantized copy. Two kernels serve :class:`~kvtuner.cache.layer.MixedPrecisio
 * :func:`decode_attention`: split-K decode attention over packed history plus residual,
   specialized per layer on its (K bits, V bits) (:mod:`.decode`).
 
-``backend``: ``"auto"`` runs Triton on CUDA tensors when triton is installed and the specs are
-supported (KIVI layout: asymmetric integer codes, keys per channel, values per token, uniform
-or indexing one non-uniform level table a side), and torch
-otherwise; ``"triton"`` or ``"torch"`` forces one, and forcing Triton on an unsupported spec
-raises. The torch decode path streams the packed history tile by tile (:mod:`.streaming`); the
+``backend``: ``"auto"`` runs, on CUDA tensors, the Gluon tensor-core decode kernel (:mod:`.gluon_decode`)
+where it reads the layout, triton is the version it is written for and the history is long enough for it
+to be the faster (``gluon_preferred``), else Triton's when triton is
+installed and the specs are supported (KIVI layout: asymmetric integer codes, keys per channel, values
+per token, uniform or indexing one non-uniform level table a side), and torch otherwise; ``"gluon"``,
+``"triton"`` or ``"torch"`` forces one, and forcing a kernel on a layout it does not read raises
+(``"gluon"`` means Triton's quantizer: there is no Gluon one). The torch decode path streams the packed history tile by tile (:mod:`.streaming`); the
 float64-capable :mod:`.reference` is what tests hold both to. Forcing Triton on CPU tensors works
 under ``TRITON_INTERPRET=1`` (how CI tests the kernels). The torch path is the CPU default; triton is
 imported only when used.
@@ -20,6 +22,7 @@ imported only when used.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Literal
 
@@ -29,8 +32,9 @@ from kvtuner.kernels.streaming import decode_attention_streaming
 from kvtuner.quant import QuantizedTensor, QuantSpec
 from kvtuner.quant import quantize as quantize_reference
 
-Backend = Literal["auto", "triton", "torch"]
-BACKENDS = ("auto", "triton", "torch")
+Backend = Literal["auto", "gluon", "triton", "torch"]
+BACKENDS = ("auto", "gluon", "triton", "torch")
+GLUON_TRITON = "3.6."  # the triton the Gluon kernel is written against (the GPU image's); its API moves
 
 __all__ = [
     "BACKENDS",
@@ -71,12 +75,29 @@ def decode_supported(key_spec: QuantSpec, value_spec: QuantSpec, head_dim: int) 
     )
 
 
+@functools.cache
+def gluon_available(device: torch.device, measured_only: bool = True) -> bool:
+    """Whether the Gluon kernel runs on ``device``: a CUDA GPU with ``mma.sync`` m16n8k16 (sm_80 on; with
+    ``measured_only``, sm_90 on, the GPUs it was measured on) and triton with ``triton.experimental.gluon`` at
+    the version the kernel is written for."""
+    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return False
+    import triton
+
+    if not triton.__version__.startswith(GLUON_TRITON) or importlib.util.find_spec("triton.experimental.gluon") is None:
+        return False
+    return torch.cuda.get_device_capability(device) >= ((9, 0) if measured_only else (8, 0))
+
+
 def use_triton(backend: Backend, device: torch.device, supported: bool, what: str) -> bool:
-    """Resolve ``backend`` for one call; raise if Triton is forced where it cannot run."""
+    """Resolve ``backend`` for one call; raise if Triton is forced where it cannot run (``"gluon"`` asks for
+    Triton where only a Triton kernel exists)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
     if backend == "torch":
         return False
+    if backend == "gluon":
+        backend = "triton"
     if backend == "triton":
         if not supported:
             raise ValueError(f"the Triton {what} kernel does not support this layout; use backend='torch'")
@@ -115,6 +136,22 @@ def decode_attention(
     ``history_start`` are not attended. Returns [B, H_q, D]. See
     :func:`~kvtuner.kernels.reference.decode_attention_reference`.
     """
+    if backend == "gluon":
+        if not gluon_available(query.device, measured_only=False):
+            raise ValueError(f"backend='gluon' needs CUDA tensors on sm_80 or newer and triton {GLUON_TRITON}x "
+                             "(Gluon has no interpreter)")
+        if qkeys is None or history_start:
+            raise ValueError("the Gluon decode kernel reads a packed history without sink tokens; "
+                             f"this call has {'no history' if qkeys is None else 'sink tokens'}: use backend='triton'")
+    if backend == "gluon" or (backend == "auto" and qkeys is not None and gluon_available(query.device)):
+        from kvtuner.kernels.gluon_decode import decode_attention_gluon, gluon_preferred, gluon_supported
+
+        if gluon_supported(qkeys, qvalues, query, history_start) and (backend == "gluon" or gluon_preferred(qkeys)):
+            return decode_attention_gluon(query, qkeys, qvalues, keys, values, scale)
+        if backend == "gluon":
+            raise ValueError("the Gluon decode kernel does not read this layout (2, 4 or 8 uniform bits a side, head "
+                             "dim 64 or 128, key groups of 32-128 tokens: kvtuner.kernels.gluon_decode); "
+                             "use backend='triton'")
     supported = decode_supported(key_spec, value_spec, query.shape[-1]) and all(
         q is None or q.levels is None or (q.levels.dim() == 1 and q.spec.bits in (2, 3, 4)) for q in (qkeys, qvalues))
     if use_triton(backend, query.device, supported, "decode attention"):

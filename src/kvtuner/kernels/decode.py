@@ -543,14 +543,11 @@ def _decode_split_kernel(
     tl.store(O_part + part[:, None] * D + col[None, :], out, mask=(offs_r < R)[:, None])
 
 
-@triton.jit(do_not_specialize=["n_parts"])
-def _decode_reduce_kernel(O_part, LSE_part, Out, n_parts, D: tl.constexpr, PARTS: tl.constexpr):
-    """Merge one query head's partial outputs, weighting each by exp2(its lse - max lse), PARTS at a time."""
-    row = tl.program_id(0)
+@triton.jit
+def _merge_parts(acc, l, m, O_part, LSE_part, row, n_parts, D: tl.constexpr, PARTS: tl.constexpr):
+    """The softmax state (unnormalized acc [D], sum l, max m; base 2) merged with one query head's partial
+    outputs, each weighted by exp2(its lse - max lse), PARTS at a time."""
     offs_d = tl.arange(0, D)
-    m = float("-inf")
-    l = 0.0
-    acc = tl.zeros([D], tl.float32)
     for p0 in range(0, n_parts, PARTS):
         offs_p = p0 + tl.arange(0, PARTS)
         valid = offs_p < n_parts
@@ -563,6 +560,47 @@ def _decode_reduce_kernel(O_part, LSE_part, Out, n_parts, D: tl.constexpr, PARTS
         acc = acc * alpha + tl.sum(w[:, None] * o, 0)
         l = l * alpha + tl.sum(w, 0)
         m = m_new
+    return acc, l
+
+
+@triton.jit(do_not_specialize=["n_parts"])
+def _decode_reduce_kernel(O_part, LSE_part, Out, n_parts, D: tl.constexpr, PARTS: tl.constexpr):
+    """Merge one query head's partial outputs."""
+    row = tl.program_id(0)
+    acc, l = _merge_parts(tl.zeros([D], tl.float32), 0.0, float("-inf"), O_part, LSE_part, row, n_parts, D, PARTS)
+    tl.store(Out + row * D + tl.arange(0, D), (acc / l).to(Out.dtype.element_ty))
+
+
+@triton.jit(do_not_specialize=["n_res", "n_parts"])
+def _residual_merge_kernel(
+    Q, KR, VR, O_part, LSE_part, Out, sq_b, sq_h, skr_b, skr_h, skr_t, svr_b, svr_h, svr_t, n_res, n_parts, qk_scale,
+    H_Q: tl.constexpr, R: tl.constexpr, D: tl.constexpr, NR: tl.constexpr, PARTS: tl.constexpr,
+):
+    """One query head: attention over its full-precision residual (fp32, NR tokens at a time), merged with the
+    history's partial outputs. One launch where another history kernel would need two (the residual program
+    of :func:`_decode_split_kernel`, then :func:`_decode_reduce_kernel`): at batch 1 the host's launch cost is
+    most of a step."""
+    row = tl.program_id(0)
+    b = (row // H_Q).to(tl.int64)
+    h = (row % H_Q) // R
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + b * sq_b + (row % H_Q) * sq_h + offs_d).to(tl.float32) * qk_scale
+    m = float("-inf")
+    l = 0.0
+    acc = tl.zeros([D], tl.float32)
+    for t0 in range(0, n_res, NR):
+        offs_t = t0 + tl.arange(0, NR)
+        valid = offs_t < n_res
+        k = tl.load(KR + b * skr_b + h * skr_h + offs_t[:, None] * skr_t + offs_d[None, :], mask=valid[:, None], other=0.0)
+        s = tl.where(valid, tl.sum(q[None, :] * k.to(tl.float32), 1), float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 0))
+        p = tl.exp2(s - m_new)
+        v = tl.load(VR + b * svr_b + h * svr_h + offs_t[:, None] * svr_t + offs_d[None, :], mask=valid[:, None], other=0.0)
+        alpha = tl.exp2(m - m_new)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+        l = l * alpha + tl.sum(p, 0)
+        m = m_new
+    acc, l = _merge_parts(acc, l, m, O_part, LSE_part, row, n_parts, D, PARTS)
     tl.store(Out + row * D + offs_d, (acc / l).to(Out.dtype.element_ty))
 
 
@@ -706,4 +744,24 @@ def decode_attention_triton(
     out = torch.empty((b, h_q, d), device=query.device, dtype=query.dtype)
     parts = min(64, triton.next_power_of_2(n_parts))
     _decode_reduce_kernel[(b * h_q,)](o_part, lse_part, out, n_parts, D=d, PARTS=parts)
+    return out
+
+
+def merge_with_residual(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+                        o_part: torch.Tensor, lse_part: torch.Tensor) -> torch.Tensor:
+    """Attention output from a history kernel's partial results (``o_part`` ``[B * H_q, parts, D]``, normalized;
+    ``lse_part`` ``[B * H_q, parts]``, base-2 log-sum-exp) and the full-precision residual ``keys`` / ``values``
+    ``[B, H_kv, T_r, D]``, in one launch (:func:`_residual_merge_kernel`). How :mod:`.gluon_decode` shares
+    this module's partial-result format."""
+    b, h_q, d = query.shape
+    h_kv, n_res = keys.shape[1], keys.shape[2]
+    n_parts = o_part.shape[1]
+    if any(t.stride(-1) != 1 for t in (query, keys, values)) or not (o_part.is_contiguous() and lse_part.is_contiguous()):
+        raise ValueError("query, keys and values must be contiguous in their last dimension, the parts contiguous")
+    out = torch.empty((b, h_q, d), device=query.device, dtype=query.dtype)
+    _residual_merge_kernel[(b * h_q,)](
+        query, keys, values, o_part, lse_part, out, query.stride(0), query.stride(1), *keys.stride()[:3],
+        *values.stride()[:3], n_res, n_parts, scale * LOG2E,
+        H_Q=h_q, R=h_q // h_kv, D=d, NR=32, PARTS=min(64, triton.next_power_of_2(n_parts)),
+    )
     return out

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from transformers import AttentionInterface, PreTrainedModel
 
 from kvtuner.cache import fingerprint
+from kvtuner.cache.attention import attention_extras
 from kvtuner.cache.compat import rope_inv_freq
 from kvtuner.config import KVConfigError, LayerSpec
 from kvtuner.method import (
@@ -48,6 +49,7 @@ from kvtuner.method import (
     needs_calibration,
     thresholds_key,
 )
+from kvtuner.profile.blockwise import UnsupportedModelError, decode_faithful_attention
 from kvtuner.quant.codebook import fit_levels
 from kvtuner.quant.rope import rotate
 
@@ -70,13 +72,19 @@ class Activations:
         return torch.arange(self.keys[0].shape[-2])[None]
 
 
-def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, kvtuner_probe=None, **kwargs):
-    """Causal attention through zero-valued leaves added to K and V, whose gradients are dL/dK and dL/dV."""
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, kvtuner_probe=None,
+               sliding_window: int | None = None, **kwargs):
+    """Causal attention (within the layer's sliding window, if any) through zero-valued leaves added to K and V,
+    whose gradients are dL/dK and dL/dV."""
+    extras = attention_extras(dropout, kwargs)
+    if extras:
+        raise UnsupportedModelError(f"{type(module).__name__} calls attention with {', '.join(extras)}; calibration "
+                                  "implements causal attention with an optional sliding window only")
     probe_k, probe_v, captured = kvtuner_probe
     idx = module.layer_idx
     captured[idx] = (key.detach(), value.detach())
-    out = F.scaled_dot_product_attention(query, key + probe_k[idx], value + probe_v[idx], is_causal=True,
-                                         scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    out = decode_faithful_attention(query, key + probe_k[idx], value + probe_v[idx], None,
+                                    scaling or query.shape[-1] ** -0.5, sliding_window)
     return out.transpose(1, 2).contiguous(), None
 
 

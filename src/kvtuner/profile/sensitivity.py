@@ -189,8 +189,9 @@ def check_profile(model: PreTrainedModel, settings: ProfileSettings, calibration
 def measure_unit(evaluator: BlockwiseEvaluator, settings: ProfileSettings, unit: Unit) -> dict[str, Any]:
     """The numbers of one unit (see :class:`Unit`); ``evaluator`` must capture."""
     cap = evaluator.captured[unit.layer]
+    window = cap.sliding_window
     if unit.kind == "layer":
-        out: dict[str, Any] = {"stats": layer_statistics(cap.query, cap.key, cap.value, cap.scaling)}
+        out: dict[str, Any] = {"stats": layer_statistics(cap.query, cap.key, cap.value, cap.scaling, window)}
         split = settings.split_specs()
         if split:
             out["k_only"] = evaluator.kl_single(unit.layer, split[0])
@@ -198,9 +199,9 @@ def measure_unit(evaluator: BlockwiseEvaluator, settings: ProfileSettings, unit:
         return out
     spec = settings.candidates()[unit.candidate]
     method = evaluator.method(unit.layer, spec)
-    reference = decode_faithful_attention(cap.query, cap.key, cap.value, None, cap.scaling)
+    reference = decode_faithful_attention(cap.query, cap.key, cap.value, None, cap.scaling, window)
     return {"loss": evaluator.kl_single(unit.layer, spec),
-            "output_error": output_error(cap.query, cap.key, cap.value, method, cap.scaling, reference),
+            "output_error": output_error(cap.query, cap.key, cap.value, method, cap.scaling, reference, window),
             "effective_bits": method.effective_bits(cap.key, cap.value)}
 
 

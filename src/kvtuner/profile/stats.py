@@ -25,22 +25,27 @@ def output_error(
     method: KVMethod,
     scaling: float,
     reference: torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> float:
     """KVTuner's e_o: relative Frobenius error of the attention output when decoding with ``method``."""
     if reference is None:
-        reference = decode_faithful_attention(query, key, value, None, scaling)
-    quantized = decode_faithful_attention(query, key, value, method, scaling)
+        reference = decode_faithful_attention(query, key, value, None, scaling, sliding_window)
+    quantized = decode_faithful_attention(query, key, value, method, scaling, sliding_window)
     return float((quantized - reference).norm() / reference.norm())
 
 
-def attention_concentration(query: torch.Tensor, key: torch.Tensor, scaling: float) -> tuple[float, float]:
-    """(mean entropy in nats, mean largest weight) of the causal attention rows, over heads and queries.
+def attention_concentration(query: torch.Tensor, key: torch.Tensor, scaling: float,
+                            sliding_window: int | None = None) -> tuple[float, float]:
+    """(mean entropy in nats, mean largest weight) of the causal attention rows (within ``sliding_window``, if
+    given), over heads and queries.
 
     One query head at a time, so memory stays at one ``[T, T]`` score matrix.
     """
     group = query.shape[1] // key.shape[1]
     length = query.shape[-2]
     causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
+    if sliding_window is not None:
+        causal = causal.triu(-(sliding_window - 1))
     entropy = top = 0.0
     heads = 0
     for b in range(query.shape[0]):
@@ -63,9 +68,10 @@ def channel_outlier_ratio(x: torch.Tensor) -> float:
     return float(per_channel.max() / per_channel.median().clamp_min(1e-12))
 
 
-def layer_statistics(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> dict[str, float]:
+def layer_statistics(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+                     sliding_window: int | None = None) -> dict[str, float]:
     """The per-layer numbers the profile reports beside the loss."""
-    entropy, top = attention_concentration(query, key, scaling)
+    entropy, top = attention_concentration(query, key, scaling, sliding_window)
     return {
         "entropy": entropy,
         "max_weight": top,

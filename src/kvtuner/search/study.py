@@ -108,7 +108,8 @@ class Objective:
 
     measure: the expensive quality measurement of a whole config.
     loss: ``[L, C]`` single-layer losses (for the additive prediction).
-    bits / nbytes: ``[C]`` per-layer nominal bits and KV bytes of each candidate.
+    bits: ``[C]`` nominal bits of each candidate; nbytes: ``[L, C]`` KV bytes of each layer with each candidate
+    (or ``[C]``, the same in every layer).
 
     Trials arrive with their parameters fixed by the queue (see :mod:`kvtuner.search.batches`).
     A trial over a hard limit is not measured: it sets its constraints (``Trial.set_constraint``),
@@ -171,7 +172,8 @@ class Objective:
                                   for name, d in self.distributions().items()})
 
     def sizes(self, layer_choice: Sequence[int]) -> tuple[float, int]:
-        return float(np.mean(self.bits[list(layer_choice)])), int(self.nbytes[list(layer_choice)].sum())
+        nbytes = np.broadcast_to(self.nbytes, (len(layer_choice), self.nbytes.shape[-1]))
+        return float(np.mean(self.bits[list(layer_choice)])), int(nbytes[np.arange(len(layer_choice)), layer_choice].sum())
 
     def within_limits(self, layer_choice: Sequence[int]) -> bool:
         avg_bits, kv_bytes = self.sizes(layer_choice)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import optuna
 
 from kvtuner.search.batches import DONE_ATTR, SLOT_ATTR
-from kvtuner.search.job import gsm8k_error, read_job, sha256_file, stored_tokens
+from kvtuner.search.job import read_job, sha256_file, stored_tokens, task_error
 from kvtuner.search.pipeline import PLAN_ATTR
 from kvtuner.search.storage import Liveness, connect, find_study, idle, queued_only, run_queued, shown
 from kvtuner.search.study import Objective, SearchError
@@ -90,9 +90,8 @@ def run_worker(url: str, name: str, device: str = "cpu", wait_s: float = 0.0,
         if profile is None or not run_queued(profile, units.queued()):
             idle(profile or study, liveness)
 
-    if job.objective == "gsm8k":
-        measure = gsm8k_error(lm, tokenizer, job.gsm8k["rows"], job.gsm8k["problems"], job.gsm8k["max_new_tokens"])
-    else:
+    measure = task_error(job, lm, tokenizer)
+    if measure is None:
         measure = (units.evaluator or BlockwiseEvaluator(lm, ids, calibration=calibration)).kl
     objective = Objective.from_plan(study.user_attrs[PLAN_ATTR], measure)
     queued = queued_only(objective, SLOT_ATTR)

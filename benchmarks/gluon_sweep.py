@@ -1,0 +1,47 @@
+"""Launch variants of the Gluon decode kernel (register cap, history splits) against bf16 SDPA, CUDA-graph GPU time.
+
+    PYTHONPATH=src python benchmarks/gluon_sweep.py --points 1:32768 16:32768 --kv K4V4 K2V2
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from bench_attention import D, H_KV, H_Q, KV, RESIDUAL, graph_ms, pack
+from kvtuner.kernels.decode import default_num_splits
+from kvtuner.kernels.gluon_decode import BLOCK, decode_attention_gluon
+
+VARIANTS = {"default": {}, "maxnreg 168": {"maxnreg": 168}, "splits x2": {"split_factor": 2.0},
+            "splits x0.5": {"split_factor": 0.5}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--points", nargs="+", default=["1:32768", "4:32768", "16:32768", "64:16384"])
+    ap.add_argument("--kv", nargs="+", default=["K4V4", "K2V2", "K8V8"], choices=list(KV))
+    args = ap.parse_args()
+    print(f"{'B':>3} {'T':>7} {'kv':5} {'variant':12} {'ms':>7} {'x sdpa':>6}")
+    for point in args.points:
+        batch, context = map(int, point.split(":"))
+        q = torch.randn(batch, H_Q, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(batch, H_KV, context, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        sdpa = graph_ms(lambda: F.scaled_dot_product_attention(q.unsqueeze(2), k, v, enable_gqa=True))
+        res = k[:, :, -RESIDUAL:], v[:, :, -RESIDUAL:]
+        for name in args.kv:
+            qk, qv = pack(k[:, :, :-RESIDUAL], v[:, :, :-RESIDUAL], *KV[name])
+            blocks = -(-qk.num_tokens // BLOCK)
+            splits = default_num_splits(blocks, batch * H_KV, q.device, ctas_per_sm=8)
+            for label, opts in VARIANTS.items():
+                opts = dict(opts)
+                factor = opts.pop("split_factor", 1.0)
+                n = max(1, min(blocks, round(splits * factor)))
+                ms = graph_ms(lambda: decode_attention_gluon(q, qk, qv, *res, D**-0.5, num_splits=n, **opts))
+                print(f"{batch:>3} {context:>7} {name:5} {label:12} {ms:7.3f} {sdpa / ms:6.2f}  (splits {n})")
+
+
+if __name__ == "__main__":
+    main()
