@@ -29,6 +29,7 @@ app.command("search")(search_command)
 app.command("worker")(worker_command)
 runner = CliRunner()
 POSTGRES_ENV = "KVTUNER_TEST_POSTGRES_URL"
+TRIALS = 40  # more than the seeds (additive solutions, uniform configs): the sampler's batches run too
 FAST = ("--heartbeat", 1, "--grace", 3, "--poll", 0.1)  # a dead worker is noticed within seconds
 
 
@@ -46,7 +47,7 @@ def postgres_url():
 
 def search_args(model_dir, out: Path, *extra):
     return ("search", "--model", model_dir, "--tokens", 384, "--group-size", 16, "--pairs", "KV8,K4V4,K4V2,K2V4,K2V2",
-            "--split-bits", 2, "--groups", 2, "--trials", 24, "--budgets", "3,4", "--seed", 3, "--out", out, *FAST,
+            "--split-bits", 2, "--groups", 2, "--trials", TRIALS, "--budgets", "3,4", "--seed", 3, "--out", out, *FAST,
             *extra)
 
 
@@ -128,7 +129,7 @@ def test_killed_workers_lose_nothing_and_the_front_is_the_single_worker_one(post
             if p.poll() is None:
                 p.kill()
     assert len(survivors) == 1 and sum(w.returncode == -signal.SIGKILL for w in workers) == 2
-    assert json.loads(stdout)["study"]["feasible"] == 24
+    assert json.loads(stdout)["study"]["feasible"] == TRIALS
 
     units = optuna.load_study(study_name=f"{name}.profile", storage=postgres_url).get_trials()
     complete = [t.user_attrs["unit"] for t in units if t.state == TrialState.COMPLETE]
@@ -142,7 +143,7 @@ def test_killed_workers_lose_nothing_and_the_front_is_the_single_worker_one(post
     slots = [t.user_attrs["slot"] for t in trials if t.state == TrialState.COMPLETE]
     assert len(slots) == len(set(slots)) and sorted(slots) == list(range(len(slots)))  # no slot twice, none lost
     assert max(t.user_attrs["batch"] for t in trials) >= 1  # the sampler's batches ran, not only the seeds
-    assert sum(t.state == TrialState.COMPLETE and t.user_attrs["measured"] for t in trials) == 24
+    assert sum(t.state == TrialState.COMPLETE and t.user_attrs["measured"] for t in trials) == TRIALS
     [killed] = [t for t in trials if t.number == killed_trial]
     assert killed.state == TrialState.FAIL
     [retry] = retried(trials, killed_trial)
