@@ -43,7 +43,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from kvtuner.kernels.gluon_layout import BLOCK, LOG2E, MAGIC, MAGIC_BITS, split_plan
+from kvtuner.kernels.gluon_layout import BLOCK, LOG2E, MAGIC, MAGIC_BITS, groups_per_block, split_plan
 from kvtuner.quant import QuantizedTensor
 
 MAGIC_C = gl.constexpr(MAGIC)
@@ -465,7 +465,7 @@ def decode_attention_gluon(
     if any(t.stride(-1) != 1 for t in (query, kw, ks, vw, vs)):
         raise ValueError("every input must be contiguous in its last dimension")
     n_groups = qkeys.num_tokens // g_k
-    n_blocks = -(-n_groups // max(1, BLOCK // g_k))
+    n_blocks = -(-n_groups // groups_per_block(g_k))
     splits, groups_per_split = split_plan(n_groups, g_k, num_splits or default_num_splits(
         n_blocks, b * h_kv, query.device, ctas_per_sm=8))
     o_part = torch.empty((b * h_q, splits, d), device=query.device, dtype=torch.float32)

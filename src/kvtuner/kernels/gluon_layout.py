@@ -82,9 +82,14 @@ def value_codes(qvalues: QuantizedTensor) -> torch.Tensor:
     return _codes(qvalues, value_channels)
 
 
+def groups_per_block(key_group: int) -> int:
+    """Key groups one loop step of the kernel reads: a 64-token block, or one group when that is longer."""
+    return max(1, BLOCK // key_group)
+
+
 def split_plan(n_groups: int, key_group: int, num_splits: int) -> tuple[int, int]:
-    """(splits, key groups a split) for ``num_splits`` asked: whole 64-token blocks a split, no split empty."""
-    step = max(1, BLOCK // key_group)
+    """(splits, key groups a split) for ``num_splits`` asked: whole blocks a split, no split empty."""
+    step = groups_per_block(key_group)
     blocks = -(-n_groups // step)
     per_split = -(-blocks // max(1, min(num_splits, blocks))) * step
     return -(-n_groups // per_split), per_split
@@ -117,7 +122,7 @@ def emulate_decode(query: torch.Tensor, qkeys: QuantizedTensor, qvalues: Quantiz
     v_zero = qvalues.zero.float()  # [B, H, T, NGV]
 
     n_groups = n_hist // g_k
-    step = max(1, BLOCK // g_k)
+    step = groups_per_block(g_k)
     _, per_split = split_plan(n_groups, g_k, num_splits)
     parts = []  # (normalized output [B, H, R, D] in stored channel order, lse [B, H, R])
     for g_lo in range(0, n_groups, per_split):
