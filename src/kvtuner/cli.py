@@ -252,7 +252,10 @@ def lm_eval_command(ctx: typer.Context) -> None:
         from kvtuner.evaluate.harness import run_lm_eval
     except ImportError as e:
         raise fail(str(e)) from None
-    run_lm_eval(ctx.args)
+    try:
+        run_lm_eval(ctx.args)
+    except USER_ERRORS as e:  # a bad kv=, kv_config= or pretrained= in --model_args: ours, so one line
+        raise fail(str(e)) from None
 
 
 @app.command()

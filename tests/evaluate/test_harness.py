@@ -177,3 +177,11 @@ def test_both_command_lines_run_the_kvtuner_model(tiny_model_dir, gsm8k_dir):
         result = cli(*args)
         assert result.returncode == 0, result.stderr[-2000:]
         assert "kvtuner ({'pretrained'" in result.stdout and "|gsm8k_local|" in result.stdout
+
+
+def test_kvtuner_lm_eval_reports_a_bad_kv_in_one_line(tiny_model_dir, gsm8k_dir):
+    result = cli("-c", "from kvtuner.cli import app; app()", "lm-eval", "--model", "kvtuner", "--model_args",
+                 f"pretrained={tiny_model_dir},kv=K9V9", "--metadata", json.dumps({"data_dir": str(gsm8k_dir)}),
+                 "--tasks", "gsm8k_local", "--limit", "1", "--device", "cpu")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1].startswith("error: unsupported k_bits=9")
