@@ -1,12 +1,14 @@
-"""CPU decode speed and peak memory after a long prompt: transformers' DynamicCache against kvtuner's caches.
+"""CPU decode speed and peak memory after a long prompt: transformers' caches against kvtuner's.
 
 What a user of ``kvtuner generate`` on a CPU gets: the default model in fp32, a prompt of
 ``--prompts`` tokens of WikiText-2 prefilled in one call, then ``--new-tokens`` greedy one-token
-steps, timed apart from the prefill. kvtuner's caches decode through ``use_packed_attention``
-(the torch path streams the packed history tile by tile, :mod:`kvtuner.kernels.streaming`);
-``legacy`` rows run the same cache without it (each step reads the whole history back, as every
-version before the streaming path did). Each case runs in its own process, so ``peak_rss_mib`` is that
-case's own high-water mark (prefill included); ``kv_mib`` is the cache's stored bytes at the end.
+steps, timed apart from the prefill. Baselines: ``DynamicCache`` (``generate``'s default: it
+concatenates every layer's keys and values at each step) and ``StaticCache`` (preallocated for the
+prompt and the new tokens: no concatenation, attention over the whole reserved length). kvtuner's
+caches decode through ``use_packed_attention``: ``auto`` is the C++ kernel (:mod:`kvtuner.kernels.native`),
+``-torch`` rows force the tiled torch path (:mod:`kvtuner.kernels.streaming`, the default before it).
+Each case runs in its own process, so ``peak_rss_mib`` is that case's own high-water mark (prefill
+included); ``kv_mib`` is the cache's stored bytes at the end.
 
     PYTHONPATH=src python benchmarks/bench_cpu_decode.py --prompts 2048 8000 --threads 1 2 --out runs/cpu_decode
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_raw_test.txt"
-CASES = ["fp16", "KV8", "K4V4", "K2V2", "K4V4-legacy"]
+CASES = ["DynamicCache", "StaticCache", "KV8", "K4V4", "K2V2", "K4V4-torch"]
 
 
 @torch.no_grad()
@@ -39,22 +41,26 @@ def run_case(case: str, prompt_tokens: int, new_tokens: int, threads: int) -> di
     torch.set_num_threads(threads)
     model, tokenizer = load_model("default")
     prompt = token_windows(DATA, tokenizer, prompt_tokens, 1)
-    kv = case.removesuffix("-legacy")
-    if kv == "fp16":
+    kv, _, backend = case.partition("-")
+    if kv == "DynamicCache":
         from transformers import DynamicCache
 
         cache = DynamicCache(config=model.config)
+    elif kv == "StaticCache":
+        from transformers import StaticCache
+
+        cache = StaticCache(config=model.config, max_cache_len=prompt_tokens + new_tokens)
     else:
         cache = MixedPrecisionCache(KVConfig.uniform(kv, model.config.num_hidden_layers), model.config)
     kwargs = cache_kwargs(model, cache)
-    with contextlib.nullcontext() if case.endswith("-legacy") else use_packed_attention(model, cache):
+    with contextlib.nullcontext() if kv.endswith("Cache") else use_packed_attention(model, cache, backend=backend or "auto"):
         t0 = time.perf_counter()
         token = model(prompt, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1:].argmax(-1)  # as generate does
         t1 = time.perf_counter()
         for _ in range(new_tokens):
             token = model(token, use_cache=True, **kwargs).logits[:, -1:].argmax(-1)
         t2 = time.perf_counter()
-    if kv == "fp16":
+    if kv.endswith("Cache"):
         kv_bytes = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
     else:
         kv_bytes = cache.nbytes()

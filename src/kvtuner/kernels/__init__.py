@@ -32,8 +32,8 @@ from kvtuner.kernels.streaming import decode_attention_streaming
 from kvtuner.quant import QuantizedTensor, QuantSpec
 from kvtuner.quant import quantize as quantize_reference
 
-Backend = Literal["auto", "gluon", "triton", "torch"]
-BACKENDS = ("auto", "gluon", "triton", "torch")
+Backend = Literal["auto", "gluon", "triton", "native", "torch"]
+BACKENDS = ("auto", "gluon", "triton", "native", "torch")
 GLUON_TRITON = "3.6."  # the triton the Gluon kernel is written against (the GPU image's); its API moves
 
 __all__ = [
@@ -94,7 +94,7 @@ def use_triton(backend: Backend, device: torch.device, supported: bool, what: st
     Triton where only a Triton kernel exists)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
-    if backend == "torch":
+    if backend in ("torch", "native"):
         return False
     if backend == "gluon":
         backend = "triton"
@@ -158,4 +158,13 @@ def decode_attention(
         from kvtuner.kernels.decode import decode_attention_triton
 
         return decode_attention_triton(query, qkeys, qvalues, keys, values, scale, history_start)
+    if backend == "native" or (backend == "auto" and query.device.type == "cpu" and qkeys is not None):
+        from kvtuner.kernels.native import decode_attention_native, native_available, native_supported
+
+        readable = qkeys is not None and native_supported(qkeys, qvalues, query.shape[-1])
+        if backend == "native" and (query.device.type != "cpu" or not readable):
+            raise ValueError("the C++ decode kernel reads CPU tensors with a packed history of scaled integer or fp8 "
+                             "codes, keys per channel or per token and values per token; use backend='torch'")
+        if readable and (backend == "native" or native_available()):  # a forced kernel that cannot build raises
+            return decode_attention_native(query, qkeys, qvalues, keys, values, scale, history_start)
     return decode_attention_streaming(query, qkeys, qvalues, keys, values, scale, history_start)
