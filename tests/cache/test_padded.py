@@ -6,6 +6,7 @@ row apart so that neither happens, and the pads cost no bytes.
 """
 
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -237,3 +238,37 @@ def test_select_crop_and_nbytes_of_a_padded_batch(llama32, one_thread):
     assert [r.get_seq_length() for r in layer.rows] == [0, 20] and layer.pads.tolist() == [20, 0]
     keys, _ = layer.update(torch.randn(2, 2, 1, 32), torch.randn(2, 2, 1, 32))
     assert keys.shape[-2] == 21 and not keys[0, :, :20].any()
+
+
+def test_packed_rows_without_history_and_masks_hiding_more_than_pads(llama32, one_thread, monkeypatch):
+    """A row whose tokens all sit in the residual attends through the model's own attention; a step whose mask
+    hides a real token as well takes the model's attention over the rows' full K/V (what the torch path does)."""
+    import kvtuner.cache.attention as attention
+
+    kernel_rows = []
+    kernel = attention.decode_attention
+    monkeypatch.setattr(attention, "decode_attention", lambda q, *a, **kw: kernel_rows.append(q.shape[0]) or kernel(q, *a, **kw))
+    config = KVConfig.uniform("K4V2", N_LAYERS, group_size=32, residual_length=32)
+    rows = prompts((20, 45))  # the 20-token row stores nothing until its 32nd token
+    inputs = left_padded(rows)
+    mask = inputs["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    steps = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(5))
+    logits = []
+    for packed in (False, True):
+        cache = MixedPrecisionCache(config, llama32.config)
+        kw = cache_kwargs(llama32, cache)
+        step_mask, out = mask, []
+        with torch.no_grad(), use_packed_attention(llama32, cache, backend="torch") if packed else nullcontext():
+            llama32(**inputs, position_ids=positions, **kw)
+            for t in range(steps.shape[1]):
+                step_mask = torch.cat([step_mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+                if t == steps.shape[1] - 1:
+                    step_mask[1, 30] = 0  # hides a real token of row 1: no longer just the pads
+                position = positions[:, -1:] + t + 1
+                out.append(llama32(steps[:, t : t + 1], attention_mask=step_mask, position_ids=position, **kw).logits)
+        assert [row.quantized_length for row in cache.layers[0].rows] == [32, 32]
+        logits.append(torch.cat(out, 1))
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-4)
+    # the kernel: row 1 at steps 0-14, row 0 once it has a history (steps 12-14), both layers; step 15 fell back
+    assert kernel_rows == [1] * (N_LAYERS * (15 + 3))
