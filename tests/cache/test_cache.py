@@ -162,8 +162,9 @@ def test_mixed_per_layer_specs(tiny_qwen2):
 
 
 def test_pre_rope_positions_follow_left_padding_and_stay_put(tiny_llama):
-    """Where transformers passes position_ids to the cache (5.18+), a left-padded row's keys are un-rotated at
-    their true positions; the offset is learned once, so later position_ids cannot move stored keys."""
+    """Where transformers passes position_ids to the cache (5.18+), a left-padded row is stored apart from its pads,
+    its keys un-rotated at its own positions (from 0, as alone), and positions that start elsewhere are learned as
+    an offset; either is learned once, so later position_ids cannot move stored keys."""
     import transformers
     from packaging.version import Version
 
@@ -175,7 +176,11 @@ def test_pre_rope_positions_follow_left_padding_and_stay_put(tiny_llama):
     cache = MixedPrecisionCache(uniform("KV4+prerope"), tiny_llama.config)
     gen(tiny_llama, cache, {"input_ids": batch, "attention_mask": mask})
     layer = cache.layers[0]
-    assert layer.position_offset.tolist() == [0, -8]
-    before = layer.dequantized_history()[0].clone()
-    layer.update(torch.zeros(2, 2, 1, 16), torch.zeros(2, 2, 1, 16), kwargs={"position_ids": torch.tensor([[500], [900]])})
-    assert torch.equal(layer.dequantized_history()[0][..., : before.shape[-2], :], before)
+    assert layer.pads.tolist() == [0, 8] and [row.position_offset.tolist() for row in layer.rows] == [[0], [0]]
+    row = layer.rows[1]
+    before = row.dequantized_history()[0].clone()
+    row.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16), kwargs={"position_ids": torch.tensor([[900]])})
+    assert torch.equal(row.dequantized_history()[0][..., : before.shape[-2], :], before)
+    shifted = MixedPrecisionCache(uniform("KV4+prerope"), tiny_llama.config).layers[0]
+    shifted.update(torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16), kwargs={"position_ids": torch.arange(100, 109)[None]})
+    assert shifted.rows is None and shifted.position_offset.tolist() == [100, 100]

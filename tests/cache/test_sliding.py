@@ -186,13 +186,25 @@ def test_quantized_sliding_layers_generate_in_every_mode(tiny_gemma3):
 
 
 def test_quantized_left_padded_batch_matches_rows_alone(tiny_mistral):
-    long, short = prompt(1, 32, 1), prompt(1, 24, 2)
-    batch = torch.cat([long, torch.cat([torch.zeros(1, 8, dtype=torch.long), short], 1)])
-    mask = torch.cat([torch.ones(1, 32), torch.cat([torch.zeros(1, 8), torch.ones(1, 24)], 1)]).long()
-    cfg = KVConfig.uniform("KV8", 4, group_size=4, residual_length=4)
-    out = generate(tiny_mistral, MixedPrecisionCache(cfg, tiny_mistral.config), {"input_ids": batch, "attention_mask": mask})
-    alone = generate(tiny_mistral, MixedPrecisionCache(cfg, tiny_mistral.config), {"input_ids": long})
-    assert torch.equal(out.sequences[0], alone.sequences[0])
+    """Sliding layers are ragged too: a padded row keeps its own window, drops its own groups and decodes as alone."""
+    long, short = prompt(1, 32, 1), prompt(1, 23, 2)  # 9 pads: the short row's groups of 4 start off the long one's
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 9, dtype=torch.long), short], 1)])
+    mask = torch.cat([torch.ones(1, 32), torch.cat([torch.zeros(1, 9), torch.ones(1, 23)], 1)]).long()
+    cfg = KVConfig.uniform("K4V2", 4, group_size=4, residual_length=4)
+    cache = MixedPrecisionCache(cfg, tiny_mistral.config)
+    out = generate(tiny_mistral, cache, {"input_ids": batch, "attention_mask": mask})
+    for i, row in enumerate((long, short)):
+        own = MixedPrecisionCache(cfg, tiny_mistral.config)
+        alone = generate(tiny_mistral, own, {"input_ids": row})
+        assert torch.equal(out.sequences[i, 32:], alone.sequences[0, row.shape[1]:])
+        for got, want in zip(out.scores, alone.scores, strict=True):
+            torch.testing.assert_close(got[i], want[0], rtol=0, atol=1e-4)
+        for layer, reference in zip(cache.layers, own.layers):
+            assert isinstance(layer, MixedPrecisionSlidingLayer)
+            stored, expected = layer.rows[i], reference
+            assert stored.first_token == expected.first_token > 0 and stored.get_seq_length() == expected.get_seq_length()
+            for a, b in zip(stored.history.stored_tensors(), expected.history.stored_tensors(), strict=True):
+                torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-5)
 
 
 def test_nbytes_fp16_is_what_dynamic_cache_stores(tiny_gemma3):

@@ -125,6 +125,27 @@ def test_a_quantized_generation_is_greedy_under_quantized_scoring(tiny):
     assert plain._model_generate(context, max_length=80, stop=[], do_sample=False)[0, 40:].tolist() != generated
 
 
+def test_a_left_padded_batch_generates_what_each_prompt_does_alone(tiny, monkeypatch):
+    """lm-eval left-pads a batch (--batch_size above 1): the harness hands the cache the attention mask, so each row
+    decodes as with batch size 1, even where transformers passes the cache no position_ids (before 5.18)."""
+    import kvtuner.cache.layer as layer_module
+
+    model, tokenizer = tiny
+    lm = KVTunerLM(pretrained=model, tokenizer=tokenizer, kv="K2V2", **TINY)
+    monkeypatch.setattr(layer_module, "position_ids_from", lambda args, kwargs: None)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 128, (1, n), generator=g) for n in (23, 40, 31)]
+    width = 40
+    context = torch.cat([torch.nn.functional.pad(p, (width - p.shape[1], 0)) for p in prompts])
+    mask = torch.cat([torch.nn.functional.pad(torch.ones_like(p), (width - p.shape[1], 0)) for p in prompts])
+    out = lm._model_generate(context, max_length=width + 30, stop=[], do_sample=False, attention_mask=mask,
+                             min_new_tokens=30)
+    for i, prompt in enumerate(prompts):
+        n = prompt.shape[1]
+        alone = lm._model_generate(prompt, max_length=n + 30, stop=[], do_sample=False, min_new_tokens=30)
+        assert out[i, width:].tolist() == alone[0, n:].tolist()
+
+
 def test_the_local_task_is_lm_evals_gsm8k_but_for_the_dataset():
     ours = load_yaml(TASKS_DIR / "gsm8k_local.yaml", resolve_func=False)
     theirs = load_yaml(Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml", resolve_func=False)

@@ -13,9 +13,16 @@ leaves the history that token attends to in ``pending_history``, taken before th
 step is exactly the reference's. The registered function finds the layer by ``module.layer_idx``,
 takes that history and runs the kernel.
 
+Left-padded batches: a ragged layer (one batch-1 layer per padded row, see :mod:`kvtuner.cache.layer`)
+leaves each row's pre-flush history and residual in ``pending_rows``, and the kernel runs once per row on
+that row's tokens alone, which hold no pads, so no mask is needed: "per-row start offsets" realized as
+per-row calls (B launches a layer instead of one; a single launch with per-row offsets is future work).
+The step's mask must hide exactly each row's pads, else the step takes the path below.
+
 The kernel computes plain softmax attention of one query over every cached token. Everything else goes
 to the model's own attention function (the one it had before the context, with its own mask function),
-on full-precision K/V: prefill, unquantized layers, padded batches (a mask that hides something), and
+on full-precision K/V: prefill, unquantized layers, a mask that hides something else (a padded batch the
+cache was not told about, :meth:`~kvtuner.cache.MixedPrecisionCache.set_padding`), and
 any call with an argument the kernel does not implement (a logit softcap, attention sinks, a sliding
 window, dropout: :func:`attention_extras`), so no argument is ever dropped silently. Layers the kernel
 never reads, said in one warning when the context is entered: methods it cannot read
@@ -42,6 +49,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from kvtuner.cache.compat import Cache
 from kvtuner.cache.layer import MixedPrecisionLayer
 from kvtuner.kernels import Backend, decode_attention
+from kvtuner.method import StoredKV
 
 __all__ = ["attention_extras", "packed_attention_forward", "use_packed_attention"]
 
@@ -62,6 +70,16 @@ def _hides_nothing(mask: torch.Tensor | None) -> bool:
     if mask is None:
         return True
     return bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
+
+
+def _hides_only_pads(mask: torch.Tensor | None, pads: torch.Tensor) -> bool:
+    """Whether a one-token step's mask (4-d, bool: True = visible; float: 0 = visible) hides exactly the first
+    ``pads[i]`` cache slots of each row i."""
+    if mask is None or mask.dim() != 4:
+        return False
+    visible = (mask if mask.dtype == torch.bool else mask == 0)[:, 0, -1, :]
+    expected = torch.arange(visible.shape[-1], device=visible.device)[None] >= pads.to(visible.device)[:, None]
+    return visible.shape == expected.shape and torch.equal(visible, expected)
 
 
 def model_attention(module: torch.nn.Module, implementation: str) -> Callable:
@@ -88,34 +106,62 @@ def packed_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """An ``AttentionInterface`` function; ``cache``, ``fallback`` (the model's own implementation) and ``backend``
     are bound by :func:`use_packed_attention`."""
-    own = model_attention(module, fallback)
+    own = partial(model_attention(module, fallback), module, dropout=dropout, scaling=scaling, **kwargs)
     layer = cache.layers[module.layer_idx]
+    if isinstance(layer, MixedPrecisionLayer) and layer.pending_rows is not None:
+        return _rows_attention(layer, query, attention_mask, own, dropout, scaling, backend, kwargs)
     if not isinstance(layer, MixedPrecisionLayer) or layer.pending_history is None:
-        return own(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return own(query, key, value, attention_mask)
     history = layer.pending_history
     layer.pending_history = None
+    if not _kernel_reads(dropout, kwargs) or not _hides_nothing(attention_mask):
+        key, value = layer.with_history(history, key, value)
+        return own(query, key, value, attention_mask)
+    out = _decode(layer, query[:, :, 0], history, key, value, scaling, backend)
+    return out.unsqueeze(1), None  # [B, 1, H_q, D], as the attention functions return it
+
+
+def _kernel_reads(dropout: float, kwargs: dict) -> bool:
+    """Whether the kernel computes what this call asks; a warning names what it does not implement."""
     unsupported = attention_extras(dropout, kwargs)
     if unsupported:
         warnings.warn(f"the packed decode kernel does not implement {', '.join(unsupported)}; "
-                      "those steps run the model's own attention on the dequantized history", stacklevel=2)
-    if unsupported or not _hides_nothing(attention_mask):  # e.g. a padded batch: full K/V on the model's path
-        if history is not None:
-            start = layer.first_token
-            hist_k, hist_v = layer.method.dequantize(history, start, layer.positions(start, start + history.num_tokens),
-                                                     key.dtype)
-            key, value = torch.cat([hist_k, key], dim=-2), torch.cat([hist_v, value], dim=-2)
-        return own(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+                      "those steps run the model's own attention on the dequantized history", stacklevel=3)
+    return not unsupported
+
+
+def _decode(layer: MixedPrecisionLayer, query: torch.Tensor, history: StoredKV, keys: torch.Tensor,
+            values: torch.Tensor, scaling: float | None, backend: Backend) -> torch.Tensor:
+    """The kernel: ``query`` ``[B, H_q, D]`` over ``history`` (packed) then ``keys`` / ``values``; ``[B, H_q, D]``."""
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    qkeys, qvalues = (history.keys.codes, history.values.codes) if history is not None else (None, None)
     sink = 0
-    if history is not None and history.sink_keys is not None:  # sink slots of the codes are skipped,
-        sink = history.sink_keys.shape[-2]                      # the tokens attended in full precision
-        key = torch.cat([history.sink_keys.to(key.dtype), key], dim=-2)
-        value = torch.cat([history.sink_values.to(value.dtype), value], dim=-2)
+    if history.sink_keys is not None:  # sink slots of the codes are skipped, the tokens attended in full precision
+        sink = history.sink_keys.shape[-2]
+        keys = torch.cat([history.sink_keys.to(keys.dtype), keys], dim=-2)
+        values = torch.cat([history.sink_values.to(values.dtype), values], dim=-2)
     method = layer.method
-    out = decode_attention(query[:, :, 0], qkeys, qvalues, key, value, scale, method.key_spec, method.value_spec,
-                           backend, history_start=sink)
-    return out.unsqueeze(1), None  # [B, 1, H_q, D], as the attention functions return it
+    return decode_attention(query, history.keys.codes, history.values.codes, keys, values, scale, method.key_spec,
+                            method.value_spec, backend, history_start=sink)
+
+
+def _rows_attention(layer: MixedPrecisionLayer, query: torch.Tensor, attention_mask: torch.Tensor | None,
+                    own: Callable, dropout: float, scaling: float | None, backend: Backend,
+                    kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A ragged layer's one-token step: each row attends to its own tokens, the kernel reading its packed history
+    (the model's attention, unmasked, for a row with no history yet: its residual is all it has)."""
+    rows = layer.pending_rows
+    layer.pending_rows = None
+    if not _kernel_reads(dropout, kwargs) or not _hides_only_pads(attention_mask, layer.pads):
+        full = [row.with_history(*pending) for row, pending in zip(layer.rows, rows)]
+        key, value = layer.right_aligned(full, layer.get_seq_length())
+        return own(query, key, value, attention_mask)
+    out = []
+    for i, (row, (history, keys, values)) in enumerate(zip(layer.rows, rows)):
+        if history is None:
+            out.append(own(query[i : i + 1], keys, values, None)[0])
+        else:
+            out.append(_decode(row, query[i : i + 1, :, 0], history, keys, values, scaling, backend).unsqueeze(1))
+    return torch.cat(out), None
 
 
 @contextmanager
@@ -151,7 +197,7 @@ def use_packed_attention(model, cache: Cache, backend: Backend = "auto") -> Iter
     finally:
         for layer in layers:
             layer.packed_decode = False
-            layer.pending_history = None
+            layer.pending_history = layer.pending_rows = None
         model.set_attn_implementation(previous)
         AttentionInterface._global_mapping.pop(name, None)
         AttentionMaskInterface._global_mapping.pop(name, None)

@@ -5,7 +5,7 @@ Supported: transformers 5.17 (the GPU image) to the newest 5.x. Drift handled he
 dicts later; ``crop`` takes an absolute length (legacy, positive) or tokens to remove (negative);
 ``generate``/``forward`` take the cache as ``past_key_values`` (5.17) or ``cache`` (newer);
 ``cache.update`` gets no position information in 5.17 and the attention's kwargs (with
-``position_ids``) later.
+``position_ids``, from which :func:`left_padding` reads a left-padded batch) later.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ __all__ = [
     "cache_kwargs",
     "dynamic_layer_for",
     "layer_types",
+    "left_padding",
     "position_ids_from",
     "rope_inv_freq",
     "tokens_to_keep",
@@ -84,6 +85,25 @@ def position_ids_from(args: tuple, kwargs: dict) -> torch.Tensor | None:
         if isinstance(ids, torch.Tensor):
             return ids
     return None
+
+
+def left_padding(position_ids: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """Pads ``[B]`` in front of each row, read from the ``position_ids`` of a first forward pass, or None.
+
+    ``generate`` numbers a left-padded row's real tokens from 0 and gives its pads position 0
+    (``attention_mask.cumsum(-1) - 1``, pads filled with 0), so a row with ``p`` pads reads ``0 * p, 0, 1, ...``
+    and ``p`` is its length minus one minus its last position. Rows that do not all follow that pattern
+    (offsets, right padding, packed sequences) give None: the batch is then stored as unpadded. A row of one
+    real token after right padding reads like left padding (all zeros); transformers itself generates only
+    from left-padded batches."""
+    if position_ids.dim() != 2 or position_ids.shape[0] != batch:
+        return None
+    length = position_ids.shape[-1]
+    pads = length - 1 - position_ids[:, -1]
+    expected = (torch.arange(length, device=position_ids.device)[None] - pads[:, None]).clamp(min=0)
+    if bool((pads < 0).any()) or not torch.equal(position_ids, expected):
+        return None
+    return pads
 
 
 _INV_FREQ: dict[tuple[str, str, str], torch.Tensor] = {}

@@ -17,11 +17,24 @@ decode-faithful for any chunking aligned to ``window``).
 
 Positions: methods with pre-RoPE keys rotate by each token's position. Where transformers
 passes ``position_ids`` to the cache (5.18 and later) a per-row offset is learned from the
-first update (left-padded rows start later) and kept; otherwise a token's position is its index
-in the cache. Either way a stored key is rotated back by the angle it was un-rotated with, so the
-round trip is exact; true positions only make it more useful. Sink tokens are the first cache
-slots of a row: in a left-padded row those are pads (padding-aware sinks belong with padded batches
-on the decode path).
+first update and kept; otherwise a token's position is its index in the cache. Either way a
+stored key is rotated back by the angle it was un-rotated with, so the round trip is exact; true
+positions only make it more useful.
+
+Left-padded batches (``generate`` on prompts of different lengths): a row alone groups its tokens from
+its own first token, while in a batch the rows' newest tokens share a cache index, so no rectangular
+layout can store every row as it would be stored alone; and pads inside a key group would enter its
+per-channel statistics. So when the first update is padded, the layer becomes *ragged*: it keeps one
+batch-1 layer per row (``rows``) that receives only that row's real tokens, flushes at its own times and
+stores exactly the bytes the row alone would (its sink tokens are its first real ones, its pre-RoPE
+positions its own). The pads are learned from ``position_ids`` (5.18 and later: ``generate`` numbers a
+row's real tokens from 0 and gives its pads 0, :func:`~kvtuner.cache.compat.left_padding`) or declared
+by :meth:`MixedPrecisionLayer.set_padding` (any version; ``MixedPrecisionCache.set_padding``). ``update``
+still returns ``[B, H_kv, T, D]`` by cache index, each row's pads as zeros in front (the model's mask
+hides them); lengths, mask sizes and batch operations are the batch's; pads cost no bytes. Without
+either source (5.17 and no ``set_padding``) a padded batch is stored rectangular, pads included, as
+before: it decodes, but its rows are not quantized as they would be alone. Unpadded batches always take
+the rectangular path.
 
 Flushes quantize with :func:`kvtuner.kernels.quantize` (Triton on CUDA under ``backend="auto"``,
 bit-exact with the torch reference). With ``packed_decode`` set (by
@@ -39,9 +52,11 @@ new ones, and the new ones.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from kvtuner.cache.compat import CacheLayerMixin, position_ids_from, tokens_to_keep
+from kvtuner.cache.compat import CacheLayerMixin, left_padding, position_ids_from, tokens_to_keep
 from kvtuner.kernels import Backend
 from kvtuner.method import KVMethod, StoredKV
 from kvtuner.quant import QuantizedTensor, reserve_tokens
@@ -72,6 +87,10 @@ class MixedPrecisionLayer(CacheLayerMixin):
         self.position_offset: torch.Tensor | None = None  # [B]: position of token t is t + offset
         self._memo: tuple[torch.Tensor, torch.Tensor] | None = None
         self.cumulative_length = 0
+        self.declared_padding: torch.Tensor | None = None  # attention mask [B, T] of the first update (set_padding)
+        self.pads: torch.Tensor | None = None  # [B]: pads in front of each row, once a padded first update was seen
+        self.rows: list[MixedPrecisionLayer] | None = None  # a ragged layer's batch-1 layer per row
+        self.pending_rows: list[tuple[StoredKV | None, torch.Tensor, torch.Tensor]] | None = None
 
     def __repr__(self) -> str:
         return f"MixedPrecisionLayer({self.spec.label}, g={self.spec.group_size}, r={self.spec.residual_length})"
@@ -88,6 +107,13 @@ class MixedPrecisionLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         position_ids = position_ids_from(args, kwargs)
+        if self.cumulative_length == 0 and self.rows is None:
+            pads = self._first_update_pads(key_states, position_ids)
+            if pads is not None:
+                self.pads = pads
+                self.rows = [self._new_row() for _ in range(key_states.shape[0])]
+        if self.rows is not None:
+            return self._update_rows(key_states, value_states, position_ids)
         if position_ids is not None and self.spec.pre_rope and self.cumulative_length == 0:
             # learned once: stored keys must be rotated back by the angle they were stored with.
             # The last token of each row is never padding.
@@ -121,6 +147,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = None
         self.history = None
+        self.declared_padding = self.pads = self.rows = self.pending_rows = None
         self._buffers = None
         self._buffer_start = 0
         self.first_token = 0
@@ -133,6 +160,12 @@ class MixedPrecisionLayer(CacheLayerMixin):
         if not self.is_initialized:
             return
         keep = tokens_to_keep(self.cumulative_length, tokens_to_remove)
+        if self.rows is not None:  # every row loses the same newest tokens; a row cropped into its pads keeps none
+            for row in self.rows:
+                row.crop(-min(self.cumulative_length - keep, row.cumulative_length))
+            self.pads = self.pads.clamp(max=keep)
+            self.cumulative_length = keep
+            return
         stored_end = self.first_token + self.quantized_length  # cache index of the residual's first token
         if keep >= stored_end:
             self.keys = self.keys[..., : keep - stored_end, :].clone()
@@ -160,6 +193,112 @@ class MixedPrecisionLayer(CacheLayerMixin):
 
     def prefetch(self) -> None:
         pass
+
+    # --- padded batches -----------------------------------------------------------------------
+    def set_padding(self, attention_mask: torch.Tensor) -> None:
+        """Declare the left padding of the next first update: ``attention_mask`` ``[B, T]`` (0 at pads), as
+        ``generate`` receives it. Needed where transformers passes the cache no ``position_ids`` (before 5.18);
+        a batch expanded for beams or several return sequences (``repeat_interleave``) is matched row for row."""
+        if self.cumulative_length:
+            raise ValueError("set_padding describes the first forward pass: call it on a new (or reset) cache")
+        if attention_mask.dim() != 2:
+            raise ValueError(f"set_padding takes a [batch, tokens] attention mask, not shape {tuple(attention_mask.shape)}")
+        real = attention_mask != 0
+        pads = (~real).sum(-1)
+        if not torch.equal(real, torch.arange(real.shape[-1], device=real.device)[None] >= pads[:, None]):
+            raise ValueError("set_padding takes left padding (each row's pads before its tokens); "
+                             "decoder-only generation continues from the right end of every row")
+        if bool((pads == real.shape[-1]).any()):
+            raise ValueError("set_padding: a row of the attention mask has no token")
+        self.declared_padding = attention_mask
+
+    def _first_update_pads(self, key_states: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """Pads ``[B]`` in front of each row of the first update, None for an unpadded batch (or one padded with
+        nothing to tell: transformers before 5.18 without ``set_padding``)."""
+        batch, length = key_states.shape[0], key_states.shape[-2]
+        if self.declared_padding is not None:
+            mask = self.declared_padding.to(key_states.device)
+            if batch % mask.shape[0] == 0:  # generate expands the batch for beams with repeat_interleave
+                mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)
+            if mask.shape != (batch, length):
+                raise ValueError(f"the attention mask given to set_padding is {tuple(self.declared_padding.shape)}, "
+                                 f"but the first forward pass has {batch} rows of {length} tokens")
+            pads = (mask == 0).sum(-1)
+        elif position_ids is not None:
+            pads = left_padding(position_ids.to(key_states.device), batch)
+        else:
+            return None
+        return pads if pads is not None and bool(pads.any()) else None
+
+    def _new_row(self) -> MixedPrecisionLayer:
+        return MixedPrecisionLayer(self.method, self.keep_dequantized, self.backend)
+
+    def _returned_length(self, new_tokens: int) -> int:
+        """Cache slots ``update`` returns for ``new_tokens`` more tokens (what the model's mask spans)."""
+        return self.cumulative_length + new_tokens
+
+    def _update_rows(self, key_states: torch.Tensor, value_states: torch.Tensor,
+                     position_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A ragged layer's update: each row's layer gets that row's real tokens (the pads of the first update
+        dropped, its position_ids with them); the rows' K/V come back right-aligned by cache index."""
+        first = self.cumulative_length == 0
+        new = key_states.shape[-2]
+        length = self._returned_length(new)
+        self.cumulative_length += new
+        if first and position_ids is not None and position_ids.dim() == 2:  # a row learns its positions from them
+            position_ids = position_ids.expand(key_states.shape[0], -1)
+        else:
+            position_ids = None
+        outs = []
+        for i, row in enumerate(self.rows):
+            skip = int(self.pads[i]) if first else 0
+            kwargs = {} if position_ids is None else {"position_ids": position_ids[i : i + 1, skip:]}
+            row.packed_decode = self.packed_decode
+            outs.append(row.update(key_states[i : i + 1, :, skip:], value_states[i : i + 1, :, skip:], kwargs=kwargs))
+        if self.packed_decode and new == 1:  # the packed attention reads each row itself (kvtuner.cache.attention)
+            self.pending_rows = []
+            for row, (keys, values) in zip(self.rows, outs):
+                self.pending_rows.append((row.pending_history, keys, values))
+                row.pending_history = None
+            return key_states, value_states
+        return self.right_aligned(outs, length)
+
+    def right_aligned(self, rows: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row K/V ``[1, H, n_i, D]`` as one ``[B, H, length, D]`` by cache index: zeros where a row has pads
+        (hidden by the model's mask), each row's last ``length`` tokens at most."""
+        keys, values = rows[0][0], rows[0][1]
+        out_k = keys.new_zeros((len(rows), keys.shape[1], length, keys.shape[-1]))
+        out_v = values.new_zeros((len(rows), values.shape[1], length, values.shape[-1]))
+        for i, (k, v) in enumerate(rows):
+            n = min(k.shape[-2], length)
+            out_k[i, :, length - n :] = k[0, :, k.shape[-2] - n :]
+            out_v[i, :, length - n :] = v[0, :, v.shape[-2] - n :]
+        return out_k, out_v
+
+    def with_history(self, history: StoredKV | None, keys: torch.Tensor,
+                     values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``history`` (this layer's, e.g. a packed step's ``pending_history``) read back, then ``keys`` / ``values``."""
+        if history is None:
+            return keys, values
+        start = self.first_token
+        hist_k, hist_v = self.method.dequantize(history, start, self.positions(start, start + history.num_tokens),
+                                                keys.dtype)
+        return torch.cat([hist_k, keys], dim=-2), torch.cat([hist_v, values], dim=-2)
+
+    def _copy(self) -> MixedPrecisionLayer:
+        """An independent copy: no tensor, code buffer included, is shared (a flush writes into its buffers)."""
+        twin = copy.copy(self)
+        twin._map_batch(torch.clone)
+        return twin
+
+    def _map_rows(self, order: list[int]) -> None:
+        """Rows in ``order`` (beams reordered, repeated, selected): a row taken twice is copied."""
+        taken: set[int] = set()
+        rows = []
+        for i in order:
+            rows.append(self.rows[i]._copy() if i in taken else self.rows[i])
+            taken.add(i)
+        self.rows = rows
 
     # --- storage ------------------------------------------------------------------------------
     @property
@@ -221,6 +360,8 @@ class MixedPrecisionLayer(CacheLayerMixin):
     def reserved_nbytes(self) -> int:
         """Bytes of the stored history with its code buffers at full capacity, used or not: compare with
         ``history.nbytes()`` (``nbytes`` adds the residual and level tables to that)."""
+        if self.rows is not None:
+            return sum(row.reserved_nbytes() for row in self.rows)
         if self._buffers is None:
             return self.history.nbytes() if self.history is not None else 0
         unused = [t.numel() * t.element_size() for q in self._buffers for t in q.stored_tensors()]
@@ -231,6 +372,9 @@ class MixedPrecisionLayer(CacheLayerMixin):
     def _map_batch(self, fn) -> None:
         if not self.is_initialized:
             return
+        if self.rows is not None:
+            self._map_rows(fn(torch.arange(len(self.rows), device=self.pads.device)).tolist())
+            self.pads = fn(self.pads)
         self.keys, self.values = fn(self.keys), fn(self.values)
         self.position_offset = fn(self.position_offset)
         if self.history is not None:
@@ -245,10 +389,16 @@ class MixedPrecisionLayer(CacheLayerMixin):
         level tables and the full-precision residual (never the memo)."""
         if not self.is_initialized:
             return 0
+        return self._stored_nbytes() + self.method.table_bytes()
+
+    def _stored_nbytes(self) -> int:
+        """``nbytes`` without the level tables, which a ragged layer's rows share."""
+        if self.rows is not None:
+            return sum(row._stored_nbytes() for row in self.rows)
         stored = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
         if self.history is not None:
             stored += self.history.nbytes()
-        return stored + self.method.table_bytes()
+        return stored
 
 
 class MixedPrecisionSlidingLayer(MixedPrecisionLayer):
@@ -276,6 +426,16 @@ class MixedPrecisionSlidingLayer(MixedPrecisionLayer):
 
     def activate_past_recording(self, **kwargs) -> None:
         self.record_past = True
+        for row in self.rows or ():
+            row.activate_past_recording()
+
+    def _new_row(self) -> MixedPrecisionSlidingLayer:
+        row = MixedPrecisionSlidingLayer(self.method, self.sliding_window, self.keep_dequantized, self.backend)
+        row.record_past = self.record_past
+        return row
+
+    def _returned_length(self, new_tokens: int) -> int:
+        return min(self.cumulative_length, self.sliding_window - 1) + new_tokens
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         visible = min(self.cumulative_length, self.sliding_window - 1) + key_states.shape[-2]

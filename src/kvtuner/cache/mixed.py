@@ -3,6 +3,7 @@
 Use it as any cache::
 
     cache = MixedPrecisionCache(KVConfig.uniform("K4V2", 30), model.config)
+    cache.set_padding(inputs.attention_mask)  # a left-padded batch on transformers < 5.18 (later ones tell the cache)
     model.generate(**inputs, past_key_values=cache)
     cache.nbytes(), cache.nbytes_fp16()
 
@@ -15,6 +16,7 @@ of any other type (chunked, linear attention, ...) is refused with a clear error
 
 from __future__ import annotations
 
+import torch
 from transformers import PretrainedConfig
 
 from kvtuner.cache.compat import Cache, DynamicLayer, dynamic_layer_for, layer_types, rope_inv_freq
@@ -109,8 +111,21 @@ class MixedPrecisionCache(Cache):
                 layers.append(MixedPrecisionLayer(method, keep_dequantized=keep_dequantized, backend=backend))
         super().__init__(layers=layers)
 
+    def set_padding(self, attention_mask: torch.Tensor) -> None:
+        """Declare the left padding of the prompt about to be prefilled (``attention_mask`` ``[B, T]``, 0 at pads,
+        as given to ``generate``), so that each padded row is stored as that row alone would be (see
+        :mod:`kvtuner.cache.layer`). transformers 5.18 and later tell the cache through ``position_ids``; before
+        that, without this call, a padded batch is stored with its pads. 16-bit layers store pads as they are,
+        as transformers' own layers do (nothing is quantized there)."""
+        if any(layer.get_seq_length() for layer in self.layers):
+            raise ValueError("set_padding describes the first forward pass: call it on a new (or reset) cache")
+        for layer in self.layers:
+            if isinstance(layer, MixedPrecisionLayer):
+                layer.set_padding(attention_mask)
+
     def nbytes(self) -> int:
-        """Bytes actually stored: packed codes, scales, zeros and full-precision residuals."""
+        """Bytes actually stored: packed codes, scales, zeros and full-precision residuals (a padded row's pads
+        are not stored)."""
         total = 0
         for layer in self.layers:
             if isinstance(layer, MixedPrecisionLayer):

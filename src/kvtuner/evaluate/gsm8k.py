@@ -75,7 +75,8 @@ def evaluate_gsm8k(
     batch_size: int = 4,
     progress: bool = True,
 ) -> GSM8KResult:
-    """Greedy few-shot accuracy on ``examples`` with a fresh ``MixedPrecisionCache`` per batch."""
+    """Greedy few-shot accuracy on ``examples`` with a fresh ``MixedPrecisionCache`` per batch (left-padded: each
+    row is stored and decoded as alone, so the batch size changes no answer beyond float noise)."""
     tokenizer.padding_side = "left"
     predictions: list[str | None] = []
     correct = 0
@@ -85,6 +86,7 @@ def evaluate_gsm8k(
         prompts = [few_shot_prompt(shots, ex["question"]) for ex in batch]
         enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
         cache = MixedPrecisionCache(config, model.config)
+        cache.set_padding(enc.attention_mask)  # each left-padded row stored as alone, whatever the transformers version
         out = model.generate(
             **enc,
             **cache_kwargs(model, cache),

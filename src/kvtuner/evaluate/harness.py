@@ -9,7 +9,10 @@ published ones (``kvtuner gsm8k`` is a small harness of our own). Importing this
 
 * generation (``generate_until`` tasks such as GSM8K): the prompt is prefilled through a fresh
   :class:`~kvtuner.cache.MixedPrecisionCache` and every answer token decoded from it inside
-  :func:`~kvtuner.cache.attention.use_packed_attention`, as ``kvtuner generate`` does;
+  :func:`~kvtuner.cache.attention.use_packed_attention`, as ``kvtuner generate`` does. With
+  ``--batch_size`` above 1 lm-eval left-pads each batch; the cache is given the batch's attention mask
+  (:meth:`~kvtuner.cache.MixedPrecisionCache.set_padding`), so each row is stored and decoded as with
+  batch size 1, on every supported transformers version;
 * log-likelihood (multiple choice, perplexity): HFLM scores a continuation with one forward pass
   over context and continuation, which never reads a cache, so a KV config would change nothing.
   Here the context is prefilled through the cache and the continuation fed as decoded tokens, in
@@ -98,6 +101,8 @@ class KVTunerLM(HFLM):
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         cache = self.new_cache()
+        if generation_kwargs.get("attention_mask") is not None:  # a left-padded batch: rows stored as alone
+            cache.set_padding(generation_kwargs["attention_mask"])
         with use_packed_attention(self.model, cache):
             return super()._model_generate(context, max_length, stop, **generation_kwargs,
                                            **cache_kwargs(self.model, cache))
