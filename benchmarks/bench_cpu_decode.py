@@ -8,7 +8,10 @@ prompt and the new tokens: no concatenation, attention over the whole reserved l
 caches decode through ``use_packed_attention``: ``auto`` is the C++ kernel (:mod:`kvtuner.kernels.native`),
 ``-torch`` rows force the tiled torch path (:mod:`kvtuner.kernels.streaming`, the default before it).
 Each case runs in its own process, so ``peak_rss_mib`` is that case's own high-water mark (prefill
-included); ``kv_mib`` is the cache's stored bytes at the end.
+included, where the model's activations dominate); ``decode_peak_rss_mib`` is the high-water mark of the
+decode steps alone (Linux: freed memory handed back with ``malloc_trim`` and the mark reset through
+``/proc/self/clear_refs`` after the prefill), where the cache is what differs; ``kv_mib`` is the cache's
+stored bytes at the end.
 
     PYTHONPATH=src python benchmarks/bench_cpu_decode.py --prompts 2048 8000 --threads 1 2 --out runs/cpu_decode
 """
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import gc
 import json
 import resource
 import subprocess
@@ -57,6 +62,7 @@ def run_case(case: str, prompt_tokens: int, new_tokens: int, threads: int) -> di
         t0 = time.perf_counter()
         token = model(prompt, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1:].argmax(-1)  # as generate does
         t1 = time.perf_counter()
+        reset_peak_rss()
         for _ in range(new_tokens):
             token = model(token, use_cache=True, **kwargs).logits[:, -1:].argmax(-1)
         t2 = time.perf_counter()
@@ -66,7 +72,20 @@ def run_case(case: str, prompt_tokens: int, new_tokens: int, threads: int) -> di
         kv_bytes = cache.nbytes()
     return {"case": case, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "threads": threads,
             "prefill_s": t1 - t0, "decode_tok_s": new_tokens / (t2 - t1),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "kv_mib": kv_bytes / 2**20}
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "decode_peak_rss_mib": status_mib("VmHWM"), "kv_mib": kv_bytes / 2**20}
+
+
+def reset_peak_rss() -> None:
+    """Return freed heap memory to the OS and restart the process's peak-RSS mark (``VmHWM``) from now."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def status_mib(field: str) -> float:
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+    return int(line.split()[1]) / 1024
 
 
 def main() -> None:
@@ -97,7 +116,8 @@ def main() -> None:
                 rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
                 r = rows[-1]
                 print(f"threads {threads} prompt {prompt:5d} {case:12} decode {r['decode_tok_s']:6.2f} tok/s  "
-                      f"prefill {r['prefill_s']:6.1f} s  peak RSS {r['peak_rss_mib']:7.0f} MiB  KV {r['kv_mib']:6.1f} MiB",
+                      f"prefill {r['prefill_s']:6.1f} s  peak RSS {r['peak_rss_mib']:7.0f} MiB  decode peak "
+                      f"{r['decode_peak_rss_mib']:7.0f} MiB  KV {r['kv_mib']:6.1f} MiB",
                       flush=True)
                 (args.out / "cpu_decode.json").write_text(json.dumps(rows, indent=1))
 

@@ -199,18 +199,37 @@ inline void decode_codes(const Side& s, int64_t t, int64_t d, float* out) {
   }
 }
 
-// ``count`` scale (or zero) entries from entry ``start`` as floats.
-inline void read_floats(at::ScalarType type, const void* base, int64_t start, int64_t count, float* out) {
+// ``count`` scale (or zero) entries from entry ``start`` as floats, into ``out[i * stride]``.
+inline void read_floats(at::ScalarType type, const void* base, int64_t start, int64_t count, float* out,
+                        int64_t stride = 1) {
   if (type == at::kHalf) {
     const c10::Half* p = static_cast<const c10::Half*>(base) + start;
-    for (int64_t i = 0; i < count; ++i) out[i] = static_cast<float>(p[i]);
+    for (int64_t i = 0; i < count; ++i) out[i * stride] = static_cast<float>(p[i]);
   } else if (type == at::kBFloat16) {
     const c10::BFloat16* p = static_cast<const c10::BFloat16*>(base) + start;
-    for (int64_t i = 0; i < count; ++i) out[i] = static_cast<float>(p[i]);
+    for (int64_t i = 0; i < count; ++i) out[i * stride] = static_cast<float>(p[i]);
   } else {
     const float* p = static_cast<const float*>(base) + start;
-    for (int64_t i = 0; i < count; ++i) out[i] = p[i];
+    for (int64_t i = 0; i < count; ++i) out[i * stride] = p[i];
   }
+}
+
+// max of ``n`` floats, sixteen lanes at a time (std::max's NaN rule keeps gcc from vectorizing a plain loop)
+inline float max_of(const float* x, int64_t n) {
+  float best = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  if (n >= 16) {
+    f32x16 m;
+    std::memcpy(&m, x, sizeof(m));
+    for (i = 16; i + 16 <= n; i += 16) {
+      f32x16 v;
+      std::memcpy(&v, x + i, sizeof(v));
+      m = m > v ? m : v;
+    }
+    for (int k = 0; k < 16; ++k) best = std::max(best, m[k]);
+  }
+  for (; i < n; ++i) best = std::max(best, x[i]);
+  return best;
 }
 
 // Online-softmax state of one split: per query head of the GQA group, running max (log2 units),
@@ -220,6 +239,23 @@ struct Partial {
   float* sum;  // [r]
   float* out;  // [r, d]
 };
+
+// Lane t of the result: the sum of p[t]'s lanes. Sixteen dot products finished together in four rounds of
+// two-source shuffles and adds (45 operations) instead of a lane_sum each (112, and a dependency chain).
+inline f32x16 lane_sums16(const f32x16* p) {
+  f32x16 a[8], b[4], c[2];
+  for (int t = 0; t < 8; ++t)  // lanes 0-7: p[t] folded to 8, lanes 8-15: p[t + 8]
+    a[t] = __builtin_shufflevector(p[t], p[t + 8], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(p[t], p[t + 8], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int t = 0; t < 4; ++t)  // fours: p[t], p[t + 4], p[t + 8], p[t + 12]
+    b[t] = __builtin_shufflevector(a[t], a[t + 4], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[t], a[t + 4], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int t = 0; t < 2; ++t)  // pairs: p[t], p[t + 2], p[t + 4], ..., p[t + 14]
+    c[t] = __builtin_shufflevector(b[t], b[t + 2], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(b[t], b[t + 2], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  return __builtin_shufflevector(c[0], c[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
 
 // Value rows decoded at a time: with register accumulators, a query head reads them back from L1.
 constexpr int64_t kValueRows = 32;
@@ -235,7 +271,7 @@ void attend_history(const float* q, int64_t r, int64_t d_runtime, const Side& ke
   std::vector<float> codes(d_pad), folded(r * d), bias(r), scores(r * kTile), key_scale(d), key_zero(d);
   const int64_t v_groups = d / values.group;
   std::vector<float> zero_acc(r * v_groups, 0.0f), v_scale(kValueRows * v_groups), v_zero(kValueRows * v_groups);
-  std::vector<float> value_rows(D ? kValueRows * D : 0);
+  std::vector<float> value_rows(D ? kValueRows * D : 0), key_rows(D ? 16 * D : 0);
   const int64_t k_cols = keys.scale_cols;
   std::vector<float> q_group_sum, k_scale_row(k_cols), k_zero_row(k_cols);
   if (!keys.per_channel) {  // sum of q over each channel group, for the zeros of per-token keys
@@ -249,8 +285,8 @@ void attend_history(const float* q, int64_t r, int64_t d_runtime, const Side& ke
   std::fill(part.out, part.out + r * d, 0.0f);
   int64_t folded_group = -1;
 
-  for (int64_t t0 = begin; t0 < end; t0 += kTile) {
-    const int64_t n = std::min(kTile, end - t0);
+  for (int64_t t0 = begin; t0 < end; t0 = (t0 / kTile + 1) * kTile) {  // tiles after the first start at multiples
+    const int64_t n = std::min((t0 / kTile + 1) * kTile, end) - t0;      // of kTile: key blocks of 16 stay aligned
     // scores of the tile
     for (int64_t t = t0; t < t0 + n; ++t) {
       if (keys.per_channel && t / keys.group != folded_group) {  // fold the group's scales into the query
@@ -264,6 +300,28 @@ void attend_history(const float* q, int64_t r, int64_t d_runtime, const Side& ke
             b += keys.zero ? q[i * d + c] * key_zero[c] : 0.0f;
           }
           bias[i] = b;
+        }
+      }
+      if constexpr (D > 0) {  // sixteen tokens of one key group at a time: one lane_sums16 a head
+        if (keys.per_channel && t % 16 == 0 && t + 16 <= t0 + n) {
+          for (int64_t u = 0; u < 16; ++u) decode_codes(keys, t + u, D, key_rows.data() + u * D);
+          for (int64_t i = 0; i < r; ++i) {
+            f32x16 fq[D / 16], products[16];
+            std::memcpy(fq, folded.data() + i * D, sizeof(fq));
+            for (int u = 0; u < 16; ++u) {
+              f32x16 x;
+              std::memcpy(&x, key_rows.data() + u * D, sizeof(x));
+              products[u] = fq[0] * x;
+              for (int k = 1; k < D / 16; ++k) {
+                std::memcpy(&x, key_rows.data() + u * D + 16 * k, sizeof(x));
+                products[u] += fq[k] * x;
+              }
+            }
+            const f32x16 block = lane_sums16(products) + bias[i];
+            std::memcpy(scores.data() + i * kTile + (t - t0), &block, sizeof(block));
+          }
+          t += 15;
+          continue;
         }
       }
       decode_codes(keys, t, d, codes.data());
@@ -287,9 +345,7 @@ void attend_history(const float* q, int64_t r, int64_t d_runtime, const Side& ke
     // online softmax: new maxima, rescale what was accumulated, weights of the tile
     for (int64_t i = 0; i < r; ++i) {
       float* s = scores.data() + i * kTile;
-      float tile_max = s[0];
-      for (int64_t t = 1; t < n; ++t) tile_max = std::max(tile_max, s[t]);
-      const float new_max = std::max(part.max[i], tile_max);
+      const float new_max = std::max(part.max[i], max_of(s, n));
       const float alpha = std::exp2(part.max[i] - new_max);  // 0 on the first tile (max was -inf)
       part.max[i] = new_max;
       float sum = 0.0f;
@@ -311,8 +367,8 @@ void attend_history(const float* q, int64_t r, int64_t d_runtime, const Side& ke
         for (int64_t t = 0; t < m; ++t) {
           decode_codes(values, b0 + t, d, value_rows.data() + t * D);
           read_floats(values.scale_type, values.scale, (b0 + t) * v_groups, v_groups, v_scale.data() + t * v_groups);
-          if (values.zero)
-            read_floats(values.scale_type, values.zero, (b0 + t) * v_groups, v_groups, v_zero.data() + t * v_groups);
+          if (values.zero)  // column-major, for a dot product over the block's tokens a group
+            read_floats(values.scale_type, values.zero, (b0 + t) * v_groups, v_groups, v_zero.data() + t, kValueRows);
         }
         for (int64_t i = 0; i < r; ++i) {
           const float* w = scores.data() + i * kTile + (b0 - t0);
@@ -329,8 +385,7 @@ void attend_history(const float* q, int64_t r, int64_t d_runtime, const Side& ke
           }
           std::memcpy(part.out + i * D, acc, sizeof(acc));
           if (values.zero) {
-            for (int64_t t = 0; t < m; ++t)
-              for (int64_t j = 0; j < v_groups; ++j) zero_acc[i * v_groups + j] += w[t] * v_zero[t * v_groups + j];
+            for (int64_t j = 0; j < v_groups; ++j) zero_acc[i * v_groups + j] += dot(w, v_zero.data() + j * kValueRows, m);
           }
         }
       }
