@@ -143,3 +143,20 @@ def test_nan_in_the_residual_reaches_the_output():
     args = case(LAYOUTS["K4V2"], 64, 2, b=1, h=1, ratio=1)
     args["values"][0, 0, 1, 3] = float("nan")
     assert torch.isnan(decode_attention_native(**args)[0, 0, 3])
+
+
+def test_a_kernel_that_cannot_build_leaves_auto_on_the_torch_path(monkeypatch):
+    """No compiler: ``auto`` warns once and streams in torch; a forced ``native`` says why it cannot run."""
+    import kvtuner.kernels.native as native
+
+    monkeypatch.setattr(native, "_build_error", lambda: "RuntimeError: g++: not found")
+    native._warn_once.cache_clear()
+    args = case(LAYOUTS["K4V2"], 256, 3)
+    specs = dict(key_spec=args["qkeys"].spec, value_spec=args["qvalues"].spec)
+    with pytest.warns(UserWarning, match="g\\+\\+: not found.*torch path"):
+        got = decode_attention(**args, **specs)
+    ref = decode_attention_reference(**args)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="could not be built: RuntimeError: g\\+\\+: not found"):
+        decode_attention(**args, **specs, backend="native")
+    native._warn_once.cache_clear()

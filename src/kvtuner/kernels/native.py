@@ -15,6 +15,8 @@ cannot be built (no compiler), :func:`native_available` says why once and the to
 from __future__ import annotations
 
 import functools
+import hashlib
+import platform
 import warnings
 from pathlib import Path
 
@@ -28,16 +30,28 @@ SOURCE = Path(__file__).parent / "csrc" / "decode_cpu.cpp"
 __all__ = ["decode_attention_native", "native_available", "native_supported"]
 
 
+def _extension_name() -> str:
+    """One build per CPU feature set: ``-march=native`` code from one machine may not run on another that
+    shares the build folder (a network home directory)."""
+    flags = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
+    return f"kvtuner_decode_cpu_{hashlib.sha1((platform.machine() + flags).encode()).hexdigest()[:10]}"
+
+
 @functools.cache
 def _build_error() -> str | None:
     """Build (or load the cached build of) the extension; the reason it failed, or None."""
     from torch.utils import cpp_extension
 
     try:
-        cpp_extension.load(name="kvtuner_decode_cpu", sources=[str(SOURCE)], is_python_module=False,
+        cpp_extension.load(name=_extension_name(), sources=[str(SOURCE)], is_python_module=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as error:  # a missing compiler or ninja shows as several exception types
-        return f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
+        lines = str(error).strip().splitlines() or [""]
+        cause = [line for line in lines if "error:" in line or "not found" in line or "No such file" in line]
+        return f"{type(error).__name__}: {(cause or lines)[0][:300]}"
     return None
 
 
