@@ -168,8 +168,8 @@ def _rows_attention(layer: MixedPrecisionLayer, query: torch.Tensor, attention_m
 def use_packed_attention(model, cache: Cache, backend: Backend = "auto") -> Iterator[None]:
     """Run ``model``'s one-token steps on ``cache``'s packed storage inside the ``with`` block.
 
-    backend: ``"auto"`` (Gluon or Triton kernels on CUDA, the streaming torch path elsewhere), ``"gluon"``,
-    ``"triton"`` or ``"torch"``; see :mod:`kvtuner.kernels`. A cache with no layer the packed path reads (fp16
+    backend: ``"auto"`` (Gluon or Triton kernels on CUDA, the C++ kernel on CPU, the streaming torch path where
+    neither reads the layout), ``"gluon"``, ``"triton"``, ``"native"`` or ``"torch"``; see :mod:`kvtuner.kernels`. A cache with no layer the packed path reads (fp16
     only, sliding windows, or only options it does not read) leaves the model's attention implementation as it is.
     """
     name = f"kvtuner_packed_{id(cache):x}"

@@ -1,4 +1,5 @@
-"""Triton kernels for the packed KV cache, each beside a torch reference, behind one backend switch.
+"""Kernels for the packed KV cache (Triton and Gluon on GPUs, C++ on CPUs), each beside a torch reference,
+behind one backend switch.
 
 Decoding reads every cached key and value once per generated token, so it is memory-bandwidth
 bound: a low-bit cache speeds it up only when attention reads the packed bytes directly, never
@@ -12,12 +13,13 @@ a dequantized copy. Two kernels serve :class:`~kvtuner.cache.layer.MixedPrecisio
 where it reads the layout, triton is the version it is written for and the history is long enough for it
 to be the faster (``gluon_preferred``), else Triton's when triton is
 installed and the specs are supported (KIVI layout: asymmetric integer codes, keys per channel, values
-per token, uniform or indexing one non-uniform level table a side), and torch otherwise; ``"gluon"``,
-``"triton"`` or ``"torch"`` forces one, and forcing a kernel on a layout it does not read raises
-(``"gluon"`` means Triton's quantizer: there is no Gluon one). The torch decode path streams the packed history tile by tile (:mod:`.streaming`); the
-float64-capable :mod:`.reference` is what tests hold both to. Forcing Triton on CPU tensors works
-under ``TRITON_INTERPRET=1`` (how CI tests the kernels). The torch path is the CPU default; triton is
-imported only when used.
+per token, uniform or indexing one non-uniform level table a side), and torch otherwise; on CPU tensors
+it runs the C++ decode kernel (:mod:`.native`, built on first use) where it reads the layout and builds.
+``"gluon"``, ``"triton"``, ``"native"`` or ``"torch"`` forces one, and forcing a kernel on a layout it does
+not read raises (``"gluon"`` means Triton's quantizer: there is no Gluon one; quantizing on CPU is always
+torch's). The torch decode path streams the packed history tile by tile (:mod:`.streaming`); the
+float64-capable :mod:`.reference` is what tests hold them all to. Forcing Triton on CPU tensors works
+under ``TRITON_INTERPRET=1`` (how CI tests the kernels); triton is imported only when used.
 """
 
 from __future__ import annotations
