@@ -77,14 +77,19 @@ def run_case(case: str, prompt_tokens: int, new_tokens: int, threads: int) -> di
 
 
 def reset_peak_rss() -> None:
-    """Return freed heap memory to the OS and restart the process's peak-RSS mark (``VmHWM``) from now."""
+    """Return freed heap memory to the OS and restart the process's peak-RSS mark (``VmHWM``) from now (Linux with
+    glibc; elsewhere ``decode_peak_rss_mib`` is the whole run's peak)."""
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def status_mib(field: str) -> float:
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    line = next(line for line in status.read_text().splitlines() if line.startswith(field))
     return int(line.split()[1]) / 1024
 
 

@@ -16,6 +16,7 @@ from kvtuner import KVConfig, MixedPrecisionCache
 from kvtuner.cache import MixedPrecisionLayer, cache_kwargs
 from kvtuner.cache.attention import use_packed_attention
 from kvtuner.config import parse_label
+from kvtuner.kernels.native import native_available
 from kvtuner.method import KVMethod
 
 LENGTHS = (37, 50, 64)  # 27, 14 and 0 pads: each row's groups of 32 start at a different cache index
@@ -131,11 +132,16 @@ def test_layer_stores_each_padded_row_bit_for_bit_as_alone(kv):
     assert batch.get_seq_length() == width + steps and batch.get_mask_sizes(1) == (width + steps + 1, 0)
 
 
-@pytest.mark.parametrize("backend,new_tokens,tolerance", [("torch", NEW_TOKENS, 1e-4), ("triton", 8, 5e-3)])
+@pytest.mark.parametrize("backend,new_tokens,tolerance", [
+    ("torch", NEW_TOKENS, 1e-4),
+    pytest.param("native", NEW_TOKENS, 1e-4, marks=pytest.mark.skipif(
+        not native_available(warn=False), reason="the C++ CPU decode kernel does not build here (g++ and ninja)")),
+    ("triton", 8, 5e-3)])
 def test_packed_attention_reads_each_padded_row(llama32, backend, new_tokens, tolerance, one_thread, monkeypatch):
     """Inside use_packed_attention a ragged layer's steps run the kernel once per row (no fallback, no warning,
     no dequantized history): the same tokens, logits equal to the torch path's up to the kernel's rounding (its
-    Triton dot operands are fp16; Triton runs in its interpreter on CPU, so fewer steps)."""
+    Triton dot operands are fp16; Triton runs in its interpreter on CPU, so fewer steps; ``native`` is the C++
+    kernel, what ``auto`` runs on CPU)."""
     import warnings
 
     import kvtuner.cache.attention as attention

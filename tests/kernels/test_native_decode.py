@@ -65,11 +65,19 @@ def test_codebooks():
     check(case(LAYOUTS["K4V2"], 256, 5, levels=levels))
 
 
-@pytest.mark.parametrize("start", [1, 33, 600, 1088])
-def test_history_start_inside_and_beyond_splits(start, monkeypatch):
-    """Sink slots skipped inside a key group, across a split boundary, and the whole history (residual only)."""
-    torch.set_num_threads(2)  # several splits a (sequence, head) pair
-    check(case(LAYOUTS["K4V2"], 1088, 4, b=1, h=1, seed=start), history_start=start)
+@pytest.fixture
+def two_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("start", [1, 33, 600, 2112])
+def test_history_start_and_splits(start, two_threads):
+    """Sink slots skipped inside a key group and inside a tile, with the history split four ways over two threads
+    (1, 33: splits of at least 512 tokens) or two ways (600), and the whole history skipped (residual only)."""
+    check(case(LAYOUTS["K4V2"], 2112, 4, b=1, h=1, seed=start), history_start=start)
 
 
 def test_no_residual_and_one_token_history_group():
@@ -113,7 +121,7 @@ def test_dispatch():
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(k_bits=st.sampled_from([2, 3, 4, 8]), v_bits=st.sampled_from([2, 3, 4, 8]),
-       k_group=st.sampled_from([16, 32, 64]), v_group=st.sampled_from([16, 32, 64]),
+       k_group=st.sampled_from([8, 16, 24, 32, 48, 64]), v_group=st.sampled_from([8, 16, 32, 64]),
        groups=st.integers(1, 12), residual=st.integers(0, 33), ratio=st.integers(1, 4), heads=st.integers(1, 3),
        scale_exp=st.integers(-12, 6), narrow=st.booleans(), seed=st.integers(0, 2**16))
 def test_hypothesis_against_reference(k_bits, v_bits, k_group, v_group, groups, residual, ratio, heads, scale_exp,
@@ -136,6 +144,18 @@ def test_hypothesis_against_reference(k_bits, v_bits, k_group, v_group, groups, 
     # an output is a weighted mean of values: float32 rounding scales with the largest value, not the mean
     largest = torch.cat([args["qvalues"].dequantize(), args["values"]], dim=-2).abs().max()
     assert (got.double() - ref).abs().max() <= 3e-5 * largest
+
+
+def test_inconsistent_shapes_are_refused_not_read():
+    """The op is public: a batch, head or head-dim mismatch is an error, never a read past a buffer."""
+    args = case(LAYOUTS["K4V2"], 64, 2, b=1, h=1, ratio=1)
+    with pytest.raises(RuntimeError, match="batch"):
+        decode_attention_native(**{**args, "query": torch.randn(4, 1, 64)})
+    with pytest.raises(RuntimeError, match="full-precision keys"):
+        decode_attention_native(**{**args, "keys": torch.randn(1, 1, 2, 32), "values": torch.randn(1, 1, 2, 32)})
+    narrow = quantize(torch.randn(1, 1, 64, 32), QuantSpec(2, 32, "token"))
+    with pytest.raises(RuntimeError, match="fewer than head_dim codes|value groups|scales"):
+        decode_attention_native(**{**args, "qvalues": narrow})
 
 
 def test_nan_in_the_residual_reaches_the_output():

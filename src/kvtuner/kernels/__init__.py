@@ -160,10 +160,10 @@ def decode_attention(
         from kvtuner.kernels.decode import decode_attention_triton
 
         return decode_attention_triton(query, qkeys, qvalues, keys, values, scale, history_start)
-    if backend == "native" or (backend == "auto" and query.device.type == "cpu" and qkeys is not None):
+    if qkeys is not None and (backend == "native" or (backend == "auto" and query.device.type == "cpu")):
         from kvtuner.kernels.native import decode_attention_native, native_available, native_supported
 
-        readable = qkeys is not None and native_supported(qkeys, qvalues, query.shape[-1])
+        readable = native_supported(qkeys, qvalues, query.shape[-1])
         if backend == "native" and (query.device.type != "cpu" or not readable):
             raise ValueError("the C++ decode kernel reads CPU tensors with a packed history of scaled integer or fp8 "
                              "codes, keys per channel or per token and values per token; use backend='torch'")

@@ -121,7 +121,7 @@ inline uint32_t load_word(const uint8_t* p) {
 template <int BITS>
 inline u32x16 codes16(const uint8_t* row, int64_t k, int64_t low_words) {  // codes 16k .. 16k + 15 of a row
   const u32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  if constexpr (BITS == 8) {  // (a byte vector's convertvector compiles to sixteen scalar extracts)
+  if constexpr (BITS == 8) {  // bytes of little-endian words (a byte vector's convertvector: 16 scalar extracts)
     const uint8_t* p = row + 16 * k;
     const uint32_t w0 = load_word(p), w1 = load_word(p + 4), w2 = load_word(p + 8), w3 = load_word(p + 12);
     const u32x16 words = {w0, w0, w0, w0, w1, w1, w1, w1, w2, w2, w2, w2, w3, w3, w3, w3};
@@ -303,7 +303,7 @@ void attend_history(const float* q, int64_t r, int64_t d_runtime, const Side& ke
         }
       }
       if constexpr (D > 0) {  // sixteen tokens of one key group at a time: one lane_sums16 a head
-        if (keys.per_channel && t % 16 == 0 && t + 16 <= t0 + n) {
+        if (keys.per_channel && t % 16 == 0 && t + 16 <= t0 + n && (t + 15) / keys.group == folded_group) {
           for (int64_t u = 0; u < 16; ++u) decode_codes(keys, t + u, D, key_rows.data() + u * D);
           for (int64_t i = 0; i < r; ++i) {
             f32x16 fq[D / 16], products[16];
@@ -495,14 +495,29 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key_codes
   check_side(value_codes, value_scale, value_zero, value_levels, value_bits, "value");
   const int64_t batch = query.size(0), heads_q = query.size(1), d = query.size(2);
   const int64_t heads_kv = key_codes.size(1), tokens = key_codes.size(2);
+  TORCH_CHECK(key_group > 0 && value_group > 0, "group sizes must be positive");
   TORCH_CHECK(heads_q % heads_kv == 0, "query heads ", heads_q, " are not a multiple of KV heads ", heads_kv);
-  TORCH_CHECK(value_codes.size(2) == tokens && value_codes.size(1) == heads_kv, "keys and values hold different tokens");
-  TORCH_CHECK(d % value_group == 0 && value_scale.size(3) == d / value_group, "value groups must tile head_dim");
-  TORCH_CHECK(key_per_channel ? key_scale.size(3) == d : (d % key_group == 0 && key_scale.size(3) == d / key_group),
-              "key scales do not match head_dim and the key group");
+  auto check_shapes = [&](const at::Tensor& codes, const at::Tensor& scale, int64_t bits, int64_t scale_rows,
+                          int64_t scale_cols, const char* what) {
+    TORCH_CHECK(codes.size(0) == batch && codes.size(1) == heads_kv && codes.size(2) == tokens, what,
+                " codes must be [B, H_kv, T, W] with the query's batch and the keys' heads and tokens");
+    // bytes a row of d codes takes: int32 words packed as kvtuner.quant.pack does, or one byte a code
+    const int64_t row_bytes = codes.scalar_type() == at::kByte ? d
+                              : 4 * (bits == 3 ? (d + 15) / 16 + (d + 31) / 32 : (d * bits + 31) / 32);
+    TORCH_CHECK(codes.scalar_type() == at::kInt || bits == 8, what, " uint8 codes hold 8 bits");
+    TORCH_CHECK(codes.size(3) * codes.element_size() >= row_bytes, what, " code rows hold fewer than head_dim codes");
+    TORCH_CHECK(scale.size(0) == batch && scale.size(1) == heads_kv && scale.size(2) >= scale_rows &&
+                scale.size(3) == scale_cols, what, " scales do not match the codes, head_dim and group");
+  };
+  TORCH_CHECK(key_per_channel || d % key_group == 0, "key groups must tile head_dim");
+  TORCH_CHECK(d % value_group == 0, "value groups must tile head_dim");
+  check_shapes(key_codes, key_scale, key_bits, key_per_channel ? (tokens + key_group - 1) / key_group : tokens,
+               key_per_channel ? d : d / key_group, "key");
+  check_shapes(value_codes, value_scale, value_bits, tokens, d / value_group, "value");
   TORCH_CHECK(keys.dim() == 4 && keys.scalar_type() == at::kFloat && keys.is_contiguous() &&
-              values.sizes() == keys.sizes() && values.scalar_type() == at::kFloat && values.is_contiguous(),
-              "full-precision keys and values must be contiguous float32 [B, H_kv, T_r, D]");
+              values.sizes() == keys.sizes() && values.scalar_type() == at::kFloat && values.is_contiguous() &&
+              keys.size(0) == batch && keys.size(1) == heads_kv && keys.size(3) == d,
+              "full-precision keys and values must be contiguous float32 [B, H_kv, T_r, D] like the query's");
   TORCH_CHECK(0 <= history_start && history_start <= tokens, "history_start out of range");
   const int64_t residual = keys.size(2);
   const int64_t r = heads_q / heads_kv;
