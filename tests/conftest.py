@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -29,13 +30,28 @@ def _seeded(model_cls, config):
     return model_cls(config).eval()
 
 
+@contextmanager
+def torch_threads(n: int):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny tensors: with two threads on two shared cores, thread hand-offs cost more than the math."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture
+def two_threads():
+    """Code that splits its work over threads (the C++ decode kernel) needs two to split at all."""
+    with torch_threads(2):
+        yield
 
 
 @pytest.fixture(scope="session")

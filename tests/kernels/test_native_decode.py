@@ -65,14 +65,6 @@ def test_codebooks():
     check(case(LAYOUTS["K4V2"], 256, 5, levels=levels))
 
 
-@pytest.fixture
-def two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("start", [1, 33, 600, 2112])
 def test_history_start_and_splits(start, two_threads):
     """Sink slots skipped inside a key group and inside a tile, with the history split four ways over two threads

@@ -87,23 +87,14 @@ inline float lane_sum(f32x16 v) {
 // sum_i a_i b_i over ``n`` floats (N of them when known at compile time)
 template <int N = 0>
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  if constexpr (N > 0) {
-    f32x16 acc = {};
-    for (int i = 0; i < N; i += 16) {
-      f32x16 x, y;
-      std::memcpy(&x, a + i, sizeof(x));
-      std::memcpy(&y, b + i, sizeof(y));
-      acc += x * y;
-    }
-    return lane_sum(acc);
-  }
-  if (n % 16) {
+  const int64_t len = N > 0 ? N : n;  // a compile-time N unrolls the loop
+  if (len % 16) {
     float acc = 0.0f;
-    for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+    for (int64_t i = 0; i < len; ++i) acc += a[i] * b[i];
     return acc;
   }
   f32x16 acc = {};
-  for (int64_t i = 0; i < n; i += 16) {
+  for (int64_t i = 0; i < len; i += 16) {
     f32x16 x, y;
     std::memcpy(&x, a + i, sizeof(x));
     std::memcpy(&y, b + i, sizeof(y));
