@@ -31,6 +31,7 @@ import optuna
 import torch
 import transformers
 from scipy.stats import pearsonr, spearmanr
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from kvtuner.cache import MixedPrecisionLayer, MixedPrecisionSlidingLayer, fingerprint
@@ -408,15 +409,18 @@ def _pick(budget: float, points: list[Point], uniform: list[Point], additive: Po
 
 
 def _validate(model: PreTrainedModel, validation_ids: torch.Tensor, front: list[Point], uniform: list[Point],
-              picks: list[BudgetPick], reference_check: bool, calibration: Calibration | None) -> None:
+              picks: list[BudgetPick], reference_check: bool, calibration: Calibration | None,
+              progress: bool = False) -> None:
     """Held-out KL of the front, the baselines and the picks; the chunked ``Evaluator`` re-checks picks."""
     held = BlockwiseEvaluator(model, validation_ids, calibration=calibration)
     chosen = [x for pick in picks for x in (pick.best, pick.additive) if x is not None]
-    for p in {id(p): p for p in [*front, *uniform, *chosen]}.values():
+    for p in tqdm(list({id(p): p for p in [*front, *uniform, *chosen]}.values()), desc="held-out KL", unit="config",
+                  disable=not progress):
         p.heldout = held.kl(p.config)
     if reference_check:
         reference = Evaluator(model, validation_ids, calibration=calibration)
-        for p in {id(p): p for pick in picks for p in (pick.best, pick.uniform) if p is not None}.values():
+        checked = {id(p): p for pick in picks for p in (pick.best, pick.uniform) if p is not None}.values()
+        for p in tqdm(list(checked), desc="held-out KL, chunked Evaluator", unit="config", disable=not progress):
             p.heldout_reference = reference.evaluate(p.config).kl
 
 
@@ -537,7 +541,7 @@ def run_search(
     picks = [_pick(b, points, uniform, additive_points[b], settings, fp16_total) for b in settings.budgets]
     t = time.perf_counter()
     if validation_ids is not None:
-        _validate(model, validation_ids, front, uniform, picks, settings.reference_check, calibration)
+        _validate(model, validation_ids, front, uniform, picks, settings.reference_check, calibration, progress)
     timings["validation"] = time.perf_counter() - t
 
     provenance = {
