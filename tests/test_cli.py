@@ -105,3 +105,17 @@ def test_longctx_bad_lengths_and_depths_are_one_line(wikitext):
     assert result.exit_code == 2 and result.stderr.startswith("error: --lengths and --depths take comma-separated")
     result = run("longctx", "--filler", wikitext, "--kv", "K4V4", "--depths", "0,150")
     assert result.exit_code == 2 and result.stderr.strip() == "error: --depths are percentages from 0 to 100"
+
+
+def test_longctx_writes_its_table_after_every_prompt(tiny_model_dir, wikitext, tmp_path):
+    """The tiny model (one token per character): --out holds the finished table, as --json prints it."""
+    out = tmp_path / "passkey.json"
+    result = run("longctx", "--model", tiny_model_dir, "--filler", wikitext, "--kv", "K2V2", "--group-size", 16,
+                 "--lengths", "400,500", "--depths", "0,100", "--trials", 2, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    saved, printed = json.loads(out.read_text()), json.loads(result.stdout)
+    assert (saved["done"], saved["total"]) == (8, 8) and saved["results"] == printed
+    assert [r["config"] for r in printed] == ["fp16 (DynamicCache)", "K2V2"]
+    assert printed[1]["prompts"] == [[2, 2], [2, 2]] and len(printed[1]["answers"]) == 8
+    assert all(s <= m for row_s, row_m in zip(printed[1]["same_answer_where_reference_misses"],
+                                              printed[1]["reference_misses"]) for s, m in zip(row_s, row_m))
