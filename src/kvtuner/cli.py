@@ -208,11 +208,12 @@ def longctx(
     as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="write the results as JSON here after every prompt (and "
                                                 "the --figure after every length), so a long run leaves a partial table")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the partial run saved in --out (same flags)")] = False,
 ) -> None:
     """Passkey retrieval: a key hidden at each depth of long prompts, against the full-precision cache on the same prompts.
 
     Each prompt is prefilled once for all configs (the same answers as a prefill through each config's cache)."""
-    from kvtuner.evaluate.longctx import evaluate_retrieval, parse_length, retrieval_figure
+    from kvtuner.evaluate.longctx import RetrievalResult, evaluate_retrieval, parse_length, retrieval_figure
 
     try:
         length_list = [parse_length(x) for x in lengths.split(",")]
@@ -224,9 +225,16 @@ def longctx(
     try:
         configs = resolve_configs(model, kv, config, method, group_size, residual_length, calibration=calibration,
                                   layers=layers)
+        if resume and out is None:
+            raise fail("--resume continues the run saved in --out; give --out")
+        saved = {}
+        if resume and out.is_file():
+            saved = json.loads(out.read_text())
+            if (saved.get("trials"), saved.get("seed")) != (trials, seed):
+                raise fail(f"{out} was saved with --trials {saved.get('trials')} --seed {saved.get('seed')}")
         text = read_text(filler)
         lm, tokenizer = load(model)
-        started = time.perf_counter()
+        started = time.perf_counter() - saved.get("seconds", 0)
 
         def save(results, done: int, total: int) -> None:
             if out is not None:
@@ -239,7 +247,8 @@ def longctx(
                 retrieval_figure(results, figure)
 
         results = evaluate_retrieval(lm, tokenizer, [None, *configs], text, length_list, depth_list, trials, seed,
-                                     progress=not as_json, on_prompt=save)
+                                     progress=not as_json, on_prompt=save,
+                                     resume=[RetrievalResult.from_json(r) for r in saved.get("results", [])])
     except USER_ERRORS as e:
         raise fail(str(e)) from None
     if figure is not None:

@@ -122,7 +122,15 @@ class RetrievalResult:
         if reference is not None:
             same, misses = self.agreement(reference)
             out["reference_misses"], out["same_answer_where_reference_misses"] = misses, same
-        return out | {"keys": self.keys, "answers": self.answers}
+        return out | {"keys": self.keys, "answers": self.answers, "cells": self.cells}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "RetrievalResult":
+        """A result as :meth:`to_json` wrote it (its prompts' keys, answers and cells; counts follow from them)."""
+        result = cls(data["config"], data["lengths"], data["depths"])
+        for cell, key, text in zip(data["cells"], data["keys"], data["answers"]):
+            result.add(tuple(cell), key, text)
+        return result
 
 
 def answer_number(text: str) -> str:
@@ -271,20 +279,26 @@ def evaluate_retrieval(
     progress: bool = True,
     shared_prefill: bool = True,
     on_prompt: Callable[[list[RetrievalResult], int, int], None] | None = None,
+    resume: Sequence[RetrievalResult] = (),
 ) -> list[RetrievalResult]:
     """Passkey accuracy of every config (None: full precision) on the same evaluation-split prompts: ``trials`` per
-    (length, depth), shortest length first.
+    (length, depth).
 
-    A key counts as retrieved when its digits appear in the answer. shared_prefill: prefill each prompt once for
-    all configs (:func:`prefill`; the same answers as prefilling it through each config's cache, which
-    ``shared_prefill=False`` does). on_prompt(results, done, total): called after each prompt, e.g. to save a
-    partial table."""
+    A key counts as retrieved when its digits appear in the answer. Order: shortest length first, and within a
+    length trial by trial over the depths, so that a partial result covers every depth of the lengths it reached.
+    shared_prefill: prefill each prompt once for all configs (:func:`prefill`; the same answers as prefilling it
+    through each config's cache, which ``shared_prefill=False`` does). on_prompt(results, done, total): called after
+    each prompt, e.g. to save a partial table. resume: a partial result of the same run (same configs, grid, trials
+    and seed), whose prompts are not answered again."""
     results = [RetrievalResult("fp16 (DynamicCache)" if c is None else c.name or "config", list(lengths), list(depths))
                for c in configs]
     prompts = passkey_prompts(tokenizer, filler, lengths, depths, trials, seed)
-    bar = tqdm(total=len(prompts) * len(configs), desc="passkey", unit="answer", disable=not progress)
-    for n, prompt in enumerate(prompts):
-        cell = divmod(n // trials, len(depths))
+    order = [((i, j), prompts[(i * len(depths) + j) * trials + trial])
+             for i in range(len(lengths)) for trial in range(trials) for j in range(len(depths))]
+    done = _resumed(results, resume, order)
+    bar = tqdm(total=len(prompts) * len(configs), initial=done * len(configs), desc="passkey", unit="answer",
+               disable=not progress)
+    for n, (cell, prompt) in enumerate(order[done:], start=done):
         bar.set_postfix(tokens=prompt.length, depth=f"{prompt.depth:.0%}", refresh=False)
         prefilled = prefill(model, prompt) if shared_prefill else None
         for result, config in zip(results, configs):
@@ -295,6 +309,25 @@ def evaluate_retrieval(
             on_prompt(results, n + 1, len(prompts))
     bar.close()
     return results
+
+
+def _resumed(results: list[RetrievalResult], resume: Sequence[RetrievalResult],
+             order: list[tuple[tuple[int, int], PasskeyPrompt]]) -> int:
+    """Copy ``resume``'s answers into ``results`` after checking they answer the first prompts of ``order``; how many."""
+    if not resume:
+        return 0
+    ours = [(r.config, r.lengths, r.depths) for r in results]
+    theirs = [(r.config, r.lengths, r.depths) for r in resume]
+    if ours != theirs:
+        raise DataError(f"the saved run has other configs, lengths or depths: {theirs} (this run: {ours})")
+    done = len(resume[0].answers)
+    expected = [(cell, prompt.key) for cell, prompt in order[:done]]
+    if done > len(order) or any(list(zip(r.cells, r.keys)) != expected for r in resume):
+        raise DataError("the saved run answered other prompts (another seed, trial count or filler)")
+    for result, old in zip(results, resume):
+        for cell, key, text in zip(old.cells, old.keys, old.answers):
+            result.add(cell, key, text)
+    return done
 
 
 def retrieval_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[PasskeyPrompt],
