@@ -259,7 +259,7 @@ def longctx(
     for r in results:
         same, misses = r.agreement(results[0])
         table = Table(title=f"passkey accuracy: {r.config} ({trials} prompts a cell)",
-                      caption=None if r is results[0] else "(a/b): the same number as fp16 on a of the b prompts it misses")
+                      caption=None if r is results[0] else "(a/b): the same answer as fp16 on a of the b prompts whose key it misses")
         table.add_column("tokens")
         for d in r.depths:
             table.add_column(f"{d:.0%}", justify="right")

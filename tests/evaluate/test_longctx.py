@@ -172,11 +172,11 @@ def test_a_cache_built_from_the_recorded_prefill_is_the_directly_prefilled_one(d
 
 def test_results_count_partial_cells_and_compare_answers_where_the_reference_misses():
     reference, config = (RetrievalResult(name, [2048, 4096], [0.0, 1.0]) for name in ("fp16", "K2V2"))
-    for cell, key, ref_text, text in [((0, 0), "12344", " 12344.", " 12344"),    # both find it
-                                      ((0, 1), "22222", " 1 2 3", " 1 9"),       # fp16 misses; same first number
-                                      ((0, 1), "22222", " 2222.", " 2229."),     # fp16 misses; another number
-                                      ((0, 1), "22222", " the key", " is"),      # fp16 misses; neither a number
-                                      ((1, 0), "44444", " 44444", " 4444")]:     # K2V2 loses it
+    for cell, key, ref_text, text in [((0, 0), "12344", " 12344.", " 12344"),           # both find it
+                                      ((0, 1), "22222", " a fine piece", " a fine piece"),  # fp16 misses; same
+                                      ((0, 1), "22222", " 2222.", " 2229."),            # fp16 misses; not the same
+                                      ((0, 1), "22222", " the key", " the key"),        # fp16 misses; same
+                                      ((1, 0), "44444", " 44444", " 4444")]:            # K2V2 loses it
         reference.add(cell, key, ref_text)
         config.add(cell, key, text)
     assert config.hits == [[1, 0], [0, 0]] and config.counts == [[1, 3], [1, 0]]

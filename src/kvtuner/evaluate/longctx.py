@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,13 +105,15 @@ class RetrievalResult:
 
     def agreement(self, reference: "RetrievalResult") -> tuple[list[list[int]], list[list[int]]]:
         """On the prompts whose key ``reference`` (the full-precision cache) misses: per cell, how many of them this
-        config answers with the same number as the reference (:func:`answer_number`), and how many there are."""
+        config answers with exactly the reference's text (all ``ANSWER_TOKENS`` tokens: an answer stops early only
+        once it holds the key), and how many there are. A 135M model that misses a key mostly answers with prose
+        ("a very fine piece of furniture"), not a wrong number, so the whole text is what is compared."""
         same = [[0] * len(self.depths) for _ in self.lengths]
         misses = [[0] * len(self.depths) for _ in self.lengths]
         for (i, j), key, ours, theirs in zip(self.cells, self.keys, self.answers, reference.answers):
             if key not in theirs:
                 misses[i][j] += 1
-                same[i][j] += answer_number(ours) == answer_number(theirs)
+                same[i][j] += ours == theirs
         return same, misses
 
     def to_json(self, reference: "RetrievalResult | None" = None) -> dict:
@@ -131,12 +132,6 @@ class RetrievalResult:
         for cell, key, text in zip(data["cells"], data["keys"], data["answers"]):
             result.add(tuple(cell), key, text)
         return result
-
-
-def answer_number(text: str) -> str:
-    """The first run of digits in an answer ("" if none): what two answers are compared by."""
-    found = re.search(r"\d+", text)
-    return found.group() if found else ""
 
 
 def split_range(filler_length: int, split: str) -> range:
