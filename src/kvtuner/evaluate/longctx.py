@@ -338,15 +338,16 @@ def retrieval_figure(results: Sequence[RetrievalResult], path: str | Path) -> Pa
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(1.5 + 2.6 * len(results), 1.4 + 0.5 * len(results[0].lengths)),
                              squeeze=False)
-    for ax, result in zip(axes[0], results):
+    for k, (ax, result) in enumerate(zip(axes[0], results)):
         image = ax.imshow(result.accuracy, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(result.depths)), [f"{d:.0%}" for d in result.depths], fontsize=8)
-        ax.set_yticks(range(len(result.lengths)), [str(n) for n in result.lengths], fontsize=8)
+        ax.set_yticks(range(len(result.lengths)), [str(n) for n in result.lengths] if k == 0 else [], fontsize=8)
         for i, row in enumerate(result.accuracy):
             for j, value in enumerate(row):
                 ax.text(j, i, "–" if math.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=7)
-        prompts = {c for row in result.counts for c in row}
-        ax.set_title(f"{result.config}\n({'/'.join(map(str, sorted(prompts)))} prompts a cell)", fontsize=9)
+        prompts = sorted({c for row in result.counts for c in row if c})  # a partial run: some cells have fewer
+        ax.set_title(f"{result.config}\n({'–'.join(map(str, prompts[::max(len(prompts) - 1, 1)]))} prompts a cell)",
+                     fontsize=9)
         ax.set_xlabel("depth of the key")
     axes[0][0].set_ylabel("prompt tokens")
     fig.colorbar(image, ax=axes[0].tolist(), label="passkey accuracy")
