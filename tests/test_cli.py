@@ -105,3 +105,35 @@ def test_longctx_bad_lengths_and_depths_are_one_line(wikitext):
     assert result.exit_code == 2 and result.stderr.startswith("error: --lengths and --depths take comma-separated")
     result = run("longctx", "--filler", wikitext, "--kv", "K4V4", "--depths", "0,150")
     assert result.exit_code == 2 and result.stderr.strip() == "error: --depths are percentages from 0 to 100"
+
+
+def test_longctx_writes_its_table_after_every_prompt(tiny_model_dir, wikitext, tmp_path):
+    """The tiny model (one token per character): --out holds the finished table, as --json prints it."""
+    out = tmp_path / "passkey.json"
+    result = run("longctx", "--model", tiny_model_dir, "--filler", wikitext, "--kv", "K2V2", "--group-size", 16,
+                 "--lengths", "400,500", "--depths", "0,100", "--trials", 2, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    saved, printed = json.loads(out.read_text()), json.loads(result.stdout)
+    assert (saved["done"], saved["total"]) == (8, 8) and saved["results"] == printed
+    assert [r["config"] for r in printed] == ["fp16 (DynamicCache)", "K2V2"]
+    assert printed[1]["prompts"] == [[2, 2], [2, 2]] and len(printed[1]["answers"]) == 8
+    assert all(s <= m for row_s, row_m in zip(printed[1]["same_answer_where_reference_misses"],
+                                              printed[1]["reference_misses"]) for s, m in zip(row_s, row_m))
+
+
+def test_longctx_resume_answers_only_the_prompts_a_partial_run_left(tiny_model_dir, wikitext, tmp_path):
+    """A run cut after 3 of 8 prompts, resumed, gives the table of an uninterrupted run; other flags are refused."""
+    args = ["longctx", "--model", tiny_model_dir, "--filler", wikitext, "--kv", "K2V2", "--group-size", 16,
+            "--lengths", "400,500", "--depths", "0,100", "--trials", 2, "--json"]
+    whole = json.loads(run(*args).stdout)
+    out = tmp_path / "passkey.json"
+    partial = {"done": 3, "total": 8, "trials": 2, "seed": 0, "seconds": 1.0,
+               "results": [r | {k: r[k][:3] for k in ("keys", "answers", "cells")} for r in whole]}
+    out.write_text(json.dumps(partial))
+    result = run(*args, "--out", out, "--resume")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == whole == json.loads(out.read_text())["results"]
+    assert run(*args[:-2], 3, "--out", out, "--resume").stderr.startswith(f"error: {out} was saved with --trials 2")
+    wrong = partial | {"results": [r | {"keys": ["99999"] * 3} for r in partial["results"]]}
+    out.write_text(json.dumps(wrong))
+    assert "answered other prompts" in run(*args, "--out", out, "--resume").stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -205,9 +206,14 @@ def longctx(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     figure: Annotated[Optional[Path], typer.Option("--figure", help="write the accuracy heatmaps here (PNG)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="write the results as JSON here after every prompt (and "
+                                                "the --figure after every length), so a long run leaves a partial table")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the partial run saved in --out (same flags)")] = False,
 ) -> None:
-    """Passkey retrieval: a key hidden at each depth of long prompts, against the full-precision cache on the same prompts."""
-    from kvtuner.evaluate.longctx import evaluate_retrieval, parse_length, retrieval_figure
+    """Passkey retrieval: a key hidden at each depth of long prompts, against the full-precision cache on the same prompts.
+
+    Each prompt is prefilled once for all configs (the same answers as a prefill through each config's cache)."""
+    from kvtuner.evaluate.longctx import RetrievalResult, evaluate_retrieval, parse_length, retrieval_figure
 
     try:
         length_list = [parse_length(x) for x in lengths.split(",")]
@@ -219,25 +225,47 @@ def longctx(
     try:
         configs = resolve_configs(model, kv, config, method, group_size, residual_length, calibration=calibration,
                                   layers=layers)
+        if resume and out is None:
+            raise fail("--resume continues the run saved in --out; give --out")
+        saved = {}
+        if resume and out.is_file():
+            saved = json.loads(out.read_text())
+            if (saved.get("trials"), saved.get("seed")) != (trials, seed):
+                raise fail(f"{out} was saved with --trials {saved.get('trials')} --seed {saved.get('seed')}")
         text = read_text(filler)
         lm, tokenizer = load(model)
+        started = time.perf_counter() - saved.get("seconds", 0)
+
+        def save(results, done: int, total: int) -> None:
+            if out is not None:
+                document = {"done": done, "total": total, "trials": trials, "seed": seed,
+                            "seconds": round(time.perf_counter() - started, 1),
+                            "results": [r.to_json(results[0]) for r in results]}
+                out.with_name(out.name + ".tmp").write_text(json.dumps(document))
+                out.with_name(out.name + ".tmp").replace(out)
+            if figure is not None and done % (trials * len(depth_list)) == 0:  # a length is complete
+                retrieval_figure(results, figure)
+
         results = evaluate_retrieval(lm, tokenizer, [None, *configs], text, length_list, depth_list, trials, seed,
-                                     progress=not as_json)
+                                     progress=not as_json, on_prompt=save,
+                                     resume=[RetrievalResult.from_json(r) for r in saved.get("results", [])])
     except USER_ERRORS as e:
         raise fail(str(e)) from None
     if figure is not None:
         retrieval_figure(results, figure)
     if as_json:
-        print(json.dumps([{"config": r.config, "lengths": r.lengths, "depths": r.depths, "accuracy": r.accuracy}
-                          for r in results]))
+        print(json.dumps([r.to_json(results[0]) for r in results]))
         return
     for r in results:
-        table = Table(title=f"passkey accuracy: {r.config} ({trials} prompts a cell)")
+        same, misses = r.agreement(results[0])
+        table = Table(title=f"passkey accuracy: {r.config} ({trials} prompts a cell)",
+                      caption=None if r is results[0] else "(a/b): the same answer as fp16 on a of the b prompts whose key it misses")
         table.add_column("tokens")
         for d in r.depths:
             table.add_column(f"{d:.0%}", justify="right")
-        for n, row in zip(r.lengths, r.accuracy):
-            table.add_row(str(n), *[f"{a:.2f}" for a in row])
+        for n, row, same_row, miss_row in zip(r.lengths, r.accuracy, same, misses):
+            table.add_row(str(n), *[f"{a:.2f}" + (f" ({s}/{m})" if m and r is not results[0] else "")
+                                    for a, s, m in zip(row, same_row, miss_row)])
         console.print(table)
 
 

@@ -1,12 +1,17 @@
-"""Passkey retrieval: prompt construction, and the harness on the real default model."""
+"""Passkey retrieval: prompt construction, the shared prefill, and the harness on the real default model."""
+
+import math
 
 import pytest
 import torch
 
-from kvtuner.config import KVConfig
+from kvtuner.cache import cache_kwargs
+from kvtuner.cache.attention import use_packed_attention
+from kvtuner.config import KVConfig, parse_label
 from kvtuner.evaluate.data import DataError, read_text
-from kvtuner.evaluate.longctx import (INSTRUCTION, NEEDLE, QUESTION, evaluate_retrieval, passkey_prompt,
-                                      passkey_prompts, retrieval_figure)
+from kvtuner.evaluate.longctx import (INSTRUCTION, NEEDLE, QUESTION, PasskeyPrompt, RetrievalResult, answer,
+                                      evaluate_retrieval, new_cache, passkey_prompt, passkey_prompts, prefill,
+                                      retrieval_figure)
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +84,103 @@ def test_the_harness_is_decode_faithful_and_the_model_finds_short_keys(default_m
     assert results[0].accuracy == [[1.0, 1.0]]
     assert all(0 <= a <= 1 for r in results for row in r.accuracy for a in row)
     assert retrieval_figure(results, tmp_path / "passkey.png").stat().st_size > 1000
+
+
+def cache_state(obj, path="cache", seen=None) -> dict:
+    """Every tensor (as its raw bytes, dtype and shape) and plain value a cache holds, by attribute path; the code
+    buffers' unused capacity (uninitialized memory, never read) and the layers' methods (built from the config) are
+    left out."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        return {path: (obj.dtype, tuple(obj.shape), obj.detach().contiguous().view(torch.uint8).flatten().tolist())}
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.dtype, torch.device)):
+        return {path: obj}
+    if id(obj) in seen or callable(obj):
+        return {}
+    seen.add(id(obj))
+    if isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    elif isinstance(obj, dict):
+        items = obj.items()
+    else:
+        items = ((k, v) for k, v in vars(obj).items() if k not in ("method", "_buffers"))
+    state = {}
+    for name, value in items:
+        state.update(cache_state(value, f"{path}.{name}", seen))
+    return state
+
+
+def decode_logits(model, cache, logits, steps):
+    """Greedy steps on ``cache`` inside ``use_packed_attention``, from the prefill's ``logits``: every step's logits."""
+    out = [logits]
+    with use_packed_attention(model, cache):
+        for _ in range(steps):
+            out.append(model(out[-1][:, -1:].argmax(-1), use_cache=True, **cache_kwargs(model, cache)).logits)
+    return out
+
+
+def assert_shared_prefill_is_direct_prefill(model, tokenizer, prompt, config, steps):
+    """Cache bytes after the prefill, the prefill's logits, every decode step's logits and the cache after them,
+    and ``answer``'s text: the same bits whether the cache is built from the recorded prefill or by the model."""
+    recorded = prefill(model, prompt)
+    direct = new_cache(model, config)
+    with use_packed_attention(model, direct), torch.no_grad():
+        logits = model(prompt.input_ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, direct)).logits
+    replayed = recorded.cache(model, config)
+    assert torch.equal(logits, recorded.logits)
+    before = cache_state(direct)
+    assert len(before) > 4 * model.config.num_hidden_layers and before == cache_state(replayed)
+    with torch.no_grad():
+        ours, theirs = decode_logits(model, replayed, recorded.logits, steps), decode_logits(model, direct, logits, steps)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert cache_state(direct) == cache_state(replayed)
+    assert answer(model, tokenizer, prompt, config, recorded) == answer(model, tokenizer, prompt, config)
+
+
+TINY_G = 16  # tiny_llama: head_dim 16
+TINY_SPECS = ["K4V2", "K4V4+sink1+prerope", "KV3+sink1+prerope+nuq+ds2", "kvquant:KV2+sink1+prerope+nuq+ds2"]
+
+
+@pytest.mark.parametrize("label", TINY_SPECS)
+def test_a_cache_built_from_the_recorded_prefill_is_the_directly_prefilled_one_tiny(tiny_llama, tiny_model_dir,
+                                                                                     one_thread, tmp_path, label):
+    """Plain KIVI, sink + pre-RoPE, calibrated codebooks with outliers, kvquant; 75 prompt tokens: two residual
+    windows flushed at the prefill, 11 tokens left, and a flush during the 30 decode steps."""
+    from transformers import AutoTokenizer
+
+    from kvtuner.profile.calibrate import calibrate
+
+    spec = parse_label(label, group_size=TINY_G, residual_length=32)
+    config = KVConfig([spec] * 3, name=label)
+    if spec.codebook or spec.outliers or spec.method == "kvquant":
+        windows = torch.randint(0, 128, (2, 96), generator=torch.Generator().manual_seed(0))
+        config.calibration = str(calibrate(tiny_llama, windows, [spec]).save(tmp_path / "calibration.json"))
+    ids = torch.randint(0, 128, (1, 75), generator=torch.Generator().manual_seed(1))
+    prompt = PasskeyPrompt(ids, "12345", 75, 0.5, (0, 75))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)  # one token per character
+    assert_shared_prefill_is_direct_prefill(tiny_llama, tokenizer, prompt, config, steps=30)
+
+
+@pytest.mark.parametrize("kv", ["K4V2", "K2V2+sink1+prerope"])
+def test_a_cache_built_from_the_recorded_prefill_is_the_directly_prefilled_one(default_model, filler, kv):
+    """The real model (position_ids reach the cache, so pre-RoPE keys learn their offset from them), a 300-token
+    passkey prompt, plain KIVI and sink + pre-RoPE."""
+    model, tokenizer = default_model
+    prompt = passkey_prompt(tokenizer, filler, 300, 0.5, seed=3)
+    assert_shared_prefill_is_direct_prefill(model, tokenizer, prompt, KVConfig.uniform(kv, 30), steps=6)
+
+
+def test_results_count_partial_cells_and_compare_answers_where_the_reference_misses():
+    reference, config = (RetrievalResult(name, [2048, 4096], [0.0, 1.0]) for name in ("fp16", "K2V2"))
+    for cell, key, ref_text, text in [((0, 0), "12344", " 12344.", " 12344"),           # both find it
+                                      ((0, 1), "22222", " a fine piece", " a fine piece"),  # fp16 misses; same
+                                      ((0, 1), "22222", " 2222.", " 2229."),            # fp16 misses; not the same
+                                      ((0, 1), "22222", " the key", " the key"),        # fp16 misses; same
+                                      ((1, 0), "44444", " 44444", " 4444")]:            # K2V2 loses it
+        reference.add(cell, key, ref_text)
+        config.add(cell, key, text)
+    assert config.hits == [[1, 0], [0, 0]] and config.counts == [[1, 3], [1, 0]]
+    assert config.accuracy[0] == [1.0, 0.0] and config.accuracy[1][0] == 0.0 and math.isnan(config.accuracy[1][1])
+    assert config.agreement(reference) == ([[0, 2], [0, 0]], [[0, 3], [0, 0]])
+    document = config.to_json(reference)
+    assert document["accuracy"][1] == [0.0, None] and document["same_answer_where_reference_misses"][0] == [0, 2]
