@@ -21,6 +21,7 @@ from transformers.cache_utils import (
     DYNAMIC_LAYER_TYPE_MAPPING,
     Cache,
     CacheLayerMixin,
+    DynamicCache,
     DynamicLayer,
     get_layer_types_and_kwargs,
 )
@@ -28,7 +29,9 @@ from transformers.cache_utils import (
 __all__ = [
     "Cache",
     "CacheLayerMixin",
+    "DynamicCache",
     "DynamicLayer",
+    "RecordingCache",
     "cache_kwargs",
     "dynamic_layer_for",
     "layer_types",
@@ -44,6 +47,21 @@ __all__ = [
 # keys (k_norm) before RoPE, so its pre-RoPE keys are the normalized ones: the rotation is all that is undone.
 PRE_ROPE_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
                           "gemma3_text": "gemma3"}
+
+
+class RecordingCache(DynamicCache):
+    """A ``DynamicCache`` that keeps the arguments of every ``update`` call, ``(layer_idx, key_states, value_states,
+    args, kwargs)``, to make the same calls on another cache later (however the version passes positions). The
+    model's K/V are never modified in place, so references are enough; argument dicts are copied, one level deep."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.updates = []
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        copied = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
+        self.updates.append((layer_idx, key_states, value_states, args, copied))
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
 def layer_types(model_config: PretrainedConfig) -> list[tuple[str, dict]]:

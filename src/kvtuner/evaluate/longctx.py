@@ -38,10 +38,10 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kvtuner.cache import MixedPrecisionCache, cache_kwargs
-from kvtuner.cache.compat import Cache
+from kvtuner.cache.compat import Cache, DynamicCache, RecordingCache
 from kvtuner.cache.attention import use_packed_attention
 from kvtuner.config import KVConfig
 from kvtuner.evaluate.data import DataError
@@ -208,20 +208,6 @@ class Prefill:
             cache.update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
-class _RecordingCache(DynamicCache):
-    """A ``DynamicCache`` that keeps the arguments of every ``update`` call (the model's K/V are never modified
-    in place, so references are enough; argument dicts are copied, one level deep)."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.updates = []
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        copied = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
-        self.updates.append((layer_idx, key_states, value_states, args, copied))
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-
-
 def new_cache(model: PreTrainedModel, config: KVConfig | None) -> Cache:
     """An empty cache for ``config`` (None: transformers' ``DynamicCache``, full precision)."""
     return DynamicCache(config=model.config) if config is None else MixedPrecisionCache(config, model.config)
@@ -231,7 +217,7 @@ def new_cache(model: PreTrainedModel, config: KVConfig | None) -> Cache:
 def prefill(model: PreTrainedModel, prompt: PasskeyPrompt) -> Prefill:
     """Prefill ``prompt`` once, in one forward call, recording what every config's cache needs (see the module
     docstring)."""
-    cache = _RecordingCache(config=model.config)
+    cache = RecordingCache(config=model.config)
     logits = model(prompt.input_ids.to(model.device), use_cache=True, logits_to_keep=1,
                    **cache_kwargs(model, cache)).logits
     return Prefill(logits, cache.updates)

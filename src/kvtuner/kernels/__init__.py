@@ -30,6 +30,7 @@ from typing import Literal
 
 import torch
 
+from kvtuner.kernels.native import decode_attention_native, native_available, native_supported
 from kvtuner.kernels.streaming import decode_attention_streaming
 from kvtuner.quant import QuantizedTensor, QuantSpec
 from kvtuner.quant import quantize as quantize_reference
@@ -161,8 +162,6 @@ def decode_attention(
 
         return decode_attention_triton(query, qkeys, qvalues, keys, values, scale, history_start)
     if qkeys is not None and (backend == "native" or (backend == "auto" and query.device.type == "cpu")):
-        from kvtuner.kernels.native import decode_attention_native, native_available, native_supported
-
         readable = native_supported(qkeys, qvalues, query.shape[-1])
         if backend == "native" and (query.device.type != "cpu" or not readable):
             raise ValueError("the C++ decode kernel reads CPU tensors with a packed history of scaled integer or fp8 "

@@ -116,12 +116,9 @@ def decode_attention_native(
         return [_rows_contiguous(q.payload), _rows_contiguous(q.scale),
                 None if q.zero is None else _rows_contiguous(q.zero), _levels(q), q.spec.bits, q.spec.symmetric]
 
+    # scales and zeros share a layout (quant's slices and buffers treat them alike); the op checks it
     k_codes, k_scale, k_zero, k_levels, k_bits, k_sym = side(qkeys)
     v_codes, v_scale, v_zero, v_levels, v_bits, v_sym = side(qvalues)
-    if k_zero is not None and k_zero.stride() != k_scale.stride():
-        k_scale, k_zero = k_scale.contiguous(), k_zero.contiguous()
-    if v_zero is not None and v_zero.stride() != v_scale.stride():
-        v_scale, v_zero = v_scale.contiguous(), v_zero.contiguous()
     out = torch.ops.kvtuner_cpu.decode_attention(
         query.float().contiguous(), k_codes, k_scale, k_zero, k_levels, k_bits, k_sym, qkeys.spec.axis == "channel",
         qkeys.spec.group_len(qkeys.shape), v_codes, v_scale, v_zero, v_levels, v_bits, v_sym,
