@@ -137,3 +137,14 @@ def test_longctx_resume_answers_only_the_prompts_a_partial_run_left(tiny_model_d
     wrong = partial | {"results": [r | {"keys": ["99999"] * 3} for r in partial["results"]]}
     out.write_text(json.dumps(wrong))
     assert "answered other prompts" in run(*args, "--out", out, "--resume").stderr
+
+
+def test_longctx_resume_refuses_a_file_it_did_not_write(tiny_model_dir, wikitext, tmp_path):
+    """A truncated or foreign --out file is one line and exit 2, before the model loads, and is left as it is."""
+    out = tmp_path / "passkey.json"
+    for text in ("{\"done\": 3, \"res", "[1, 2]"):
+        out.write_text(text)
+        result = run("longctx", "--model", tiny_model_dir, "--filler", wikitext, "--kv", "K2V2", "--lengths", "400",
+                     "--out", out, "--resume")
+        assert result.exit_code == 2 and result.stderr.startswith(f"error: {out} is not a run kvtuner longctx saved")
+        assert len(result.stderr.strip().splitlines()) == 1 and out.read_text() == text

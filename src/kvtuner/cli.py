@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kvtuner.config import KVConfig, KVConfigError
+from kvtuner.config import KVConfig, KVConfigError, write_atomic
 from kvtuner.evaluate.data import DataError, read_text
 from kvtuner.models import ModelNotFoundError
 from kvtuner.search.commands import ModelOpt, calibrate_command, profile_command, search_command, worker_command
@@ -229,7 +229,12 @@ def longctx(
             raise fail("--resume continues the run saved in --out; give --out")
         saved = {}
         if resume and out.is_file():
-            saved = json.loads(out.read_text())
+            try:
+                saved = json.loads(out.read_text())
+                if not isinstance(saved, dict) or "results" not in saved:
+                    raise ValueError("no 'results'")
+            except (OSError, ValueError) as e:
+                raise fail(f"{out} is not a run kvtuner longctx saved ({e}); give another --out or drop --resume") from None
             if (saved.get("trials"), saved.get("seed")) != (trials, seed):
                 raise fail(f"{out} was saved with --trials {saved.get('trials')} --seed {saved.get('seed')}")
         text = read_text(filler)
@@ -241,8 +246,7 @@ def longctx(
                 document = {"done": done, "total": total, "trials": trials, "seed": seed,
                             "seconds": round(time.perf_counter() - started, 1),
                             "results": [r.to_json(results[0]) for r in results]}
-                out.with_name(out.name + ".tmp").write_text(json.dumps(document))
-                out.with_name(out.name + ".tmp").replace(out)
+                write_atomic(out, json.dumps(document))
             if figure is not None and done % (trials * len(depth_list)) == 0:  # a length is complete
                 retrieval_figure(results, figure)
 
