@@ -258,3 +258,42 @@ def test_residual_merge_joins_partial_history_results_with_the_residual():
     out = kd.merge_with_residual(args["query"], args["keys"], args["values"], args["scale"], o_part, lse_part)
     ref = decode_attention_reference(**{**args, "query": args["query"].double()}, compute_dtype=torch.float64)
     assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("n_hist,n_res,splits", [(128, 1, None), (416, 17, 3), (448, 32, 7), (160, 5, 2)])
+def test_lengths_read_from_the_device_over_larger_buffers(n_hist, n_res, splits):
+    """A CUDA graph replays one launch for every step: the kernel reads (history, residual) tokens from a device
+    tensor, over buffers of larger capacity whose tokens past those lengths hold other values (here: a different,
+    larger-magnitude history and residual), and splits planned for the whole capacity, some left empty."""
+    case = make_case(4, 2, 4, n_hist, n_res, seed=n_hist + n_res)
+    spare = make_case(4, 2, 4, 640, 32, seed=7)
+    buffers = {}
+    for name in ("qkeys", "qvalues"):  # the case's tokens first, then 3x larger ones the kernel must not read
+        big, small = spare[name], case[name]
+        stored = []
+        for b, s_ in zip(big.stored_tensors(), small.stored_tensors()):
+            b = (b * 3 if b.is_floating_point() else b).clone()
+            b[..., : s_.shape[-2], :] = s_
+            stored.append(b)
+        buffers[name] = replace(big, payload=stored[0], scale=stored[1], zero=stored[2])
+    res = {}
+    for name in ("keys", "values"):
+        r = spare[name].clone() * 3
+        r[..., :n_res, :] = case[name]
+        res[name] = r
+    lengths = torch.tensor([n_hist, n_res], dtype=torch.int32, device=DEVICE)
+    out = kd.decode_attention_triton(case["query"], buffers["qkeys"], buffers["qvalues"], res["keys"], res["values"],
+                                     case["scale"], num_splits=splits, lengths=lengths)
+    args = {k: v for k, v in case.items() if k not in ("key_spec", "value_spec")}
+    ref = decode_attention_reference(**{**args, "query": args["query"].double()}, compute_dtype=torch.float64)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[torch.float16]
+
+
+def test_device_lengths_refuse_sink_tokens_and_an_empty_history():
+    case = make_case(4, 4, 1, 128, 3)
+    lengths = torch.tensor([128, 3], dtype=torch.int32, device=DEVICE)
+    args = {k: v for k, v in case.items() if k not in ("key_spec", "value_spec")}
+    with pytest.raises(ValueError, match="lengths"):
+        kd.decode_attention_triton(**args, history_start=1, lengths=lengths)
+    with pytest.raises(ValueError, match="lengths"):
+        kd.decode_attention_triton(**{**args, "qkeys": None, "qvalues": None}, lengths=lengths)

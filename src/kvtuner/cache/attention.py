@@ -108,6 +108,8 @@ def packed_attention_forward(
     are bound by :func:`use_packed_attention`."""
     own = partial(model_attention(module, fallback), module, dropout=dropout, scaling=scaling, **kwargs)
     layer = cache.layers[module.layer_idx]
+    if isinstance(layer, MixedPrecisionLayer) and layer.static is not None:  # no mask: a static batch has no pads
+        return _static_decode(layer, query, dropout, scaling, backend, kwargs), None
     if isinstance(layer, MixedPrecisionLayer) and layer.pending_rows is not None:
         return _rows_attention(layer, query, attention_mask, own, dropout, scaling, backend, kwargs)
     if not isinstance(layer, MixedPrecisionLayer) or layer.pending_history is None:
@@ -142,6 +144,22 @@ def _decode(layer: MixedPrecisionLayer, query: torch.Tensor, history: StoredKV, 
     method = layer.method
     return decode_attention(query, history.keys.codes, history.values.codes, keys, values, scale, method.key_spec,
                             method.value_spec, backend, history_start=sink)
+
+
+def _static_decode(layer: MixedPrecisionLayer, query: torch.Tensor, dropout: float, scaling: float | None,
+                   backend: Backend, kwargs: dict) -> torch.Tensor:
+    """A static step (:meth:`~kvtuner.cache.layer.MixedPrecisionLayer.begin_static`): the kernel over the layer's
+    code and residual buffers up to the counts the step left on the device. Nothing here reads back to the host."""
+    layer.pending_history = None
+    if not _kernel_reads(dropout, kwargs):
+        raise ValueError("static decoding runs the packed kernel, which does not implement "
+                         f"{', '.join(attention_extras(dropout, kwargs))}")
+    st, method = layer.static, layer.method
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    keys, values = layer.code_buffers
+    out = decode_attention(query[:, :, 0], keys, values, st.residual_keys, st.residual_values, scale,
+                           method.key_spec, method.value_spec, backend, lengths=st.attend)
+    return out.unsqueeze(1)
 
 
 def _rows_attention(layer: MixedPrecisionLayer, query: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -42,6 +42,14 @@ bit-exact with the torch reference). With ``packed_decode`` set (by
 history back: it returns only the residual and leaves the pre-flush history in
 ``pending_history`` for the packed decode kernel.
 
+Static decoding (:meth:`MixedPrecisionLayer.begin_static`, what :class:`kvtuner.cache.graphs.GraphedDecoder`
+records as CUDA graphs): one-token steps whose device work has fixed shapes and addresses. The residual is a
+``window``-token buffer, the history the code buffers reserved to the final length, and the (history,
+residual) token counts live in a device tensor that the step advances; a step that fills the window also
+quantizes it and writes its codes after the history, at an offset read on the device. The host keeps the
+same counts (it knows which steps flush) and advances them in :meth:`MixedPrecisionLayer.advance_static`,
+since a replayed graph runs no Python. The tokens, codes and bytes are exactly those of ``update``.
+
 Sliding-window layers (:class:`MixedPrecisionSlidingLayer`, Mistral, Gemma 2/3) follow the same rule
 and then drop, from the front of the history, the whole stored groups (key groups, outlier blocks:
 :attr:`~kvtuner.method.StoredKV.token_unit`) that no later query can see, so their memory stays
@@ -53,13 +61,33 @@ new ones, and the new ones.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 
 from kvtuner.cache.compat import CacheLayerMixin, left_padding, position_ids_from, tokens_to_keep
-from kvtuner.kernels import Backend
-from kvtuner.method import KVMethod, StoredKV
-from kvtuner.quant import QuantizedTensor, reserve_tokens
+from kvtuner.kernels import Backend, decode_supported
+from kvtuner.method import KVMethod, StoredKV, StoredSide
+from kvtuner.quant import QuantizedTensor, reserve_tokens, slice_tokens, write_tokens_at
+
+
+@dataclass
+class StaticDecode:
+    """A layer's static-decoding state (see the module docstring): fixed buffers, device and host counts."""
+
+    residual_keys: torch.Tensor  # [B, H, window, D]
+    residual_values: torch.Tensor
+    lengths: torch.Tensor  # int32 [2] on the device: (history tokens, residual tokens) before the next step
+    history_tokens: int  # the same two counts on the host
+    residual_tokens: int
+    step: torch.Tensor  # int32 [2] on the device: what a step adds to ``lengths`` (0, 1), and a flushing one
+    flush_step: torch.Tensor  # (window, 1 - window): made once, since a graph being recorded cannot copy from host
+    attend: torch.Tensor | None = None  # the step's (history, residual) counts, for the attention kernel
+
+    @property
+    def flushes(self) -> bool:
+        """Whether the next step fills the residual window (and so quantizes it)."""
+        return self.residual_tokens + 1 == self.residual_keys.shape[-2]
 
 
 class MixedPrecisionLayer(CacheLayerMixin):
@@ -91,6 +119,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
         self.pads: torch.Tensor | None = None  # [B]: pads in front of each row, once a padded first update was seen
         self.rows: list[MixedPrecisionLayer] | None = None  # a ragged layer's batch-1 layer per row
         self.pending_rows: list[tuple[StoredKV | None, torch.Tensor, torch.Tensor]] | None = None
+        self.static: StaticDecode | None = None
 
     def __repr__(self) -> str:
         return f"MixedPrecisionLayer({self.spec.label}, g={self.spec.group_size}, r={self.spec.residual_length})"
@@ -104,6 +133,8 @@ class MixedPrecisionLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.static is not None:
+            return self._update_static(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         position_ids = position_ids_from(args, kwargs)
@@ -193,6 +224,84 @@ class MixedPrecisionLayer(CacheLayerMixin):
 
     def prefetch(self) -> None:
         pass
+
+    # --- static decoding (CUDA graphs) ---------------------------------------------------------
+    def static_refusal(self) -> str | None:
+        """Why this layer cannot decode statically (None if it can): the packed kernel reads its history with
+        device-side lengths only for plain grouped codes, one rectangular batch and at least one kernel step of
+        history (128 tokens)."""
+        spec = self.spec
+        if self.is_sliding or self.rows is not None:
+            return "a sliding-window layer" if self.is_sliding else "a left-padded batch"
+        if (not self.method.packed_decode_supported() or spec.sink or spec.codebook
+                or not decode_supported(self.method.key_spec, self.method.value_spec, self.keys.shape[-1])):
+            return (f"{spec.label}: the Triton kernel reads KIVI codes without sink tokens, codebooks, outliers or "
+                    "pre-RoPE keys")
+        if self.quantized_length < 128:
+            return f"{self.quantized_length} stored tokens (static decoding starts after 128)"
+        return None
+
+    def begin_static(self, max_length: int) -> None:
+        """Move to static decoding for up to ``max_length`` tokens in all: code buffers reserved to that, the
+        residual moved into a ``window``-token buffer (see the module docstring)."""
+        refusal = self.static_refusal()
+        if refusal:
+            raise ValueError(f"static decoding: {refusal}")
+        n, window = self.quantized_length, self.window
+        capacity = -(-max(max_length, n) // window) * window
+        if self._buffers is None or self._buffers[0].num_tokens < capacity:
+            self._buffers = (reserve_tokens(self.history.keys.codes, capacity),
+                             reserve_tokens(self.history.values.codes, capacity))
+            self.history = StoredKV(*(StoredSide(slice_tokens(b, 0, n)) for b in self._buffers))
+        residual = self.keys.shape[-2]
+        res_k = self.keys.new_zeros((*self.keys.shape[:-2], window, self.keys.shape[-1]))
+        res_v = self.values.new_zeros((*self.values.shape[:-2], window, self.values.shape[-1]))
+        res_k[..., :residual, :] = self.keys
+        res_v[..., :residual, :] = self.values
+        counts = torch.tensor([[n, residual], [0, 1], [window, 1 - window]], dtype=torch.int32, device=self.device)
+        self.static = StaticDecode(res_k, res_v, counts[0], n, residual, counts[1], counts[2])
+
+    def _update_static(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token, device work only: into the residual buffer at the device's count; the window quantized and
+        its codes written after the history when this step fills it (the host knows when); the counts advanced.
+        Returns the residual buffer; the step's counts wait in ``static.attend`` for the attention kernel."""
+        st = self.static
+        if key_states.shape[-2] != 1:
+            raise ValueError("static decoding takes one token a step")
+        slot = st.lengths[1:].long()
+        st.residual_keys.index_copy_(2, slot, key_states)
+        st.residual_values.index_copy_(2, slot, value_states)
+        st.attend = st.lengths + st.step
+        if st.flushes:  # positions are unused: static layers have no pre-RoPE keys
+            block = self.method.quantize(st.residual_keys, st.residual_values, st.history_tokens, None, self.backend)
+            for buffer, side in zip(self._buffers, (block.keys, block.values)):
+                write_tokens_at(buffer, st.lengths[:1], side.codes)
+        st.lengths.add_(st.flush_step if st.flushes else st.step)
+        self.pending_history = self.history
+        return st.residual_keys, st.residual_values
+
+    @property
+    def code_buffers(self) -> tuple[QuantizedTensor, QuantizedTensor] | None:
+        """The key and value code buffers the history views (their whole capacity), if any."""
+        return self._buffers
+
+    def advance_static(self) -> None:
+        """The host's side of a static step (run after it, replayed or not): counts, and the history's view."""
+        st = self.static
+        self.cumulative_length += 1
+        if st.flushes:
+            st.history_tokens += self.window
+            st.residual_tokens = 0
+            self.history = StoredKV(*(StoredSide(slice_tokens(b, 0, st.history_tokens)) for b in self._buffers))
+        else:
+            st.residual_tokens += 1
+
+    def end_static(self) -> None:
+        """Back to ``update``'s storage: the residual buffer's tokens become the residual window again."""
+        st, self.static = self.static, None
+        self.keys = st.residual_keys[..., : st.residual_tokens, :].clone()
+        self.values = st.residual_values[..., : st.residual_tokens, :].clone()
+        self.pending_history = None
 
     # --- padded batches -----------------------------------------------------------------------
     def set_padding(self, attention_mask: torch.Tensor) -> None:

@@ -32,7 +32,7 @@ import torch
 
 from kvtuner.kernels.native import decode_attention_native, native_available, native_supported
 from kvtuner.kernels.streaming import decode_attention_streaming
-from kvtuner.quant import QuantizedTensor, QuantSpec
+from kvtuner.quant import QuantizedTensor, QuantSpec, slice_tokens
 from kvtuner.quant import quantize as quantize_reference
 
 Backend = Literal["auto", "gluon", "triton", "native", "torch"]
@@ -130,6 +130,7 @@ def decode_attention(
     value_spec: QuantSpec,
     backend: Backend = "auto",
     history_start: int = 0,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over packed history plus full-precision residual.
 
@@ -138,7 +139,20 @@ def decode_attention(
     or none; keys / values the full-precision tokens [B, H_kv, T_r, D]; history tokens before
     ``history_start`` are not attended. Returns [B, H_q, D]. See
     :func:`~kvtuner.kernels.reference.decode_attention_reference`.
+
+    lengths: int32 ``[2]`` on the query's device, the (history, residual) tokens to attend of the buffers
+    given (static decoding): read on the device by the Triton kernel (CUDA graphs record it once), read back
+    and sliced by every other backend.
     """
+    if lengths is not None:
+        supported = decode_supported(key_spec, value_spec, query.shape[-1])
+        if use_triton(backend, query.device, supported, "decode attention"):
+            from kvtuner.kernels.decode import decode_attention_triton
+
+            return decode_attention_triton(query, qkeys, qvalues, keys, values, scale, history_start, lengths=lengths)
+        n_hist, n_res = lengths.tolist()
+        qkeys, qvalues = (None if q is None else slice_tokens(q, 0, n_hist) for q in (qkeys, qvalues))
+        keys, values = keys[..., :n_res, :], values[..., :n_res, :]
     if backend == "gluon":
         if not gluon_available(query.device, measured_only=False):
             raise ValueError(f"backend='gluon' needs CUDA tensors on sm_80 or newer and triton {GLUON_TRITON}x "

@@ -503,7 +503,7 @@ def _residual(
 # Lengths change every step: specializing on them (== 1, % 16) would recompile mid-generation.
 @triton.jit(do_not_specialize=["n_hist", "n_skip", "n_res", "steps_per_split", "num_splits"])
 def _decode_split_kernel(
-    Q, KW, KS, KZ, VW, VS, VZ, KL, VL, KR, VR, O_part, LSE_part,
+    Q, KW, KS, KZ, VW, VS, VZ, KL, VL, KR, VR, O_part, LSE_part, LENGTHS,
     sq_b, sq_h,
     skw_b, skw_h, skw_t: tl.constexpr,  # token strides are compile-time: a stride of 8 or 4 elements
     sks_b, sks_h, sks_g: tl.constexpr,  # not known to divide 16 would stop vector loads
@@ -515,10 +515,14 @@ def _decode_split_kernel(
     H_KV: tl.constexpr, R: tl.constexpr, R_P: tl.constexpr, M: tl.constexpr, NG: tl.constexpr,
     NGV: tl.constexpr, D: tl.constexpr, G_K: tl.constexpr, G_V: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, W: tl.constexpr, NR: tl.constexpr, ASM: tl.constexpr,
-    SHORT: tl.constexpr, K_NUQ: tl.constexpr, V_NUQ: tl.constexpr,
+    SHORT: tl.constexpr, K_NUQ: tl.constexpr, V_NUQ: tl.constexpr, DEVICE_LENGTHS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
+    if DEVICE_LENGTHS:  # (history, residual) tokens read from memory: one launch serves every step of a CUDA graph
+        n_hist = tl.load(LENGTHS)
+        n_res = tl.load(LENGTHS + 1)
+        steps_per_split = tl.cdiv(tl.cdiv(n_hist, NG * G_K), num_splits)
     b = (pid_bh // H_KV).to(tl.int64)  # batch offsets of a long cache overflow int32
     h = pid_bh % H_KV
     offs_r = tl.arange(0, R_P)
@@ -680,10 +684,16 @@ def decode_attention_triton(
     num_stages: int = 2,
     maxnreg: int | None | Literal["auto"] = "auto",
     inline_asm: bool | None = None,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launcher; same arguments and result as :func:`~kvtuner.kernels.reference.decode_attention_reference`.
 
     Codes with non-uniform ``levels`` (one ``[2**bits]`` table a side) are looked up in the kernel.
+
+    lengths: int32 ``[2]`` on the device, (history tokens, residual tokens) to attend: then ``qkeys`` / ``qvalues``
+    and ``keys`` / ``values`` are buffers of that capacity or more, the launch (grid, splits for the whole
+    capacity, specializations) does not depend on the lengths and reads nothing back to the host, so a CUDA graph
+    can record it once for every step. The history must hold at least one kernel step (128 tokens or fewer).
 
     num_splits: history slices per KV head (default :func:`default_num_splits`); num_warps (also
     the token slices of a step; default :func:`default_num_warps`), num_stages and maxnreg
@@ -722,6 +732,8 @@ def decode_attention_triton(
     ngv, m, ng = stacking(r_p, d, g_k, g_v)
     if g_k < 2 * num_warps or ng * g_k < 16 * num_warps:
         raise ValueError(f"key groups of {g_k} tokens are too short for {num_warps} warps")
+    if lengths is not None and (qkeys is None or history_start or lengths.dtype != torch.int32 or lengths.numel() != 2):
+        raise ValueError("lengths (int32 [history, residual] on the device) needs a history buffer and no sink tokens")
     n_steps = -(-n_hist // (ng * g_k))
     on_gpu = query.is_cuda
     ctas = 65536 // (32 * num_warps * (maxnreg or 255)) if on_gpu else 3
@@ -733,12 +745,13 @@ def decode_attention_triton(
     o_part = torch.empty((b * h_q, n_parts, d), device=query.device, dtype=torch.float32)
     lse_part = torch.empty((b * h_q, n_parts), device=query.device, dtype=torch.float32)
     _decode_split_kernel[(b * h_kv, n_parts)](
-        query, kw, ks, kz, vw, vs, vz, kl, vl, keys, values, o_part, lse_part,
+        query, kw, ks, kz, vw, vs, vz, kl, vl, keys, values, o_part, lse_part, kl if lengths is None else lengths,
         query.stride(0), query.stride(1), *hist_strides, *keys.stride()[:3], *values.stride()[:3],
         n_hist, history_start, n_res, steps_per_split, splits, scale * LOG2E,
         H_KV=h_kv, R=r, R_P=r_p, M=m, NG=ng, NGV=ngv, D=d,
         G_K=g_k, G_V=g_v, K_BITS=k_bits, V_BITS=v_bits, W=num_warps, NR=32,
-        ASM=on_gpu if inline_asm is None else inline_asm, SHORT=n_hist < ng * g_k, K_NUQ=k_nuq, V_NUQ=v_nuq,
+        ASM=on_gpu if inline_asm is None else inline_asm, SHORT=lengths is None and n_hist < ng * g_k,
+        K_NUQ=k_nuq, V_NUQ=v_nuq, DEVICE_LENGTHS=lengths is not None,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if on_gpu and maxnreg else {}),
     )
     out = torch.empty((b, h_q, d), device=query.device, dtype=query.dtype)

@@ -17,6 +17,7 @@ from kvtuner.quant.tensor import (
     slice_tokens,
     token_group,
     write_tokens,
+    write_tokens_at,
 )
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "token_group",
     "unpack",
     "write_tokens",
+    "write_tokens_at",
 ]

@@ -161,6 +161,8 @@ def check_representable(x: torch.Tensor, spec: QuantSpec, *stored: torch.Tensor)
     whose zero or scale ``spec.scale_dtype`` cannot hold (``ValueError``). ``sum(t * 0)`` is 0
     unless ``t`` holds NaN or Inf, and costs a fraction of ``isfinite(t).all()`` on the CPU.
     """
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # a CUDA graph being recorded cannot read back to raise: its replays leave non-finite scales as they are
     if bool(torch.isfinite(sum((t * 0).sum(dtype=torch.float32) for t in stored))):
         return
     nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
@@ -308,6 +310,16 @@ def write_tokens(buffer: QuantizedTensor, start: int, block: QuantizedTensor) ->
     for dst, src, row in zip((buffer.payload, buffer.scale, buffer.zero), (block.payload, block.scale, block.zero), begin):
         if dst is not None:
             dst[..., row : row + src.shape[-2], :].copy_(src)
+
+
+def write_tokens_at(buffer: QuantizedTensor, start: torch.Tensor, block: QuantizedTensor) -> None:
+    """:func:`write_tokens` from a token held in a one-element tensor on the buffer's device (a whole number of
+    groups, unchecked): nothing is read back to the host, so a CUDA graph records one write for every offset."""
+    start = start.reshape(1).long()
+    for dst, src, per_row in zip((buffer.payload, buffer.scale, buffer.zero), (block.payload, block.scale, block.zero),
+                                 (1, token_group(block), token_group(block))):
+        if dst is not None:
+            dst.index_copy_(dst.dim() - 2, start // per_row + torch.arange(src.shape[-2], device=dst.device), src)
 
 
 def cat_tokens(parts: list[QuantizedTensor]) -> QuantizedTensor:
