@@ -75,3 +75,26 @@ def test_slices_that_cut_a_key_group_are_refused():
     assert slice_tokens(q, 32, 64).dequantize().equal(q.dequantize()[..., 32:, :])
     with pytest.raises(ValueError, match="cuts a key group"):
         slice_tokens(q, 16, 64)
+
+
+@pytest.mark.parametrize("chunk,n_res,tile", [(2, 2, 64), (7, 19, 96), (32, 32, 1024)])
+def test_a_chunk_of_queries_attends_causally_to_its_own_tokens(chunk, n_res, tile):
+    """Query c of the chunk sees the whole history and the full-precision tokens up to its own (the last ``chunk``
+    of them): the float64 softmax over the dequantized history and those tokens, computed query by query."""
+    from kvtuner.kernels.streaming import chunk_attention_streaming
+    from kvtuner.quant import dequantize
+
+    args = case(SPECS["kivi"], 320, n_res, seed=chunk)
+    g = torch.Generator().manual_seed(9)
+    query = torch.randn(2, 9, chunk, 64, generator=g)
+    got = chunk_attention_streaming(query, args["qkeys"], args["qvalues"], args["keys"], args["values"],
+                                    args["scale"], history_start=3, tile_tokens=tile)
+    keys = torch.cat([dequantize(args["qkeys"], torch.float64)[..., 3:, :], args["keys"].double()], dim=-2)
+    values = torch.cat([dequantize(args["qvalues"], torch.float64)[..., 3:, :], args["values"].double()], dim=-2)
+    keys, values = keys.repeat_interleave(3, dim=1), values.repeat_interleave(3, dim=1)
+    for c in range(chunk):
+        visible = keys.shape[-2] - chunk + c + 1
+        s = query[:, :, c].double()[:, :, None] @ keys[..., :visible, :].transpose(-1, -2) * args["scale"]
+        ref = (torch.softmax(s, -1) @ values[..., :visible, :])[:, :, 0]
+        err = (got[:, :, c].double() - ref).abs().max().item()
+        assert err < 1e-5, (c, err)

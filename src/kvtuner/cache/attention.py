@@ -49,6 +49,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from kvtuner.cache.compat import Cache
 from kvtuner.cache.layer import MixedPrecisionLayer
 from kvtuner.kernels import Backend, decode_attention
+from kvtuner.kernels.streaming import chunk_attention_streaming
 from kvtuner.method import StoredKV
 
 __all__ = ["attention_extras", "packed_attention_forward", "use_packed_attention"]
@@ -70,6 +71,17 @@ def _hides_nothing(mask: torch.Tensor | None) -> bool:
     if mask is None:
         return True
     return bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
+
+
+def _hides_only_later(mask: torch.Tensor | None, chunk: int) -> bool:
+    """Whether a chunk's mask (4-d, bool: True = visible; float: 0 = visible) is plain causal: query ``c`` of the
+    last ``chunk`` sees every cache slot up to its own."""
+    if mask is None or mask.dim() != 4:
+        return False
+    visible = (mask if mask.dtype == torch.bool else mask == 0)[:, 0, -chunk:, :]
+    slots = visible.shape[-1]
+    expected = torch.arange(slots, device=visible.device)[None] <= torch.arange(slots - chunk, slots, device=visible.device)[:, None]
+    return visible.shape[-2] == chunk and bool((visible == expected).all())
 
 
 def _hides_only_pads(mask: torch.Tensor | None, pads: torch.Tensor) -> bool:
@@ -116,9 +128,13 @@ def packed_attention_forward(
         return own(query, key, value, attention_mask)
     history = layer.pending_history
     layer.pending_history = None
-    if not _kernel_reads(dropout, kwargs) or not _hides_nothing(attention_mask):
+    chunk = query.shape[2]
+    visible = _hides_nothing(attention_mask) if chunk == 1 else _hides_only_later(attention_mask, chunk)
+    if not _kernel_reads(dropout, kwargs) or not visible:
         key, value = layer.with_history(history, key, value)
         return own(query, key, value, attention_mask)
+    if chunk > 1:  # a short chunk (decode-faithful evaluation)
+        return _decode(layer, query, history, key, value, scaling, backend).transpose(1, 2), None
     out = _decode(layer, query[:, :, 0], history, key, value, scaling, backend)
     return out.unsqueeze(1), None  # [B, 1, H_q, D], as the attention functions return it
 
@@ -134,7 +150,8 @@ def _kernel_reads(dropout: float, kwargs: dict) -> bool:
 
 def _decode(layer: MixedPrecisionLayer, query: torch.Tensor, history: StoredKV, keys: torch.Tensor,
             values: torch.Tensor, scaling: float | None, backend: Backend) -> torch.Tensor:
-    """The kernel: ``query`` ``[B, H_q, D]`` over ``history`` (packed) then ``keys`` / ``values``; ``[B, H_q, D]``."""
+    """The kernel: ``query`` ``[B, H_q, D]`` over ``history`` (packed) then ``keys`` / ``values``; ``[B, H_q, D]``.
+    A chunk, ``query`` ``[B, H_q, C, D]``, takes the torch path (float32, whatever ``backend``): ``[B, H_q, C, D]``."""
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     sink = 0
     if history.sink_keys is not None:  # sink slots of the codes are skipped, the tokens attended in full precision
@@ -142,6 +159,9 @@ def _decode(layer: MixedPrecisionLayer, query: torch.Tensor, history: StoredKV, 
         keys = torch.cat([history.sink_keys.to(keys.dtype), keys], dim=-2)
         values = torch.cat([history.sink_values.to(values.dtype), values], dim=-2)
     method = layer.method
+    if query.dim() == 4:
+        return chunk_attention_streaming(query, history.keys.codes, history.values.codes, keys, values,
+                                         scale, history_start=sink)
     return decode_attention(query, history.keys.codes, history.values.codes, keys, values, scale, method.key_spec,
                             method.value_spec, backend, history_start=sink)
 

@@ -151,7 +151,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
             last = key_states.shape[-2] - 1
             self.position_offset = (position_ids[:, -1].to(self.device) - last).expand(key_states.shape[0]).clone()
         self.cumulative_length += key_states.shape[-2]
-        packed = self.packed_decode and key_states.shape[-2] == 1
+        packed = self.packed_decode and key_states.shape[-2] <= self.window  # a decode step or a short chunk
         history = None if packed else self.dequantized_history()
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
@@ -362,7 +362,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
         for i, row in enumerate(self.rows):
             skip = int(self.pads[i]) if first else 0
             kwargs = {} if position_ids is None else {"position_ids": position_ids[i : i + 1, skip:]}
-            row.packed_decode = self.packed_decode
+            row.packed_decode = self.packed_decode and new == 1
             outs.append(row.update(key_states[i : i + 1, :, skip:], value_states[i : i + 1, :, skip:], kwargs=kwargs))
         if self.packed_decode and new == 1:  # the packed attention reads each row itself (kvtuner.cache.attention)
             self.pending_rows = []
@@ -440,12 +440,9 @@ class MixedPrecisionLayer(CacheLayerMixin):
         positions = self.positions(start, start + m)
         block = self.method.quantize(self.keys[..., :m, :], self.values[..., :m, :], start, positions, self.backend)
         self.history = self._append(block)
-        if self.keep_dequantized:
+        if self._memo is not None:  # kept up to date once something has read the history back
             flushed = self.method.dequantize(block, start, positions, self.dtype)
-            if self._memo is None:
-                self._memo = flushed
-            else:
-                self._memo = tuple(torch.cat([h, f], dim=-2) for h, f in zip(self._memo, flushed))
+            self._memo = tuple(torch.cat([h, f], dim=-2) for h, f in zip(self._memo, flushed))
         # clone: a view would keep the flushed full-precision tokens alive
         self.keys = self.keys[..., m:, :].clone()
         self.values = self.values[..., m:, :].clone()

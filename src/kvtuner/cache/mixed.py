@@ -80,8 +80,9 @@ def check_layer_types(config: KVConfig, model_config: PretrainedConfig) -> list[
 class MixedPrecisionCache(Cache):
     """Per-layer mixed-precision KV cache (KIVI-style layers, packed storage).
 
-    keep_dequantized: also memoize each layer's dequantized history, trading memory for speed
-    on the torch reference path (evaluation uses it); ``nbytes`` never counts the memo.
+    keep_dequantized: once a layer's history is read back whole (the reference path: layers the packed
+    attention does not read, or calls outside it), keep that copy and extend it at each flush, trading memory
+    for speed (evaluation uses it); ``nbytes`` never counts it.
     backend: kernels that quantize on flush (``"auto"``: Triton on CUDA; see :mod:`kvtuner.kernels`).
     calibration: NUQ levels and outlier thresholds (default: the file ``config.calibration`` names).
     """

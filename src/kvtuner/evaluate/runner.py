@@ -5,12 +5,18 @@ history plus the full-precision residual, and is then flushed into the cache lik
 tokens. With chunks aligned to every layer's residual window this is exactly what token-by-token
 generation computes (a token sees its own window in full precision and everything older
 quantized), at a fraction of the cost; not a whole-prompt fake quantization.
+
+Each chunk attends over the packed history tile by tile in float32
+(:func:`~kvtuner.kernels.streaming.chunk_attention_streaming`, inside ``use_packed_attention`` with the torch
+backend), so no full-precision copy of a layer's history is kept; layers that path does not read
+(outliers, pre-RoPE keys, kvquant ranges, sliding windows) keep one, read back once and extended at each flush.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from functools import reduce
 
@@ -19,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from kvtuner.cache import MixedPrecisionCache, cache_kwargs
+from kvtuner.cache.attention import use_packed_attention
 from kvtuner.config import KVConfig
 from kvtuner.evaluate.metrics import kl_sum, nll_sum, top1_matches
 from kvtuner.method import Calibration
@@ -95,15 +102,19 @@ class Evaluator:
         top1 = 0
         vocab = self.ref_logprobs.shape[-1]
         desc = f"eval {config.name or 'config'}" if self.progress else None
-        for start, logprobs in chunked_logprobs(self.model, ids, cache, chunk, desc):
-            end = start + logprobs.shape[1]
-            ref = self.ref_logprobs[:, start:end].reshape(-1, vocab)
-            flat = logprobs.reshape(-1, vocab)
-            kl += kl_sum(ref, flat)
-            top1 += top1_matches(ref, flat)
-            usable = min(end, length - 1) - start  # the last position has no next token
-            if usable > 0:
-                nll += nll_sum(logprobs[:, :usable].reshape(-1, vocab), ids[:, start + 1 : start + 1 + usable].reshape(-1))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*decode on the torch path")  # which layers read back: no news
+            with use_packed_attention(self.model, cache, backend="torch"):
+                for start, logprobs in chunked_logprobs(self.model, ids, cache, chunk, desc):
+                    end = start + logprobs.shape[1]
+                    ref = self.ref_logprobs[:, start:end].reshape(-1, vocab)
+                    flat = logprobs.reshape(-1, vocab)
+                    kl += kl_sum(ref, flat)
+                    top1 += top1_matches(ref, flat)
+                    usable = min(end, length - 1) - start  # the last position has no next token
+                    if usable > 0:
+                        nll += nll_sum(logprobs[:, :usable].reshape(-1, vocab),
+                                       ids[:, start + 1 : start + 1 + usable].reshape(-1))
         n = batch * length
         kv_bytes, kv_fp16 = cache.nbytes(), cache.nbytes_fp16()
         return EvalResult(

@@ -35,22 +35,42 @@ def decode_attention_streaming(
     """Same arguments and result as :func:`~kvtuner.kernels.reference.decode_attention_reference`
     (float32 arithmetic); ``tile_tokens``: history tokens dequantized at a time (rounded down to whole
     key groups)."""
-    b, h_q, d = query.shape
-    h_kv = keys.shape[1]
-    q = query.float().reshape(b, h_kv, h_q // h_kv, d) * scale
-    state = None  # (running max [b, h_kv, r, 1], sum, unnormalized output [b, h_kv, r, d])
+    return chunk_attention_streaming(query[:, :, None], qkeys, qvalues, keys, values, scale, history_start,
+                                     tile_tokens)[:, :, 0]
 
-    def absorb(state, k: torch.Tensor, v: torch.Tensor):
-        s = q @ k.float().transpose(-1, -2)
+
+def chunk_attention_streaming(
+    query: torch.Tensor,
+    qkeys: QuantizedTensor | None,
+    qvalues: QuantizedTensor | None,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scale: float,
+    history_start: int = 0,
+    tile_tokens: int = DEFAULT_TILE_TOKENS,
+) -> torch.Tensor:
+    """Causal attention of the last ``C`` tokens, ``query`` ``[B, H_q, C, D]``, over the packed history (all of it
+    visible) and the full-precision ``keys`` / ``values`` ``[B, H_kv, T_r, D]``, whose last ``C`` are the queries'
+    own (query ``c`` sees them up to its own): ``[B, H_q, C, D]``. What a chunk of decode-faithful evaluation
+    computes, without a full-precision copy of the history."""
+    b, h_q, c, d = query.shape
+    h_kv, n_res = keys.shape[1], keys.shape[-2]
+    q = query.float().reshape(b, h_kv, h_q // h_kv, c, d) * scale
+    state = None  # (running max [b, h_kv, r, c, 1], sum, unnormalized output [b, h_kv, r, c, d])
+
+    def absorb(state, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor | None = None):
+        s = q @ k.float()[:, :, None].transpose(-1, -2)
+        if hidden is not None:
+            s = s.masked_fill(hidden, float("-inf"))
         if state is None:
             m = s.amax(-1, keepdim=True)
             p = torch.exp(s - m)
-            return m, p.sum(-1, keepdim=True), p @ v.float()
+            return m, p.sum(-1, keepdim=True), p @ v.float()[:, :, None]
         m, l, acc = state
         m_new = torch.maximum(m, s.amax(-1, keepdim=True))
         alpha = torch.exp(m - m_new)
         p = torch.exp(s - m_new)
-        return m_new, l * alpha + p.sum(-1, keepdim=True), acc * alpha + p @ v.float()
+        return m_new, l * alpha + p.sum(-1, keepdim=True), acc * alpha + p @ v.float()[:, :, None]
 
     if qkeys is not None and history_start < qkeys.num_tokens:
         group = token_group(qkeys)
@@ -62,9 +82,12 @@ def decode_attention_streaming(
             k = dequantize(slice_tokens(qkeys, t0, t1))[..., skip:, :]
             v = dequantize(slice_tokens(qvalues, t0, t1))[..., skip:, :]
             state = absorb(state, k, v)
-    if keys.shape[-2]:
-        state = absorb(state, keys, values)
+    if n_res:
+        if n_res < c:
+            raise ValueError(f"{c} queries need their own {c} tokens among the {n_res} full-precision ones")
+        own = torch.arange(n_res - c, n_res, device=keys.device)[:, None]  # query c's own token
+        state = absorb(state, keys, values, torch.arange(n_res, device=keys.device)[None, :] > own if c > 1 else None)
     if state is None:
         raise ValueError("nothing to attend to: an empty history and no full-precision tokens")
     m, l, acc = state
-    return (acc / l).reshape(b, h_q, d).to(query.dtype)
+    return (acc / l).reshape(b, h_q, c, d).to(query.dtype)
