@@ -110,7 +110,7 @@ def batch_cat(parts):
 
 
 @torch.no_grad()
-def decode(model, cache, batch: int, steps: int, warmup: int, graph: bool) -> float:
+def decode(model, cache, batch: int, steps: int, warmup: int, graph: bool, backend: str) -> float:
     """Seconds a greedy one-token step takes (median-free mean over ``steps``, after ``warmup`` steps); ``graph``:
     the step (forward, argmax, feeding the token back) recorded once as a CUDA graph and replayed."""
     kw = cache_kwargs(model, cache)
@@ -120,7 +120,7 @@ def decode(model, cache, batch: int, steps: int, warmup: int, graph: bool) -> fl
         tokens.copy_(model(input_ids=tokens, logits_to_keep=1, **kw).logits[:, -1].argmax(-1, keepdim=True))
 
     if graph and isinstance(cache, MixedPrecisionCache):  # its decoder records (and replays) the graphs itself
-        with GraphedDecoder(model, cache, cache.get_seq_length() + warmup + steps + 1) as graphed:
+        with GraphedDecoder(model, cache, cache.get_seq_length() + warmup + steps + 1, backend) as graphed:
             for _ in range(warmup):
                 tokens.copy_(graphed(tokens).argmax(-1, keepdim=True))
             torch.cuda.synchronize()
@@ -157,9 +157,9 @@ def run_one(model, name: str, context: int, batch: int, steps: int, warmup: int,
     fill(cache, batch, context)
     if isinstance(cache, MixedPrecisionCache) and not graph:
         with use_packed_attention(model, cache, backend=backend):
-            seconds = decode(model, cache, batch, steps, warmup, graph)
+            seconds = decode(model, cache, batch, steps, warmup, graph, backend)
     else:
-        seconds = decode(model, cache, batch, steps, warmup, graph)
+        seconds = decode(model, cache, batch, steps, warmup, graph, backend)
     return dict(kv="quanto:K4V4" if name == "quanto" else name, batch=batch, context=context, graph=graph,
                 tokens_per_s=batch / seconds, ms_per_step=1e3 * seconds,
                 peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30)

@@ -20,8 +20,7 @@ import torch
 from kvtuner import KVConfig, MixedPrecisionCache
 from kvtuner.cache.attention import use_packed_attention
 from kvtuner.evaluate import token_windows
-from kvtuner.evaluate.metrics import kl_sum, nll_sum, top1_matches
-from kvtuner.evaluate.runner import chunked_logprobs, decode_chunk_size
+from kvtuner.evaluate.runner import decode_chunk_size, score_chunks
 from kvtuner.models import load_model
 
 
@@ -30,15 +29,8 @@ def score(model, ids, ref, config: KVConfig, path: str) -> tuple[float, float, f
     model.set_attn_implementation("eager" if path == "eager" else "sdpa")
     cache = MixedPrecisionCache(config, model.config, keep_dequantized=True)
     packed = use_packed_attention(model, cache, backend="torch") if path == "packed" else contextlib.nullcontext()
-    kl = nll = top1 = 0.0
-    length = ids.shape[1]
     with packed:
-        for start, logprobs in chunked_logprobs(model, ids, cache, decode_chunk_size(config, length)):
-            end = start + logprobs.shape[1]
-            flat, r = logprobs.reshape(-1, logprobs.shape[-1]), ref[:, start:end].reshape(-1, ref.shape[-1])
-            kl, top1 = kl + kl_sum(r, flat), top1 + top1_matches(r, flat)
-            usable = min(end, length - 1) - start
-            nll += nll_sum(logprobs[:, :usable].reshape(-1, flat.shape[-1]), ids[:, start + 1 : start + 1 + usable].reshape(-1))
+        kl, nll, top1 = score_chunks(model, ids, ref, cache, decode_chunk_size(config, ids.shape[1]))
     return kl / ids.numel(), top1 / ids.numel(), math.exp(nll / (ids.numel() - ids.shape[0]))
 
 

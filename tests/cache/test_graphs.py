@@ -109,19 +109,75 @@ def test_a_full_cache_and_a_call_outside_the_context_are_clear_errors(model):
     assert cache.get_seq_length() == 152 and cache.layers[0].keys.shape[-2] == 152 - 128
 
 
+def test_a_failed_step_leaves_the_decoder_usable_and_misuse_is_refused(model, monkeypatch):
+    """A step that raises after some layers updated leaves the device counts as the host's; the model called
+    directly, cache operations and a CPU cache asked for graphs are refused; a decoder can be entered again."""
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randint(0, 128, (1, 150), generator=g).to(DEVICE)
+    steps = torch.randint(0, 128, (1, 14), generator=g).to(DEVICE)
+    config = KVConfig.uniform("K4V4", 2, group_size=32, residual_length=32)
+    ref_cache, cache = prefilled(model, config, prompt), prefilled(model, config, prompt)
+    with GraphedDecoder(model, ref_cache, max_length=256, backend="torch", graphs=False) as step:
+        ref = torch.stack([step(steps[:, i : i + 1]).clone() for i in range(14)])
+    decoder = GraphedDecoder(model, cache, max_length=256, backend="torch", graphs=False)
+    got = []
+    with decoder as step:
+        got += [step(steps[:, i : i + 1]).clone() for i in range(5)]
+        mlp = model.model.layers[1].mlp
+        with monkeypatch.context() as m:  # layer 0 has updated when layer 1 fails
+            m.setattr(mlp, "forward", lambda x: (_ for _ in ()).throw(RuntimeError("boom")))
+            with pytest.raises(RuntimeError, match="boom"):
+                step(steps[:, 5:6])
+        with pytest.raises(RuntimeError, match="call the decoder"):
+            model(steps[:, 5:6], **cache_kwargs(model, cache))
+        for layer in cache.layers:
+            assert layer.static.lengths.tolist() == [layer.static.history_tokens, layer.static.residual_tokens]
+        with pytest.raises(RuntimeError, match="static decoding"):
+            cache.crop(-1)
+        with pytest.raises(RuntimeError, match="static decoding"):
+            cache.reorder_cache(torch.zeros(1, dtype=torch.long, device=DEVICE))
+        got += [step(steps[:, i : i + 1]).clone() for i in range(5, 11)]  # across the flush at step 10
+        static_bytes = cache.nbytes()
+    assert cache.nbytes() == static_bytes  # what update's storage holds: 160 stored tokens, a 1-token residual
+    with decoder as step:  # again, from update's storage
+        got += [step(steps[:, i : i + 1]).clone() for i in range(11, 14)]
+    assert torch.equal(torch.stack(got), ref)
+    with pytest.raises(ValueError, match="graphs need a CUDA cache"):
+        GraphedDecoder(model, cache, max_length=256, backend="torch", graphs=True)
+
+
+def test_reset_leaves_static_decoding(model):
+    cache = prefilled(model, KVConfig.uniform("K4V4", 2, group_size=32, residual_length=32),
+                      torch.randint(0, 128, (1, 150)).to(DEVICE))
+    with GraphedDecoder(model, cache, max_length=200, backend="torch", graphs=False):
+        cache.reset()
+        assert all(layer.static is None for layer in cache.layers)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_graph_replays_match_eager_static_steps(model):
-    """Recorded graphs (a plain and a flushing step) replayed across three flushes give the eager steps' logits."""
+def test_graph_replays_match_eager_static_steps_and_update(model):
+    """Recorded graphs (a plain and a flushing step) replayed across three flushes give the eager static steps'
+    logits and codes exactly, and update's packed path's codes exactly and logits to the kernel's rounding; a
+    second entry records its graphs anew."""
     g = torch.Generator().manual_seed(3)
     prompt = torch.randint(0, 128, (3, 170), generator=g).to(DEVICE)
     steps = torch.randint(0, 128, (3, 100), generator=g).to(DEVICE)
     config = KVConfig.uniform("K4V2", 2, group_size=32, residual_length=32)
-    eager, graphed = prefilled(model, config, prompt), prefilled(model, config, prompt)
+    eager, graphed, packed = (prefilled(model, config, prompt) for _ in range(3))
     out = {}
     for name, cache, graphs in (("eager", eager, False), ("graphs", graphed, True)):
-        with GraphedDecoder(model, cache, max_length=300, graphs=graphs) as step:
-            out[name] = torch.stack([step(steps[:, i : i + 1]).clone() for i in range(steps.shape[1])])
-    assert torch.equal(out["eager"], out["graphs"])
-    for a, b in zip(stored(eager), stored(graphed)):
-        assert torch.equal(a, b)
+        decoder = GraphedDecoder(model, cache, max_length=300, graphs=graphs)
+        with decoder as step:
+            out[name] = [step(steps[:, i : i + 1]).clone() for i in range(70)]
+            if graphs:
+                assert len(decoder._recorded) == 2
+        with decoder as step:
+            out[name] += [step(steps[:, i : i + 1]).clone() for i in range(70, 100)]
+    with torch.no_grad(), use_packed_attention(model, packed, backend="triton"):
+        out["update"] = [model(steps[:, i : i + 1], **cache_kwargs(model, packed)).logits[:, -1] for i in range(100)]
+    assert torch.equal(torch.stack(out["eager"]), torch.stack(out["graphs"]))
+    for a, b, c in zip(stored(eager), stored(graphed), stored(packed)):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    ref = torch.stack(out["update"])
+    assert ((torch.stack(out["graphs"]) - ref).norm() / ref.norm()).item() < 5e-3

@@ -52,6 +52,23 @@ def test_chunked_evaluation_is_decode_faithful(tiny_llama):
     assert whole_prompt.kl == pytest.approx(0, abs=1e-9)
 
 
+def test_layers_the_packed_path_reads_keep_no_full_precision_history(tiny_llama, monkeypatch):
+    """KIVI layers are scored by the streaming chunk attention, never read back whole; a layer the packed path
+    does not read (pre-RoPE keys) is read back (and kept) as before."""
+    from kvtuner.cache.layer import MixedPrecisionLayer
+
+    x = ids(1, 48)
+    cfg = KVConfig([LayerSpec("kivi", 2, 2, 8, 16), LayerSpec("kivi", 4, 2, 8, 16, pre_rope=True),
+                    LayerSpec("kivi", 4, 4, 8, 16)])
+    ev = Evaluator(tiny_llama, x)
+    read_back = []
+    original = MixedPrecisionLayer.dequantized_history
+    monkeypatch.setattr(MixedPrecisionLayer, "dequantized_history",
+                        lambda self: read_back.append(self.spec.label) or original(self))
+    ev.evaluate(cfg)
+    assert read_back and set(read_back) == {"K4V2+prerope"}
+
+
 def test_decode_chunk_size_is_gcd_of_windows():
     cfg = KVConfig([LayerSpec("kivi", 4, 4, 32, 64), LayerSpec("kivi", 2, 2, 32, 32), LayerSpec("fp16")])
     assert decode_chunk_size(cfg, 100) == 32

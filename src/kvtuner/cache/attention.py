@@ -3,13 +3,16 @@
 Why: a decode step reads every cached key and value once, so it is memory-bandwidth bound, and
 the reference path (dequantize the whole history, then attention) reads the packed bytes, writes a
 full-precision copy and reads that again. Here one-token steps call
-:func:`kvtuner.kernels.decode_attention` on the packed history and the residual instead.
+:func:`kvtuner.kernels.decode_attention` on the packed history and the residual instead, and short chunks
+(up to a residual window: decode-faithful evaluation, a few tokens fed at once) attend causally over the packed
+history tile by tile in float32 (:func:`~kvtuner.kernels.streaming.chunk_attention_streaming`, whatever the
+backend). Static layers (:class:`~kvtuner.cache.graphs.GraphedDecoder`) take the kernel with device-side counts.
 
 How it plugs into transformers: the model calls ``cache.update(k, v, layer_idx)`` and passes
 what it returns to the function registered for ``config._attn_implementation``. Inside the
 context, each :class:`~kvtuner.cache.layer.MixedPrecisionLayer` the kernel can read has
-``packed_decode`` set: on a one-token update it returns only its residual (new token included) and
-leaves the history that token attends to in ``pending_history``, taken before the flush so that the
+``packed_decode`` set: on an update of up to a window it returns only its residual (new tokens included) and
+leaves the history those tokens attend to in ``pending_history``, taken before the flush so that the
 step is exactly the reference's. The registered function finds the layer by ``module.layer_idx``,
 takes that history and runs the kernel.
 
@@ -19,9 +22,9 @@ that row's tokens alone, which hold no pads, so no mask is needed: "per-row star
 per-row calls (B launches a layer instead of one; a single launch with per-row offsets is future work).
 The step's mask must hide exactly each row's pads, else the step takes the path below.
 
-The kernel computes plain softmax attention of one query over every cached token. Everything else goes
-to the model's own attention function (the one it had before the context, with its own mask function),
-on full-precision K/V: prefill, unquantized layers, a mask that hides something else (a padded batch the
+The kernel computes plain softmax attention of one query over every cached token (a chunk: causal over its
+own tokens). Everything else goes to the model's own attention function (the one it had before the context,
+with its own mask function), on full-precision K/V: prefill and chunks longer than a window, unquantized layers, a mask that hides something else (a padded batch the
 cache was not told about, :meth:`~kvtuner.cache.MixedPrecisionCache.set_padding`), and
 any call with an argument the kernel does not implement (a logit softcap, attention sinks, a sliding
 window, dropout: :func:`attention_extras`), so no argument is ever dropped silently. Layers the kernel
@@ -148,11 +151,15 @@ def _kernel_reads(dropout: float, kwargs: dict) -> bool:
     return not unsupported
 
 
+def _scale(query: torch.Tensor, scaling: float | None) -> float:
+    return query.shape[-1] ** -0.5 if scaling is None else scaling
+
+
 def _decode(layer: MixedPrecisionLayer, query: torch.Tensor, history: StoredKV, keys: torch.Tensor,
             values: torch.Tensor, scaling: float | None, backend: Backend) -> torch.Tensor:
     """The kernel: ``query`` ``[B, H_q, D]`` over ``history`` (packed) then ``keys`` / ``values``; ``[B, H_q, D]``.
     A chunk, ``query`` ``[B, H_q, C, D]``, takes the torch path (float32, whatever ``backend``): ``[B, H_q, C, D]``."""
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scale = _scale(query, scaling)
     sink = 0
     if history.sink_keys is not None:  # sink slots of the codes are skipped, the tokens attended in full precision
         sink = history.sink_keys.shape[-2]
@@ -170,14 +177,12 @@ def _static_decode(layer: MixedPrecisionLayer, query: torch.Tensor, dropout: flo
                    backend: Backend, kwargs: dict) -> torch.Tensor:
     """A static step (:meth:`~kvtuner.cache.layer.MixedPrecisionLayer.begin_static`): the kernel over the layer's
     code and residual buffers up to the counts the step left on the device. Nothing here reads back to the host."""
-    layer.pending_history = None
     if not _kernel_reads(dropout, kwargs):
         raise ValueError("static decoding runs the packed kernel, which does not implement "
                          f"{', '.join(attention_extras(dropout, kwargs))}")
     st, method = layer.static, layer.method
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     keys, values = layer.code_buffers
-    out = decode_attention(query[:, :, 0], keys, values, st.residual_keys, st.residual_values, scale,
+    out = decode_attention(query[:, :, 0], keys, values, st.residual_keys, st.residual_values, _scale(query, scaling),
                            method.key_spec, method.value_spec, backend, lengths=st.attend)
     return out.unsqueeze(1)
 

@@ -17,8 +17,11 @@ static steps run eagerly, which is how CPU tests check them against ``update``.
 
 The cache must be a rectangular batch (no left padding) whose every layer the Triton kernel reads with
 device lengths: KIVI codes without sinks, codebooks, outliers or pre-RoPE keys, not sliding, at least 128
-tokens stored (a prefill of 160 or more with residual 32). On exit the layers go back to ``update``'s
-storage holding the same tokens, so ``generate`` or ``nbytes()`` carry on from there.
+tokens stored (a prompt of 128 tokens or more with key groups and residual of 32). Graphs need CUDA and the
+Triton kernel (``backend`` ``"auto"`` or ``"triton"``). A step that raises leaves every layer's device counts
+as the host's, so the decoder can go on; the cache's own operations (crop, beam reordering) wait until the
+``with`` block ends, when the layers go back to ``update``'s storage holding the same tokens, so ``generate``
+or ``nbytes()`` carry on from there. A decoder may be entered again (its graphs are recorded anew).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 from kvtuner.cache.attention import use_packed_attention
 from kvtuner.cache.compat import Cache, cache_kwargs
 from kvtuner.cache.layer import MixedPrecisionLayer
-from kvtuner.kernels import Backend
+from kvtuner.kernels import Backend, use_triton
 
 __all__ = ["GraphedDecoder"]
 
@@ -59,6 +62,9 @@ class GraphedDecoder:
         self.layers: list[MixedPrecisionLayer] = list(cache.layers)
         device = self.layers[0].device
         self.graphs = device.type == "cuda" if graphs is None else graphs
+        if self.graphs and (device.type != "cuda" or not use_triton(backend, device, True, "decode attention")):
+            raise ValueError("CUDA graphs need a CUDA cache and the Triton kernel (backend 'auto' or 'triton', "
+                             "triton installed); graphs=False runs the static steps eagerly")
         batch = self.layers[0].keys.shape[0]
         self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=device)
         self.positions = torch.zeros((batch, 1), dtype=torch.long, device=device)
@@ -68,16 +74,22 @@ class GraphedDecoder:
         self._stack: ExitStack | None = None
 
     def __enter__(self) -> GraphedDecoder:
-        self._stack = ExitStack()
-        self._stack.enter_context(use_packed_attention(self.model, self.cache, self.backend))
-        for layer in self.layers:
-            layer.begin_static(self.max_length)
-        self._stack.callback(lambda: [layer.end_static() for layer in self.layers])
+        if self._stack is not None:
+            raise RuntimeError("this GraphedDecoder is already entered")
+        with ExitStack() as stack:
+            stack.enter_context(use_packed_attention(self.model, self.cache, self.backend))
+            for layer in self.layers:
+                layer.begin_static(self.max_length)
+                stack.callback(layer.end_static)
+            self._stack = stack.pop_all()  # entered whole, or undone
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stack.close()
-        self._stack = None
+        stack, self._stack = self._stack, None
+        self._recorded.clear()  # recorded against this entry's buffers
+        self._seen.clear()
+        self._pool = None
+        stack.close()
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -89,23 +101,34 @@ class GraphedDecoder:
         self.tokens.copy_(tokens.reshape(self.tokens.shape))
         self.positions.fill_(length)
         pattern = tuple(layer.static.flushes for layer in self.layers)
-        if not self.graphs or pattern not in self._seen:
-            self._seen.add(pattern)
-            logits = self._forward()
-        else:
-            if pattern not in self._recorded:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
-                    out = self._forward()
-                self._pool = graph.pool()
-                self._recorded[pattern] = graph, out
-            graph, logits = self._recorded[pattern]
-            graph.replay()
+        try:
+            if not self.graphs or pattern not in self._seen:
+                logits = self._forward()
+                self._seen.add(pattern)
+            else:
+                if pattern not in self._recorded:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self._pool):
+                        out = self._forward()
+                    self._pool = graph.pool()
+                    self._recorded[pattern] = graph, out
+                graph, logits = self._recorded[pattern]
+                graph.replay()
+        except BaseException:
+            for layer in self.layers:  # some layers may have advanced their device counts
+                layer.static.restore_device_counts()
+            raise
         for layer in self.layers:
             layer.advance_static()
         return logits
 
     def _forward(self) -> torch.Tensor:
-        out = self.model(input_ids=self.tokens, position_ids=self.positions, logits_to_keep=1,
-                         **cache_kwargs(self.model, self.cache))
+        for layer in self.layers:
+            layer.static.in_step = True
+        try:
+            out = self.model(input_ids=self.tokens, position_ids=self.positions, logits_to_keep=1,
+                             **cache_kwargs(self.model, self.cache))
+        finally:
+            for layer in self.layers:
+                layer.static.in_step = False
         return out.logits[:, -1]

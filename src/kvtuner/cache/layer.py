@@ -66,7 +66,7 @@ from dataclasses import dataclass
 import torch
 
 from kvtuner.cache.compat import CacheLayerMixin, left_padding, position_ids_from, tokens_to_keep
-from kvtuner.kernels import Backend, decode_supported
+from kvtuner.kernels import Backend, decode_supported, min_static_history
 from kvtuner.method import KVMethod, StoredKV, StoredSide
 from kvtuner.quant import QuantizedTensor, reserve_tokens, slice_tokens, write_tokens_at
 
@@ -83,11 +83,21 @@ class StaticDecode:
     step: torch.Tensor  # int32 [2] on the device: what a step adds to ``lengths`` (0, 1), and a flushing one
     flush_step: torch.Tensor  # (window, 1 - window): made once, since a graph being recorded cannot copy from host
     attend: torch.Tensor | None = None  # the step's (history, residual) counts, for the attention kernel
+    in_step: bool = False  # set by the decoder around a step: a static layer updated by anything else refuses
 
     @property
     def flushes(self) -> bool:
         """Whether the next step fills the residual window (and so quantizes it)."""
         return self.residual_tokens + 1 == self.residual_keys.shape[-2]
+
+    def residual(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual tokens the host counts, as views of the buffers."""
+        n = self.residual_tokens
+        return self.residual_keys[..., :n, :], self.residual_values[..., :n, :]
+
+    def restore_device_counts(self) -> None:
+        """The device counts set back to the host's, after a step that failed part way (some layers updated)."""
+        self.lengths.copy_(torch.tensor([self.history_tokens, self.residual_tokens], dtype=torch.int32))
 
 
 class MixedPrecisionLayer(CacheLayerMixin):
@@ -176,6 +186,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        self.static = None
         self.keys = self.values = None
         self.history = None
         self.declared_padding = self.pads = self.rows = self.pending_rows = None
@@ -190,6 +201,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         if not self.is_initialized:
             return
+        self._refuse_while_static("crop")
         keep = tokens_to_keep(self.cumulative_length, tokens_to_remove)
         if self.rows is not None:  # every row loses the same newest tokens; a row cropped into its pads keeps none
             for row in self.rows:
@@ -227,32 +239,37 @@ class MixedPrecisionLayer(CacheLayerMixin):
 
     # --- static decoding (CUDA graphs) ---------------------------------------------------------
     def static_refusal(self) -> str | None:
-        """Why this layer cannot decode statically (None if it can): the packed kernel reads its history with
-        device-side lengths only for plain grouped codes, one rectangular batch and at least one kernel step of
-        history (128 tokens)."""
+        """Why this layer cannot decode statically (None if it can): plain KIVI codes (the Triton kernel reads
+        them with device-side counts; a flush quantizes them without reading back), one rectangular batch, and
+        the whole first step of history the kernel reads unmasked."""
         spec = self.spec
         if self.is_sliding or self.rows is not None:
             return "a sliding-window layer" if self.is_sliding else "a left-padded batch"
         if (not self.method.packed_decode_supported() or spec.sink or spec.codebook
                 or not decode_supported(self.method.key_spec, self.method.value_spec, self.keys.shape[-1])):
-            return (f"{spec.label}: the Triton kernel reads KIVI codes without sink tokens, codebooks, outliers or "
-                    "pre-RoPE keys")
-        if self.quantized_length < 128:
-            return f"{self.quantized_length} stored tokens (static decoding starts after 128)"
+            return f"{spec.label}: static decoding takes KIVI codes without sink tokens, codebooks, outliers or pre-RoPE keys"
+        needed = min_static_history(self.method.key_spec.group_size)
+        if self.quantized_length < needed:
+            return f"{self.quantized_length} stored tokens (static decoding needs {needed})"
         return None
 
     def begin_static(self, max_length: int) -> None:
         """Move to static decoding for up to ``max_length`` tokens in all: code buffers reserved to that, the
-        residual moved into a ``window``-token buffer (see the module docstring)."""
+        residual moved into a ``window``-token buffer (see the module docstring). The packed attention must read
+        this layer (``use_packed_attention``): the model's own attention would see the buffer's unused slots."""
+        if self.static is not None or not self.packed_decode:
+            raise RuntimeError("begin_static: the layer is already static" if self.static is not None else
+                               "begin_static runs inside use_packed_attention (GraphedDecoder enters it)")
         refusal = self.static_refusal()
         if refusal:
             raise ValueError(f"static decoding: {refusal}")
         n, window = self.quantized_length, self.window
-        capacity = -(-max(max_length, n) // window) * window
+        capacity = self._whole_windows(max(max_length, n))
         if self._buffers is None or self._buffers[0].num_tokens < capacity:
             self._buffers = (reserve_tokens(self.history.keys.codes, capacity),
                              reserve_tokens(self.history.values.codes, capacity))
-            self.history = StoredKV(*(StoredSide(slice_tokens(b, 0, n)) for b in self._buffers))
+            self.history = self._buffered_history(n)
+        self._memo = None  # static flushes do not extend it
         residual = self.keys.shape[-2]
         res_k = self.keys.new_zeros((*self.keys.shape[:-2], window, self.keys.shape[-1]))
         res_v = self.values.new_zeros((*self.values.shape[:-2], window, self.values.shape[-1]))
@@ -266,6 +283,8 @@ class MixedPrecisionLayer(CacheLayerMixin):
         its codes written after the history when this step fills it (the host knows when); the counts advanced.
         Returns the residual buffer; the step's counts wait in ``static.attend`` for the attention kernel."""
         st = self.static
+        if not st.in_step:
+            raise RuntimeError("a static layer is stepped by its GraphedDecoder: call the decoder, not the model")
         if key_states.shape[-2] != 1:
             raise ValueError("static decoding takes one token a step")
         slot = st.lengths[1:].long()
@@ -277,7 +296,6 @@ class MixedPrecisionLayer(CacheLayerMixin):
             for buffer, side in zip(self._buffers, (block.keys, block.values)):
                 write_tokens_at(buffer, st.lengths[:1], side.codes)
         st.lengths.add_(st.flush_step if st.flushes else st.step)
-        self.pending_history = self.history
         return st.residual_keys, st.residual_values
 
     @property
@@ -292,16 +310,28 @@ class MixedPrecisionLayer(CacheLayerMixin):
         if st.flushes:
             st.history_tokens += self.window
             st.residual_tokens = 0
-            self.history = StoredKV(*(StoredSide(slice_tokens(b, 0, st.history_tokens)) for b in self._buffers))
+            self.history = self._buffered_history(st.history_tokens)
         else:
             st.residual_tokens += 1
 
     def end_static(self) -> None:
-        """Back to ``update``'s storage: the residual buffer's tokens become the residual window again."""
+        """Back to ``update``'s storage: the residual buffer's tokens become the residual window again (nothing to do
+        after a ``reset``)."""
         st, self.static = self.static, None
-        self.keys = st.residual_keys[..., : st.residual_tokens, :].clone()
-        self.values = st.residual_values[..., : st.residual_tokens, :].clone()
-        self.pending_history = None
+        if st is None:
+            return
+        self.keys, self.values = (t.clone() for t in st.residual())
+
+    def _refuse_while_static(self, what: str) -> None:
+        if self.static is not None:
+            raise RuntimeError(f"{what} during static decoding: leave the GraphedDecoder first")
+
+    def _buffered_history(self, tokens: int) -> StoredKV:
+        """The first ``tokens`` of the code buffers, as the history (plain codes: static layers have no extras)."""
+        return StoredKV(*(StoredSide(slice_tokens(b, 0, tokens)) for b in self._buffers))
+
+    def _whole_windows(self, tokens: int) -> int:
+        return -(-tokens // self.window) * self.window
 
     # --- padded batches -----------------------------------------------------------------------
     def set_padding(self, attention_mask: torch.Tensor) -> None:
@@ -389,9 +419,11 @@ class MixedPrecisionLayer(CacheLayerMixin):
         """``history`` (this layer's, e.g. a packed step's ``pending_history``) read back, then ``keys`` / ``values``."""
         if history is None:
             return keys, values
-        start = self.first_token
-        hist_k, hist_v = self.method.dequantize(history, start, self.positions(start, start + history.num_tokens),
-                                                keys.dtype)
+        start, n = self.first_token, history.num_tokens
+        if self.keep_dequantized:  # the memo of the history since flushed, of which ``history`` is the front
+            hist_k, hist_v = (t[..., :n, :] for t in self.dequantized_history())
+        else:
+            hist_k, hist_v = self.method.dequantize(history, start, self.positions(start, start + n), keys.dtype)
         return torch.cat([hist_k, keys], dim=-2), torch.cat([hist_v, values], dim=-2)
 
     def _copy(self) -> MixedPrecisionLayer:
@@ -457,7 +489,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
         n, m = self.quantized_length, block.num_tokens
         if self._buffers is None or self._buffer_start + n + m > self._buffers[0].num_tokens:
             # a sliding layer's history starts further into its buffers at every drop: the copy moves it back
-            capacity = -(-max(int(n * self.GROWTH), n + m) // self.window) * self.window
+            capacity = self._whole_windows(max(int(n * self.GROWTH), n + m))
             self._buffers = (reserve_tokens(self.history.keys.codes, capacity),
                              reserve_tokens(self.history.values.codes, capacity))
             self._buffer_start = 0
@@ -478,6 +510,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
     def _map_batch(self, fn) -> None:
         if not self.is_initialized:
             return
+        self._refuse_while_static("reordering or selecting rows")
         if self.rows is not None:
             self._map_rows(fn(torch.arange(len(self.rows), device=self.pads.device)).tolist())
             self.pads = fn(self.pads)
@@ -501,7 +534,8 @@ class MixedPrecisionLayer(CacheLayerMixin):
         """``nbytes`` without the level tables, which a ragged layer's rows share."""
         if self.rows is not None:
             return sum(row._stored_nbytes() for row in self.rows)
-        stored = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        keys, values = (self.keys, self.values) if self.static is None else self.static.residual()
+        stored = keys.numel() * keys.element_size() + values.numel() * values.element_size()
         if self.history is not None:
             stored += self.history.nbytes()
         return stored

@@ -66,6 +66,26 @@ def chunked_logprobs(model: PreTrainedModel, input_ids: torch.Tensor, cache, chu
         yield start, torch.log_softmax(logits.float(), dim=-1)
 
 
+def score_chunks(model: PreTrainedModel, input_ids: torch.Tensor, ref_logprobs: torch.Tensor, cache, chunk_size: int,
+                 progress: str | None = None) -> tuple[float, float, int]:
+    """Summed KL(reference || cache), next-token NLL and top-1 agreements of ``input_ids`` fed through ``cache``
+    in chunks (:func:`chunked_logprobs`), against ``ref_logprobs`` ``[B, T, V]``."""
+    length = input_ids.shape[1]
+    vocab = ref_logprobs.shape[-1]
+    kl = nll = 0.0
+    top1 = 0
+    for start, logprobs in chunked_logprobs(model, input_ids, cache, chunk_size, progress):
+        end = start + logprobs.shape[1]
+        ref = ref_logprobs[:, start:end].reshape(-1, vocab)
+        flat = logprobs.reshape(-1, vocab)
+        kl += kl_sum(ref, flat)
+        top1 += top1_matches(ref, flat)
+        usable = min(end, length - 1) - start  # the last position has no next token
+        if usable > 0:
+            nll += nll_sum(logprobs[:, :usable].reshape(-1, vocab), input_ids[:, start + 1 : start + 1 + usable].reshape(-1))
+    return kl, nll, top1
+
+
 class Evaluator:
     """Holds the model, the tokens and the full-precision reference, to score many configs.
 
@@ -98,23 +118,11 @@ class Evaluator:
         batch, length = ids.shape
         chunk = chunk_size or decode_chunk_size(config, length)
         cache = MixedPrecisionCache(config, self.model.config, keep_dequantized=True, calibration=self.calibration)
-        kl = nll = 0.0
-        top1 = 0
-        vocab = self.ref_logprobs.shape[-1]
         desc = f"eval {config.name or 'config'}" if self.progress else None
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*decode on the torch path")  # which layers read back: no news
             with use_packed_attention(self.model, cache, backend="torch"):
-                for start, logprobs in chunked_logprobs(self.model, ids, cache, chunk, desc):
-                    end = start + logprobs.shape[1]
-                    ref = self.ref_logprobs[:, start:end].reshape(-1, vocab)
-                    flat = logprobs.reshape(-1, vocab)
-                    kl += kl_sum(ref, flat)
-                    top1 += top1_matches(ref, flat)
-                    usable = min(end, length - 1) - start  # the last position has no next token
-                    if usable > 0:
-                        nll += nll_sum(logprobs[:, :usable].reshape(-1, vocab),
-                                       ids[:, start + 1 : start + 1 + usable].reshape(-1))
+                kl, nll, top1 = score_chunks(self.model, ids, self.ref_logprobs, cache, chunk, desc)
         n = batch * length
         kv_bytes, kv_fp16 = cache.nbytes(), cache.nbytes_fp16()
         return EvalResult(

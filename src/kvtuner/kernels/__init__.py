@@ -44,10 +44,20 @@ __all__ = [
     "Backend",
     "decode_attention",
     "decode_supported",
+    "min_static_history",
     "quantize",
     "quantize_supported",
     "use_triton",
 ]
+
+
+STEP_TOKENS = 128  # history tokens one step of the Triton decode kernel covers (one key group, if longer)
+
+
+def min_static_history(key_group: int) -> int:
+    """History tokens the Triton kernel needs before it reads its counts from the device: its first step whole
+    (with counts on the device it reads whole steps unmasked)."""
+    return max(STEP_TOKENS, key_group)
 
 
 def _pow2(n: int) -> bool:
@@ -119,6 +129,13 @@ def quantize(x: torch.Tensor, spec: QuantSpec, backend: Backend = "auto") -> Qua
     return quantize_reference(x, spec)
 
 
+def _triton_decodes(key_spec: QuantSpec, value_spec: QuantSpec, qkeys: QuantizedTensor | None,
+                    qvalues: QuantizedTensor | None, head_dim: int) -> bool:
+    """Whether the Triton decode kernel reads these codes: its layout, and level tables of one row of 4-16."""
+    return decode_supported(key_spec, value_spec, head_dim) and all(
+        q is None or q.levels is None or (q.levels.dim() == 1 and q.spec.bits in (2, 3, 4)) for q in (qkeys, qvalues))
+
+
 def decode_attention(
     query: torch.Tensor,
     qkeys: QuantizedTensor | None,
@@ -145,8 +162,8 @@ def decode_attention(
     and sliced by every other backend.
     """
     if lengths is not None:
-        supported = decode_supported(key_spec, value_spec, query.shape[-1])
-        if use_triton(backend, query.device, supported, "decode attention"):
+        if use_triton(backend, query.device, _triton_decodes(key_spec, value_spec, qkeys, qvalues, query.shape[-1]),
+                      "decode attention"):
             from kvtuner.kernels.decode import decode_attention_triton
 
             return decode_attention_triton(query, qkeys, qvalues, keys, values, scale, history_start, lengths=lengths)
@@ -169,9 +186,8 @@ def decode_attention(
             raise ValueError("the Gluon decode kernel does not read this layout (2, 4 or 8 uniform bits a side, head "
                              "dim 64 or 128, key groups of 32-128 tokens: kvtuner.kernels.gluon_decode); "
                              "use backend='triton'")
-    supported = decode_supported(key_spec, value_spec, query.shape[-1]) and all(
-        q is None or q.levels is None or (q.levels.dim() == 1 and q.spec.bits in (2, 3, 4)) for q in (qkeys, qvalues))
-    if use_triton(backend, query.device, supported, "decode attention"):
+    if use_triton(backend, query.device, _triton_decodes(key_spec, value_spec, qkeys, qvalues, query.shape[-1]),
+                  "decode attention"):
         from kvtuner.kernels.decode import decode_attention_triton
 
         return decode_attention_triton(query, qkeys, qvalues, keys, values, scale, history_start)

@@ -62,6 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvtuner.kernels import STEP_TOKENS
 from kvtuner.quant import QuantizedTensor
 from kvtuner.quant.codebook import level_grid
 
@@ -648,10 +649,10 @@ def default_maxnreg(num_warps: int) -> int | None:
 
 def stacking(r_p: int, head_dim: int, key_group: int, value_group: int) -> tuple[int, int, int]:
     """(value groups a token, stacked rows M, key groups a step NG): the rows stack ``r_p`` query heads once
-    per key (or value) group, at least the 16 rows an mma tile has; a step covers up to 128 tokens."""
+    per key (or value) group, at least the 16 rows an mma tile has; a step covers up to STEP_TOKENS tokens."""
     ngv = head_dim // value_group
     m = max(16, r_p * ngv)
-    return ngv, m, min(m // r_p, max(1, 128 // key_group))
+    return ngv, m, min(m // r_p, max(1, STEP_TOKENS // key_group))
 
 
 @functools.lru_cache(maxsize=256)
