@@ -60,6 +60,14 @@ def tiny_llama():
 
 
 @pytest.fixture(scope="session")
+def packed_llama():
+    """Head dim 32 and GQA 4, on the GPU where there is one: the shapes the packed decode kernels read."""
+    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512)
+    return _seeded(LlamaForCausalLM, config).to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen2():
     """Qwen2 has QKV bias, the family KVTuner found sensitive to KV quantization."""
     return _seeded(Qwen2ForCausalLM, Qwen2Config(**TINY))

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated, so before importing them
 pytest.importorskip("triton")
 
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AttentionInterface  # noqa: E402
 
 from kvtuner import KVConfig, MixedPrecisionCache  # noqa: E402
 from kvtuner.cache import cache_kwargs  # noqa: E402
@@ -25,12 +25,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {"torch": 1e-5, "triton": 5e-3}
 
 
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256)
-    return LlamaForCausalLM(config).to(DEVICE).eval()
+@pytest.fixture
+def model(packed_llama):
+    return packed_llama
 
 
 def run(model, cache, prompt, steps, mask=None):
