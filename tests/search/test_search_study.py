@@ -1,3 +1,4 @@
+import copy
 import json
 
 import optuna
@@ -15,8 +16,11 @@ def settings(**kw) -> SearchSettings:
 
 
 def test_search_end_to_end(tiny_llama, tiny_profile, tiny_ids, tmp_path):
+    """In float64: the one-pass and the chunked held-out KLs attend in different orders, which quantization
+    amplifies in float32 (benchmarks/eval_noise.py) to a few 1e-3 of a 3e-6 KL and the whole of a 1e-8 one."""
     calib, valid = tiny_ids
-    result = run_search(tiny_llama, tiny_profile, calib, valid, settings(), tmp_path)
+    model = copy.deepcopy(tiny_llama).double()
+    result = run_search(model, tiny_profile, calib, valid, settings(), tmp_path)
     assert result.sizes.full == 7**3 and result.sizes.clustered <= result.sizes.pruned <= result.sizes.full
     assert result.study["complete"] == 16
     # the front is non-dominated and sorted by bits

@@ -55,22 +55,23 @@ def chunk_attention_streaming(
     computes, without a full-precision copy of the history."""
     b, h_q, c, d = query.shape
     h_kv, n_res = keys.shape[1], keys.shape[-2]
-    q = query.float().reshape(b, h_kv, h_q // h_kv, c, d) * scale
+    compute = torch.float64 if query.dtype == torch.float64 else torch.float32  # a float64 model stays float64
+    q = query.to(compute).reshape(b, h_kv, h_q // h_kv, c, d) * scale
     state = None  # (running max [b, h_kv, r, c, 1], sum, unnormalized output [b, h_kv, r, c, d])
 
     def absorb(state, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor | None = None):
-        s = q @ k.float()[:, :, None].transpose(-1, -2)
+        s = q @ k.to(compute)[:, :, None].transpose(-1, -2)
         if hidden is not None:
             s = s.masked_fill(hidden, float("-inf"))
         if state is None:
             m = s.amax(-1, keepdim=True)
             p = torch.exp(s - m)
-            return m, p.sum(-1, keepdim=True), p @ v.float()[:, :, None]
+            return m, p.sum(-1, keepdim=True), p @ v.to(compute)[:, :, None]
         m, l, acc = state
         m_new = torch.maximum(m, s.amax(-1, keepdim=True))
         alpha = torch.exp(m - m_new)
         p = torch.exp(s - m_new)
-        return m_new, l * alpha + p.sum(-1, keepdim=True), acc * alpha + p @ v.float()[:, :, None]
+        return m_new, l * alpha + p.sum(-1, keepdim=True), acc * alpha + p @ v.to(compute)[:, :, None]
 
     if qkeys is not None and history_start < qkeys.num_tokens:
         group = token_group(qkeys)
@@ -79,8 +80,8 @@ def chunk_attention_streaming(
         for t0 in range(history_start // group * group, n, tile):
             t1 = min(n, t0 + tile)
             skip = max(history_start - t0, 0)  # sink slots at the start of the first tile
-            k = dequantize(slice_tokens(qkeys, t0, t1))[..., skip:, :]
-            v = dequantize(slice_tokens(qvalues, t0, t1))[..., skip:, :]
+            k = dequantize(slice_tokens(qkeys, t0, t1), compute)[..., skip:, :]
+            v = dequantize(slice_tokens(qvalues, t0, t1), compute)[..., skip:, :]
             state = absorb(state, k, v)
     if n_res:
         if n_res < c:
