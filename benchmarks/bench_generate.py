@@ -28,6 +28,7 @@ token, cut by 15% on out-of-memory).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import time
@@ -165,13 +166,37 @@ def run_one(model, name: str, context: int, batch: int, steps: int, warmup: int,
                 peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30)
 
 
-def build_quanto_extension() -> float:
-    """Seconds quanto's CUDA extension took to build and load (nvcc through torch's cpp_extension, once)."""
+@functools.cache
+def build_quanto_extension() -> None:
+    """Build and load quanto's CUDA extension (nvcc through torch's cpp_extension, minutes) once, saying how long it took."""
     from optimum.quanto.library.extensions import get_extension
 
     t0 = time.perf_counter()
     get_extension("quanto_cuda").lib
-    return time.perf_counter() - t0
+    print(f"quanto's CUDA extension built and loaded in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def run_fitting(model, name: str, context: int, batch: int, steps: int, graph: bool, backend: str,
+                shrink: bool) -> tuple[dict | None, int]:
+    """(``run_one``'s row, the batch it ran at): on out-of-memory 15% smaller with ``shrink`` (the largest batch that
+    fits), else skipped (None)."""
+    while batch >= 1:
+        try:
+            t0 = time.time()
+            r = run_one(model, name, context, batch, steps, GRAPH_WARMUP if graph else 2, graph, backend)
+            print(f"{name + ' graph' * graph:12} T={context:6} B={batch:4} {r['tokens_per_s']:9.1f} tok/s "
+                  f"{r['ms_per_step']:7.2f} ms/step peak {r['peak_mem_gib']:5.1f} GiB ({time.time() - t0:.0f}s)", flush=True)
+            return r, batch
+        except torch.OutOfMemoryError:
+            print(f"{name:12} T={context:6} B={batch:4} out of memory, {'retrying smaller' if shrink else 'skipped'}",
+                  flush=True)
+            if not shrink:
+                return None, batch
+            batch = int(batch * 0.85)
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()
+    return None, batch
 
 
 GRAPHED = ("static", "K8V8", "K4V4", "mixed3.25")  # caches whose decode step CUDA graphs can record
@@ -192,7 +217,7 @@ def main() -> None:
     ap.add_argument("--quanto-ext", action="store_true", help="use quanto's JIT-built CUDA extension (else torch unpack)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
-    if any(b != "max" and not b.isdigit() for b in args.batches):
+    if any(b != "max" and not (b.isdigit() and int(b) > 0) for b in args.batches):
         ap.error(f"--batches takes positive integers and max, not {' '.join(args.batches)}")
     for name in set(args.kv) - {"fp16", "static", "quanto"}:
         try:
@@ -218,36 +243,17 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name().replace("NVIDIA ", "").split()[0].lower()
     rows = []
-    quanto_built = False
     for context in args.contexts:
         for name in args.kv:
-            if name == "quanto" and args.quanto_ext and not quanto_built:  # built on first use (nvcc, minutes)
-                print(f"quanto's CUDA extension built and loaded in {build_quanto_extension():.0f} s", flush=True)
-                quanto_built = True
+            if name == "quanto" and args.quanto_ext:
+                build_quanto_extension()
             steps = args.steps if name != "quanto" or args.quanto_ext else max(2, args.steps // 8)
             largest = min(args.max_batch, int(free // (token_bytes(name) * (context + steps + 64))))
             for wanted in args.batches:
                 batch = largest if wanted == "max" else int(wanted)
                 for graph in (False, True) if args.graph and name in GRAPHED and batch <= 16 else (False,):
-                    while batch >= 1:
-                        try:
-                            t0 = time.time()
-                            rows.append(run_one(model, name, context, batch, steps, GRAPH_WARMUP if graph else 2, graph,
-                                                       args.backend))
-                            r = rows[-1]
-                            print(f"{name + ' graph' * graph:12} T={context:6} B={batch:4} {r['tokens_per_s']:9.1f} tok/s "
-                                  f"{r['ms_per_step']:7.2f} ms/step peak {r['peak_mem_gib']:5.1f} GiB ({time.time() - t0:.0f}s)",
-                                  flush=True)
-                            break
-                        except torch.OutOfMemoryError:
-                            if wanted != "max":
-                                print(f"{name:12} T={context:6} B={batch:4} out of memory, skipped", flush=True)
-                                break
-                            print(f"{name:12} T={context:6} B={batch:4} out of memory, retrying smaller", flush=True)
-                            batch = int(batch * 0.85)
-                        finally:
-                            gc.collect()
-                            torch.cuda.empty_cache()
+                    row, batch = run_fitting(model, name, context, batch, steps, graph, args.backend, wanted == "max")
+                    rows += [row] if row else []
                     (args.out / f"generate_{gpu}.json").write_text(json.dumps(rows, indent=1))  # kept if a later row dies
 
     print(f"\n{'kv':16} {'T':>6} {'B':>4} {'tok/s':>9} {'ms/step':>8} {'x static':>8} {'peak GiB':>8}")

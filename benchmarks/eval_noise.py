@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+from pathlib import Path
 
 import torch
 
 from kvtuner import KVConfig, MixedPrecisionCache
+from kvtuner.config import KVConfigError
 from kvtuner.cache.attention import use_packed_attention
-from kvtuner.evaluate import token_windows
+from kvtuner.evaluate import DataError, token_windows
 from kvtuner.evaluate.runner import decode_chunk_size, score_chunks
 from kvtuner.models import load_model
 
@@ -41,9 +43,19 @@ def main() -> None:
     ap.add_argument("--kv", nargs="+", default=["K4V4", "K2V2"])
     ap.add_argument("--tokens", type=int, default=2048)
     args = ap.parse_args()
+    for kv in args.kv:
+        try:
+            KVConfig.uniform(kv, 1)
+        except KVConfigError as err:
+            ap.error(f"--kv {kv}: {err}")
+    if not Path(args.data).is_file():
+        ap.error(f"--data {args.data}: no such file")
     torch.set_num_threads(1)
     model, tokenizer = load_model(args.model)
-    ids = token_windows(args.data, tokenizer, window=args.tokens)[:1]
+    try:
+        ids = token_windows(args.data, tokenizer, window=args.tokens)[:1]
+    except DataError as err:
+        ap.error(str(err))
     with torch.no_grad():
         ref = torch.log_softmax(model(ids, use_cache=False).logits.float(), dim=-1)
     layers = model.config.num_hidden_layers

@@ -69,30 +69,33 @@ def attention_extras(dropout: float, kwargs: dict) -> list[str]:
     return names + ["dropout"] * bool(dropout)
 
 
+def _visible(mask: torch.Tensor) -> torch.Tensor:
+    """An attention mask (bool: True = visible; float: 0 = visible) as bool, True where visible."""
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
 def _hides_nothing(mask: torch.Tensor | None) -> bool:
-    """Whether an attention mask (bool: True = visible; float: 0 = visible) lets every query see every key."""
-    if mask is None:
-        return True
-    return bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
+    """Whether an attention mask lets every query see every key."""
+    return mask is None or bool(_visible(mask).all())
 
 
 def _hides_only_later(mask: torch.Tensor | None, chunk: int) -> bool:
-    """Whether a chunk's mask (4-d, bool: True = visible; float: 0 = visible) is plain causal: query ``c`` of the
+    """Whether a chunk's 4-d mask is plain causal: query ``c`` of the
     last ``chunk`` sees every cache slot up to its own."""
     if mask is None or mask.dim() != 4:
         return False
-    visible = (mask if mask.dtype == torch.bool else mask == 0)[:, 0, -chunk:, :]
+    visible = _visible(mask)[:, 0, -chunk:, :]
     slots = visible.shape[-1]
     expected = torch.arange(slots, device=visible.device)[None] <= torch.arange(slots - chunk, slots, device=visible.device)[:, None]
     return visible.shape[-2] == chunk and bool((visible == expected).all())
 
 
 def _hides_only_pads(mask: torch.Tensor | None, pads: torch.Tensor) -> bool:
-    """Whether a one-token step's mask (4-d, bool: True = visible; float: 0 = visible) hides exactly the first
+    """Whether a one-token step's 4-d mask hides exactly the first
     ``pads[i]`` cache slots of each row i."""
     if mask is None or mask.dim() != 4:
         return False
-    visible = (mask if mask.dtype == torch.bool else mask == 0)[:, 0, -1, :]
+    visible = _visible(mask)[:, 0, -1, :]
     expected = torch.arange(visible.shape[-1], device=visible.device)[None] >= pads.to(visible.device)[:, None]
     return visible.shape == expected.shape and torch.equal(visible, expected)
 

@@ -33,7 +33,7 @@ def decode_attention_streaming(
     tile_tokens: int = DEFAULT_TILE_TOKENS,
 ) -> torch.Tensor:
     """Same arguments and result as :func:`~kvtuner.kernels.reference.decode_attention_reference`
-    (float32 arithmetic); ``tile_tokens``: history tokens dequantized at a time (rounded down to whole
+    (float32 arithmetic, float64 for a float64 query); ``tile_tokens``: history tokens dequantized at a time (rounded down to whole
     key groups)."""
     return chunk_attention_streaming(query[:, :, None], qkeys, qvalues, keys, values, scale, history_start,
                                      tile_tokens)[:, :, 0]
