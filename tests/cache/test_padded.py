@@ -138,10 +138,10 @@ def test_layer_stores_each_padded_row_bit_for_bit_as_alone(kv):
         not native_available(warn=False), reason="the C++ CPU decode kernel does not build here (g++ and ninja)")),
     ("triton", 8, 5e-3)])
 def test_packed_attention_reads_each_padded_row(llama32, backend, new_tokens, tolerance, one_thread, monkeypatch):
-    """Inside use_packed_attention a ragged layer's steps run the kernel once per row (no fallback, no warning,
+    """Inside use_packed_attention a ragged layer's steps read every row's packed history (no fallback, no warning,
     no dequantized history): the same tokens, logits equal to the torch path's up to the kernel's rounding (its
     Triton dot operands are fp16; Triton runs in its interpreter on CPU, so fewer steps; ``native`` is the C++
-    kernel, what ``auto`` runs on CPU)."""
+    kernel, what ``auto`` runs on CPU). Triton reads the whole batch in one launch a layer and step."""
     import warnings
 
     import kvtuner.cache.attention as attention
@@ -150,9 +150,16 @@ def test_packed_attention_reads_each_padded_row(llama32, backend, new_tokens, to
     inputs = left_padded(prompts())
     reference = generate(llama32, MixedPrecisionCache(config, llama32.config), inputs, max_new_tokens=new_tokens)
     cache = MixedPrecisionCache(config, llama32.config)
-    rows = []
-    kernel = attention.decode_attention
-    monkeypatch.setattr(attention, "decode_attention", lambda q, *a, **kw: rows.append(q.shape[0]) or kernel(q, *a, **kw))
+    rows, launches = [], []
+    kernel = attention.decode_attention_rows
+    monkeypatch.setattr(attention, "decode_attention_rows",
+                        lambda q, *a, **kw: rows.append(q.shape[0]) or kernel(q, *a, **kw))
+    if backend == "triton":
+        import kvtuner.kernels.decode as kd
+
+        split = kd._decode_split_kernel
+        monkeypatch.setattr(kd, "_decode_split_kernel", type("Counted", (), {
+            "__getitem__": lambda self, grid: launches.append(grid[0]) or split[grid]})())
     monkeypatch.setattr(MixedPrecisionLayer, "dequantized_history",  # (the prefill asks before anything is stored)
                         lambda self: None if self.history is None else pytest.fail("decode dequantized the history"))
     with warnings.catch_warnings(), use_packed_attention(llama32, cache, backend=backend):
@@ -161,8 +168,9 @@ def test_packed_attention_reads_each_padded_row(llama32, backend, new_tokens, to
     assert torch.equal(out.sequences, reference.sequences)
     for got, want in zip(out.logits, reference.logits, strict=True):
         assert (got - want).norm() / want.norm() < tolerance
-    # each row of each layer, every decode step: all rows have a history from the prefill (37 and 50 tokens: 32)
-    assert rows == [1] * (N_LAYERS * 3 * (new_tokens - 1))
+    # every layer, every decode step, the batch's 3 rows (all have a history from the prefill: 37 and 50 tokens: 32)
+    assert rows == [3] * (N_LAYERS * (new_tokens - 1))
+    assert launches == ([3 * llama32.config.num_key_value_heads] * len(rows) if backend == "triton" else [])
 
 
 def test_padding_declared_without_position_ids(llama32, one_thread, monkeypatch):
@@ -247,13 +255,14 @@ def test_select_crop_and_nbytes_of_a_padded_batch(llama32, one_thread):
 
 
 def test_packed_rows_without_history_and_masks_hiding_more_than_pads(llama32, one_thread, monkeypatch):
-    """A row whose tokens all sit in the residual attends through the model's own attention; a step whose mask
+    """A row whose tokens all sit in the residual attends to its residual alone; a step whose mask
     hides a real token as well takes the model's attention over the rows' full K/V (what the torch path does)."""
     import kvtuner.cache.attention as attention
 
-    kernel_rows = []
-    kernel = attention.decode_attention
-    monkeypatch.setattr(attention, "decode_attention", lambda q, *a, **kw: kernel_rows.append(q.shape[0]) or kernel(q, *a, **kw))
+    histories = []
+    kernel = attention.decode_attention_rows
+    monkeypatch.setattr(attention, "decode_attention_rows", lambda q, rows, *a, **kw: histories.append(
+        [row[0] is not None for row in rows]) or kernel(q, rows, *a, **kw))
     config = KVConfig.uniform("K4V2", N_LAYERS, group_size=32, residual_length=32)
     rows = prompts((20, 45))  # the 20-token row stores nothing until its 32nd token
     inputs = left_padded(rows)
@@ -276,5 +285,5 @@ def test_packed_rows_without_history_and_masks_hiding_more_than_pads(llama32, on
         assert [row.quantized_length for row in cache.layers[0].rows] == [32, 32]
         logits.append(torch.cat(out, 1))
     torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-4)
-    # the kernel: row 1 at steps 0-14, row 0 once it has a history (steps 12-14), both layers; step 15 fell back
-    assert kernel_rows == [1] * (N_LAYERS * (15 + 3))
+    # the kernel at steps 0-14 in both layers, row 0 with a history from step 12 on; step 15 fell back
+    assert histories == [[False, True]] * (N_LAYERS * 12) + [[True, True]] * (N_LAYERS * 3)

@@ -11,6 +11,7 @@ arithmetic in Triton, and a GPU test runs that path too.
 import itertools
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -297,3 +298,86 @@ def test_device_lengths_refuse_sink_tokens_and_an_empty_history():
         kd.decode_attention_triton(**args, history_start=1, lengths=lengths)
     with pytest.raises(ValueError, match="lengths"):
         kd.decode_attention_triton(**{**args, "qkeys": None, "qvalues": None}, lengths=lengths)
+
+
+def stored_apart(case, capacity, res_capacity):
+    """Batch 1 ``case``'s history and residual as the front of larger buffers (a layer's reserved capacity), so its
+    head strides differ from other rows'; the tokens past its lengths hold 3x larger values the kernel must not read."""
+    out = dict(case)
+    for name in ("qkeys", "qvalues"):
+        q = case[name]
+        if q is None:
+            continue
+        stored = []
+        for t in q.stored_tensors():
+            big = torch.cat([t, t.repeat(1, 1, -(-capacity // t.shape[2]), 1)], 2)[:, :, :capacity].clone()
+            if big.is_floating_point():
+                big[:, :, t.shape[2] :] *= 3
+            stored.append(big[:, :, : t.shape[2]])
+        out[name] = replace(q, payload=stored[0], scale=stored[1], zero=stored[2])
+    for name in ("keys", "values"):
+        t = case[name]
+        big = torch.randn(1, t.shape[1], res_capacity, t.shape[3], dtype=t.dtype, device=t.device) * 6
+        big[:, :, : t.shape[2]] = t
+        out[name] = big[:, :, : t.shape[2]]
+    return out
+
+
+@pytest.mark.parametrize("lengths,ratio,dtype,splits,misaligned", [
+    ([(0, 5), (64, 3), (320, 17), (160, 1, 3)], 3, torch.float16, None, False),  # shorter than a step: masked loads
+    ([(256, 9), (416, 32, 130), (128, 1)], 4, torch.bfloat16, 3, True),  # whole steps, a moved last step, sinks
+    ([(0, 7), (0, 1)], 1, torch.float16, None, False),  # no history anywhere: the residual programs alone
+])
+def test_ragged_rows_in_one_launch_match_each_row_alone(lengths, ratio, dtype, splits, misaligned):
+    """A left-padded batch's rows are stored apart, each with its own lengths, buffers (head strides) and sink
+    tokens: one launch reads each row's from a table, and row i matches a float64 reference over row i alone."""
+    rows, refs, queries = [], [], []
+    for i, (n_hist, n_res, *start) in enumerate(lengths):
+        case = make_case(4, 2, ratio, n_hist, n_res, dtype=dtype, batch=1, seed=100 + i)
+        start = start[0] if start else 0
+        args = {k: v for k, v in case.items() if k not in ("key_spec", "value_spec")}
+        refs.append(decode_attention_reference(**{**args, "query": args["query"].double()}, history_start=start,
+                                               compute_dtype=torch.float64))
+        apart = stored_apart(case, capacity=n_hist + 96 * (i + 1), res_capacity=32 + i)
+        rows.append((apart["qkeys"], apart["qvalues"], apart["keys"], apart["values"], start))
+        queries.append(case["query"])
+    if misaligned:  # a residual 2 bytes off 16-byte alignment: the kernel is not told its addresses are aligned
+        keys = rows[-1][2]
+        shifted = torch.empty(keys.numel() + 1, dtype=keys.dtype, device=keys.device)[1:].view(keys.shape)
+        shifted.copy_(keys)
+        rows[-1] = (*rows[-1][:2], shifted, *rows[-1][3:])
+    with counted_launches() as launches:
+        out = kd.decode_attention_triton_rows(torch.cat(queries), rows, case["scale"], num_splits=splits)
+    assert [kw["PER_ROW"] for kw in launches] == [True] and launches[0]["ALIGNED"] == (not misaligned)
+    assert out.dtype == dtype
+    for got, ref in zip(out, refs):
+        assert ((got.double() - ref[0]).norm() / ref.norm()).item() < TOL[dtype]
+
+
+@contextmanager
+def counted_launches():
+    """The keyword arguments of every launch of the split kernel inside the block."""
+    launches = []
+    kernel = kd._decode_split_kernel
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kd, "_decode_split_kernel", type("Counted", (), {
+            "__getitem__": lambda self, grid: lambda *a, **kw: launches.append(kw) or kernel[grid](*a, **kw)})())
+        yield launches
+
+
+def test_ragged_rows_refuse_mixed_layouts_and_dispatch_per_backend():
+    a = make_case(4, 2, 4, 64, 3, batch=1)
+    b = make_case(2, 2, 4, 64, 3, batch=1, seed=1)
+    row = lambda c: (c["qkeys"], c["qvalues"], c["keys"], c["values"], 0)  # noqa: E731
+    query = torch.cat([a["query"], b["query"]])
+    with pytest.raises(ValueError, match="share bits"):
+        kd.decode_attention_triton_rows(query, [row(a), row(b)], a["scale"])
+    with pytest.raises(ValueError, match="2 query rows for 1"):
+        kd.decode_attention_triton_rows(query, [row(a)], a["scale"])
+    c = make_case(4, 2, 4, 96, 1, batch=1, seed=2)
+    want = torch.cat([kernels.decode_attention(x["query"], *row(x)[:4], x["scale"], x["key_spec"], x["value_spec"],
+                                               "torch") for x in (a, c)])
+    for backend in ("torch", "triton"):  # a row at a time; one launch
+        got = kernels.decode_attention_rows(torch.cat([a["query"], c["query"]]), [row(a), row(c)], a["scale"],
+                                            a["key_spec"], a["value_spec"], backend)
+        assert ((got - want).double().norm() / want.double().norm()).item() < TOL[torch.float16]

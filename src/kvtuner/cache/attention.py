@@ -17,10 +17,10 @@ step is exactly the reference's. The registered function finds the layer by ``mo
 takes that history and runs the kernel.
 
 Left-padded batches: a ragged layer (one batch-1 layer per padded row, see :mod:`kvtuner.cache.layer`)
-leaves each row's pre-flush history and residual in ``pending_rows``, and the kernel runs once per row on
-that row's tokens alone, which hold no pads, so no mask is needed: "per-row start offsets" realized as
-per-row calls (B launches a layer instead of one; a single launch with per-row offsets is future work).
-The step's mask must hide exactly each row's pads, else the step takes the path below.
+leaves each row's pre-flush history and residual in ``pending_rows``, and the kernel reads each row's tokens
+alone, which hold no pads, so no mask is needed (:func:`~kvtuner.kernels.decode_attention_rows`: one Triton launch
+for the batch, each program finding its row's tensors and lengths in a table on the device; a row at a time on
+the other backends). The step's mask must hide exactly each row's pads, else the step takes the path below.
 
 The kernel computes plain softmax attention of one query over every cached token (a chunk: causal over its
 own tokens). Everything else goes to the model's own attention function (the one it had before the context,
@@ -51,7 +51,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 
 from kvtuner.cache.compat import Cache
 from kvtuner.cache.layer import MixedPrecisionLayer
-from kvtuner.kernels import Backend, decode_attention
+from kvtuner.kernels import Backend, decode_attention, decode_attention_rows
 from kvtuner.kernels.streaming import chunk_attention_streaming
 from kvtuner.method import StoredKV
 
@@ -163,17 +163,26 @@ def _decode(layer: MixedPrecisionLayer, query: torch.Tensor, history: StoredKV, 
     """The kernel: ``query`` ``[B, H_q, D]`` over ``history`` (packed) then ``keys`` / ``values``; ``[B, H_q, D]``.
     A chunk, ``query`` ``[B, H_q, C, D]``, takes the torch path (float32, whatever ``backend``): ``[B, H_q, C, D]``."""
     scale = _scale(query, scaling)
+    qkeys, qvalues, keys, values, sink = _kernel_inputs(history, keys, values)
+    method = layer.method
+    if query.dim() == 4:
+        return chunk_attention_streaming(query, qkeys, qvalues, keys, values, scale, history_start=sink)
+    return decode_attention(query, qkeys, qvalues, keys, values, scale, method.key_spec, method.value_spec, backend,
+                            history_start=sink)
+
+
+def _kernel_inputs(history: StoredKV | None, keys: torch.Tensor, values: torch.Tensor) -> tuple:
+    """(key codes, value codes, keys, values, history_start) the kernels take for ``history`` (None: none yet) and
+    the residual ``keys`` / ``values``: sink slots of the codes are skipped, the tokens attended in full precision
+    with the residual."""
+    if history is None:
+        return None, None, keys, values, 0
     sink = 0
-    if history.sink_keys is not None:  # sink slots of the codes are skipped, the tokens attended in full precision
+    if history.sink_keys is not None:
         sink = history.sink_keys.shape[-2]
         keys = torch.cat([history.sink_keys.to(keys.dtype), keys], dim=-2)
         values = torch.cat([history.sink_values.to(values.dtype), values], dim=-2)
-    method = layer.method
-    if query.dim() == 4:
-        return chunk_attention_streaming(query, history.keys.codes, history.values.codes, keys, values,
-                                         scale, history_start=sink)
-    return decode_attention(query, history.keys.codes, history.values.codes, keys, values, scale, method.key_spec,
-                            method.value_spec, backend, history_start=sink)
+    return history.keys.codes, history.values.codes, keys, values, sink
 
 
 def _static_decode(layer: MixedPrecisionLayer, query: torch.Tensor, dropout: float, scaling: float | None,
@@ -194,20 +203,18 @@ def _rows_attention(layer: MixedPrecisionLayer, query: torch.Tensor, attention_m
                     own: Callable, dropout: float, scaling: float | None, backend: Backend,
                     kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A ragged layer's one-token step: each row attends to its own tokens, the kernel reading its packed history
-    (the model's attention, unmasked, for a row with no history yet: its residual is all it has)."""
+    and residual (a row with no history yet: its residual alone)."""
     rows = layer.pending_rows
     layer.pending_rows = None
     if not _kernel_reads(dropout, kwargs) or not _hides_only_pads(attention_mask, layer.pads):
         full = [row.with_history(*pending) for row, pending in zip(layer.rows, rows)]
         key, value = layer.right_aligned(full, layer.get_seq_length())
         return own(query, key, value, attention_mask)
-    out = []
-    for i, (row, (history, keys, values)) in enumerate(zip(layer.rows, rows)):
-        if history is None:
-            out.append(own(query[i : i + 1], keys, values, None)[0])
-        else:
-            out.append(_decode(row, query[i : i + 1, :, 0], history, keys, values, scaling, backend).unsqueeze(1))
-    return torch.cat(out), None
+    inputs = [_kernel_inputs(history, keys, values) for history, keys, values in rows]
+    method = layer.method
+    out = decode_attention_rows(query[:, :, 0], inputs, _scale(query, scaling), method.key_spec, method.value_spec,
+                                backend)
+    return out.unsqueeze(1), None
 
 
 @contextmanager

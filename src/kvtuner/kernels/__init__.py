@@ -43,6 +43,7 @@ __all__ = [
     "BACKENDS",
     "Backend",
     "decode_attention",
+    "decode_attention_rows",
     "decode_supported",
     "min_static_history",
     "quantize",
@@ -199,3 +200,29 @@ def decode_attention(
         if readable and (backend == "native" or native_available()):  # a forced kernel that cannot build raises
             return decode_attention_native(query, qkeys, qvalues, keys, values, scale, history_start)
     return decode_attention_streaming(query, qkeys, qvalues, keys, values, scale, history_start)
+
+
+def decode_attention_rows(
+    query: torch.Tensor,
+    rows: list[tuple[QuantizedTensor | None, QuantizedTensor | None, torch.Tensor, torch.Tensor, int]],
+    scale: float,
+    key_spec: QuantSpec,
+    value_spec: QuantSpec,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """A ragged batch's step: row ``i`` of ``query`` ``[B, H_q, D]`` over ``rows[i]`` = (qkeys, qvalues, keys,
+    values, history_start), a sequence of batch 1 stored apart with its own lengths (a left-padded batch,
+    :mod:`kvtuner.cache.layer`). Where Triton decodes (``"auto"`` on CUDA, or forced), one launch for the whole
+    batch reads each row's tensors and counts from a table on the device
+    (:func:`~kvtuner.kernels.decode.decode_attention_triton_rows`): the per-row start offsets of a padded batch,
+    with no pad ever stored or read. Elsewhere (CPU, ``"gluon"``, ``"native"``, ``"torch"``): :func:`decode_attention`
+    a row at a time. Returns ``[B, H_q, D]``."""
+    histories = [(qk, qv) for qk, qv, *_ in rows if qk is not None]
+    readable = all(_triton_decodes(key_spec, value_spec, qk, qv, query.shape[-1]) for qk, qv in histories or [(None, None)])
+    if backend != "gluon" and use_triton(backend, query.device, readable, "decode attention"):
+        from kvtuner.kernels.decode import decode_attention_triton_rows
+
+        return decode_attention_triton_rows(query, rows, scale)
+    return torch.cat([decode_attention(query[i : i + 1], qk, qv, k, v, scale, key_spec, value_spec,
+                                       "triton" if backend == "gluon" and qk is None else backend, start)
+                      for i, (qk, qv, k, v, start) in enumerate(rows)])  # (Gluon reads no residual alone)

@@ -501,10 +501,34 @@ def _residual(
     return acc, l_i, m_i
 
 
+# A ragged batch's table (:func:`_row_table`): a row of ROW_FIELDS int64 a sequence.
+ROW_FIELDS = tl.constexpr(19)
+
+
+@triton.jit
+def _table_entry(row, i, ALIGNED: tl.constexpr):
+    """Entry ``i`` of a ragged batch's table row (a stride); ``ALIGNED``: known to the compiler as a multiple of 16
+    (the host checked), as Triton assumes of stride arguments, so that loads through it stay vectorized."""
+    x = tl.load(row + i)
+    if ALIGNED:
+        x = tl.multiple_of(x, 16)
+    return x
+
+
+@triton.jit
+def _table_pointer(row, i, like, ALIGNED: tl.constexpr):
+    """Entry ``i`` of a ragged batch's table row as a pointer of ``like``'s type; ``ALIGNED``: 16-byte aligned, as
+    Triton assumes of pointer arguments."""
+    x = tl.load(row + i).to(like.dtype)
+    if ALIGNED:
+        x = tl.multiple_of(x, 16)
+    return x
+
+
 # Lengths change every step: specializing on them (== 1, % 16) would recompile mid-generation.
 @triton.jit(do_not_specialize=["n_hist", "n_skip", "n_res", "steps_per_split", "num_splits"])
 def _decode_split_kernel(
-    Q, KW, KS, KZ, VW, VS, VZ, KL, VL, KR, VR, O_part, LSE_part, LENGTHS,
+    Q, KW, KS, KZ, VW, VS, VZ, KL, VL, KR, VR, O_part, LSE_part, LENGTHS, ROWS,
     sq_b, sq_h,
     skw_b, skw_h, skw_t: tl.constexpr,  # token strides are compile-time: a stride of 8 or 4 elements
     sks_b, sks_h, sks_g: tl.constexpr,  # not known to divide 16 would stop vector loads
@@ -517,14 +541,37 @@ def _decode_split_kernel(
     NGV: tl.constexpr, D: tl.constexpr, G_K: tl.constexpr, G_V: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, W: tl.constexpr, NR: tl.constexpr, ASM: tl.constexpr,
     SHORT: tl.constexpr, K_NUQ: tl.constexpr, V_NUQ: tl.constexpr, DEVICE_LENGTHS: tl.constexpr,
+    PER_ROW: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
+    b = (pid_bh // H_KV).to(tl.int64)  # batch offsets of a long cache overflow int32
     if DEVICE_LENGTHS:  # (history, residual) tokens read from memory: one launch serves every step of a CUDA graph
         n_hist = tl.load(LENGTHS)
         n_res = tl.load(LENGTHS + 1)
         steps_per_split = tl.cdiv(tl.cdiv(n_hist, NG * G_K), num_splits)
-    b = (pid_bh // H_KV).to(tl.int64)  # batch offsets of a long cache overflow int32
+    if PER_ROW:  # a ragged batch, each row stored apart: its tensors, head strides and counts from its table row
+        row = ROWS + b * ROW_FIELDS  # (the batch strides of the cache tensors are 0)
+        KW = _table_pointer(row, 0, KW, ALIGNED)
+        KS = _table_pointer(row, 1, KS, ALIGNED)
+        KZ = _table_pointer(row, 2, KZ, ALIGNED)
+        VW = _table_pointer(row, 3, VW, ALIGNED)
+        VS = _table_pointer(row, 4, VS, ALIGNED)
+        VZ = _table_pointer(row, 5, VZ, ALIGNED)
+        KR = _table_pointer(row, 6, KR, ALIGNED)
+        VR = _table_pointer(row, 7, VR, ALIGNED)
+        skw_h = _table_entry(row, 8, ALIGNED)
+        sks_h = _table_entry(row, 9, ALIGNED)
+        svw_h = _table_entry(row, 10, ALIGNED)
+        svs_h = _table_entry(row, 11, ALIGNED)
+        skr_h = _table_entry(row, 12, ALIGNED)
+        skr_t = _table_entry(row, 13, ALIGNED)
+        svr_h = _table_entry(row, 14, ALIGNED)
+        svr_t = _table_entry(row, 15, ALIGNED)
+        n_hist = tl.load(row + 16)
+        n_skip = tl.load(row + 17)
+        n_res = tl.load(row + 18)
+        steps_per_split = tl.cdiv(tl.cdiv(n_hist, NG * G_K), tl.maximum(num_splits, 1))  # (0: no row has a history)
     h = pid_bh % H_KV
     offs_r = tl.arange(0, R_P)
     part = ((b * H_KV + h) * R + offs_r) * (num_splits + 1) + split
@@ -702,6 +749,86 @@ def decode_attention_triton(
     else no cap) are launch tunables; inline_asm: decode codes with PTX ``lop3``/``prmt``
     (default on CUDA tensors; Triton's interpreter cannot run PTX).
     """
+    if lengths is not None and (qkeys is None or history_start or lengths.dtype != torch.int32 or lengths.numel() != 2):
+        raise ValueError("lengths (int32 [history, residual] on the device) needs a history buffer and no sink tokens")
+    n_hist = qkeys.num_tokens if qkeys is not None else 0
+    return _launch(query, qkeys, qvalues, keys, values, scale, n_hist, history_start,
+                   shortest=None if lengths is not None else n_hist, counts=lengths,
+                   tunables=(num_splits, num_warps, num_stages, maxnreg, inline_asm))
+
+
+DecodeRow = tuple[QuantizedTensor | None, QuantizedTensor | None, torch.Tensor, torch.Tensor, int]
+
+
+def decode_attention_triton_rows(query: torch.Tensor, rows: list[DecodeRow], scale: float, num_splits: int | None = None,
+                                 num_warps: int | None = None, num_stages: int = 2,
+                                 maxnreg: int | None | Literal["auto"] = "auto",
+                                 inline_asm: bool | None = None) -> torch.Tensor:
+    """One launch for a ragged batch: row ``i`` of ``query`` ``[B, H_q, D]`` attends to ``rows[i]`` = (qkeys, qvalues,
+    keys, values, history_start), a sequence of batch 1 stored apart from the others (a left-padded batch's rows,
+    :mod:`kvtuner.cache.layer`), its own lengths and buffers. Each program reads its row's addresses, head strides
+    and counts from a table on the device (:func:`_row_table`); splits are planned for the longest history. The
+    rows share the layout (bits, groups, level tables, dtypes, token strides); qkeys None: no history yet.
+    Returns ``[B, H_q, D]``, row i what :func:`decode_attention_triton` gives for row i alone."""
+    if len(rows) != query.shape[0]:
+        raise ValueError(f"{query.shape[0]} query rows for {len(rows)} cache rows")
+    with_history = [row for row in rows if row[0] is not None]
+    qkeys, qvalues, keys, values, _ = with_history[0] if with_history else rows[0]
+    for qk, qv, k, v, _ in rows:
+        if k.shape[0] != 1 or k.shape[1:2] + k.shape[3:] != keys.shape[1:2] + keys.shape[3:] or k.dtype != keys.dtype:
+            raise ValueError("each row is one sequence [1, H_kv, T, D] with the others' heads, head dim and dtype")
+        if qk is not None and not _same_layout((qk, qv), (qkeys, qvalues)):
+            raise ValueError("the rows' packed histories must share bits, groups, level tables, dtypes and token strides")
+    table = _row_table(rows)
+    # what Triton assumes of pointer and stride arguments, told to the compiler where true (vector loads)
+    aligned = all(entry % 16 == 0 for row in table for entry in row[:16])
+    return _launch(query, qkeys, qvalues, keys, values, scale, max((row[0].num_tokens for row in with_history), default=0),
+                   0, shortest=min(0 if row[0] is None else row[0].num_tokens for row in rows),
+                   counts=torch.tensor(table, dtype=torch.int64).to(query.device, non_blocking=True), aligned=aligned,
+                   tunables=(num_splits, num_warps, num_stages, maxnreg, inline_asm))
+
+
+def _same_layout(a: tuple[QuantizedTensor, QuantizedTensor], b: tuple[QuantizedTensor, QuantizedTensor]) -> bool:
+    """Whether two histories compile to the same kernel: specs, level tables, dtypes and the token strides the
+    kernel takes as constants."""
+    def key(q: QuantizedTensor):
+        return (q.spec, q.payload.dtype, q.scale.dtype, q.payload.stride(2), q.scale.stride(2), q.payload.shape[-1])
+    return all(key(x) == key(y) and (x.levels is y.levels or (x.levels is not None and y.levels is not None
+                                                              and torch.equal(x.levels, y.levels)))
+               for x, y in zip(a, b))
+
+
+def _row_table(rows: list[DecodeRow]) -> list[list[int]]:
+    """``[B, ROW_FIELDS]`` int64 for :func:`_decode_split_kernel`'s ``PER_ROW``: the addresses of a row's key words,
+    scales, zeros, value words, scales, zeros, residual keys and values; the head strides of the first six (scales
+    and zeros share theirs), the residual's head and token strides; history tokens, sink tokens, residual tokens.
+    A row without history points its history at its residual (never read: it has no history step)."""
+    table = []
+    for qkeys, qvalues, keys, values, history_start in rows:
+        if qkeys is None:
+            history = [keys.data_ptr()] * 6 + [0] * 4
+        else:
+            if qkeys.zero.stride() != qkeys.scale.stride() or qvalues.zero.stride() != qvalues.scale.stride():
+                raise ValueError("scale and zero must share strides")
+            history = [t.data_ptr() for t in (qkeys.payload, qkeys.scale, qkeys.zero, qvalues.payload, qvalues.scale,
+                                              qvalues.zero)]
+            history += [qkeys.payload.stride(1), qkeys.scale.stride(1), qvalues.payload.stride(1), qvalues.scale.stride(1)]
+        table.append(history[:6] + [keys.data_ptr(), values.data_ptr()] + history[6:]
+                     + [keys.stride(1), keys.stride(2), values.stride(1), values.stride(2),
+                        0 if qkeys is None else qkeys.num_tokens, history_start, keys.shape[2]])
+    return table
+
+
+def _launch(query: torch.Tensor, qkeys: QuantizedTensor | None, qvalues: QuantizedTensor | None, keys: torch.Tensor,
+            values: torch.Tensor, scale: float, n_hist: int, history_start: int, shortest: int | None,
+            counts: torch.Tensor | None, tunables: tuple, aligned: bool = False) -> torch.Tensor:
+    """The split and reduce launches over the tensors given (for a ragged batch: the first row with a history, which
+    sets the layout the kernel is compiled for). n_hist: the history tokens the splits are planned for; shortest:
+    the fewest a program may find (fewer than a step: masked loads), None for at least one step; counts: int32
+    ``[2]`` (history, residual) or a ragged batch's int64 table (:func:`_row_table`), read on the device; aligned:
+    the table's addresses and strides are multiples of 16."""
+    num_splits, num_warps, num_stages, maxnreg, inline_asm = tunables
+    per_row = counts is not None and counts.dtype == torch.int64
     b, h_q, d = query.shape
     h_kv, n_res = keys.shape[1], keys.shape[2]
     r = h_q // h_kv
@@ -710,7 +837,7 @@ def decode_attention_triton(
     kl, k_nuq = _level_table(qkeys.levels if qkeys is not None else None, query.device)
     vl, v_nuq = _level_table(qvalues.levels if qvalues is not None else None, query.device)
     if qkeys is None:  # no history programs run; typed placeholders still have to compile
-        n_hist, g_k, g_v, k_bits, v_bits = 0, 16 * (num_warps or 4), d, 4, 4
+        g_k, g_v, k_bits, v_bits = 16 * (num_warps or 4), d, 4, 4
         kw = vw = torch.empty(1, device=query.device, dtype=torch.int32)
         ks = kz = vs = vz = torch.empty(1, device=query.device, dtype=torch.float16)
         hist_strides = (0,) * 12
@@ -718,13 +845,16 @@ def decode_attention_triton(
         g_k = qkeys.spec.group_len(qkeys.shape)
         g_v = qvalues.spec.group_len(qvalues.shape)
         k_bits, v_bits = qkeys.spec.bits, qvalues.spec.bits
-        n_hist = qkeys.num_tokens
         kw, ks, kz = qkeys.payload, qkeys.scale, qkeys.zero
         vw, vs, vz = qvalues.payload, qvalues.scale, qvalues.zero
         tensors += [kw, ks, kz, vw, vs, vz]
         if kz.stride() != ks.stride() or vz.stride() != vs.stride():
             raise ValueError("scale and zero must share strides")
         hist_strides = (*kw.stride()[:3], *ks.stride()[:3], *vw.stride()[:3], *vs.stride()[:3])
+    res_strides = (*keys.stride()[:3], *values.stride()[:3])
+    if per_row:  # each row's own tensors come from the table: no batch offsets into the first row's
+        hist_strides = tuple(0 if i % 3 == 0 else s for i, s in enumerate(hist_strides))
+        res_strides = (0, *res_strides[1:3], 0, *res_strides[4:])
     num_warps = num_warps or default_num_warps(k_bits, v_bits)
     if maxnreg == "auto":
         maxnreg = default_maxnreg(num_warps)
@@ -733,8 +863,6 @@ def decode_attention_triton(
     ngv, m, ng = stacking(r_p, d, g_k, g_v)
     if g_k < 2 * num_warps or ng * g_k < 16 * num_warps:
         raise ValueError(f"key groups of {g_k} tokens are too short for {num_warps} warps")
-    if lengths is not None and (qkeys is None or history_start or lengths.dtype != torch.int32 or lengths.numel() != 2):
-        raise ValueError("lengths (int32 [history, residual] on the device) needs a history buffer and no sink tokens")
     n_steps = -(-n_hist // (ng * g_k))
     on_gpu = query.is_cuda
     ctas = 65536 // (32 * num_warps * (maxnreg or 255)) if on_gpu else 3
@@ -746,13 +874,15 @@ def decode_attention_triton(
     o_part = torch.empty((b * h_q, n_parts, d), device=query.device, dtype=torch.float32)
     lse_part = torch.empty((b * h_q, n_parts), device=query.device, dtype=torch.float32)
     _decode_split_kernel[(b * h_kv, n_parts)](
-        query, kw, ks, kz, vw, vs, vz, kl, vl, keys, values, o_part, lse_part, kl if lengths is None else lengths,
-        query.stride(0), query.stride(1), *hist_strides, *keys.stride()[:3], *values.stride()[:3],
+        query, kw, ks, kz, vw, vs, vz, kl, vl, keys, values, o_part, lse_part,
+        counts if counts is not None and not per_row else kl, counts if per_row else kl,
+        query.stride(0), query.stride(1), *hist_strides, *res_strides,
         n_hist, history_start, n_res, steps_per_split, splits, scale * LOG2E,
         H_KV=h_kv, R=r, R_P=r_p, M=m, NG=ng, NGV=ngv, D=d,
         G_K=g_k, G_V=g_v, K_BITS=k_bits, V_BITS=v_bits, W=num_warps, NR=32,
-        ASM=on_gpu if inline_asm is None else inline_asm, SHORT=lengths is None and n_hist < ng * g_k,
-        K_NUQ=k_nuq, V_NUQ=v_nuq, DEVICE_LENGTHS=lengths is not None,
+        ASM=on_gpu if inline_asm is None else inline_asm, SHORT=shortest is not None and shortest < ng * g_k,
+        K_NUQ=k_nuq, V_NUQ=v_nuq, DEVICE_LENGTHS=counts is not None and not per_row, PER_ROW=per_row,
+        ALIGNED=per_row and aligned,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if on_gpu and maxnreg else {}),
     )
     out = torch.empty((b, h_q, d), device=query.device, dtype=query.dtype)
