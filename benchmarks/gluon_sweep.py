@@ -1,6 +1,6 @@
 """Launch variants of the Gluon decode kernel (register cap, history splits) against bf16 SDPA, CUDA-graph GPU time.
 
-    PYTHONPATH=src python benchmarks/gluon_sweep.py --points 1:32768 16:32768 --kv K4V4 K2V2
+    PYTHONPATH=src python benchmarks/gluon_sweep.py --points 1:32768 16:32768 --kv K4V4 K2V2 [--variants default "prefetch 2"]
 """
 
 from __future__ import annotations
@@ -15,13 +15,16 @@ from kvtuner.kernels.decode import default_num_splits
 from kvtuner.kernels.gluon_decode import BLOCK, decode_attention_gluon
 
 VARIANTS = {"default": {}, "maxnreg 168": {"maxnreg": 168}, "splits x2": {"split_factor": 2.0},
-            "splits x0.5": {"split_factor": 0.5}}
+            "splits x0.5": {"split_factor": 0.5}, "prefetch 1": {"prefetch": 1}, "prefetch 2": {"prefetch": 2},
+            "prefetch 4": {"prefetch": 4}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--points", nargs="+", default=["1:32768", "4:32768", "16:32768", "64:16384"])
     ap.add_argument("--kv", nargs="+", default=["K4V4", "K2V2", "K8V8"], choices=list(KV))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT",
+                    help=f"of {', '.join(VARIANTS)}")
     args = ap.parse_args()
     print(f"{'B':>3} {'T':>7} {'kv':5} {'variant':12} {'ms':>7} {'x sdpa':>6}")
     for point in args.points:
@@ -35,8 +38,8 @@ def main() -> None:
             qk, qv = pack(k[:, :, :-RESIDUAL], v[:, :, :-RESIDUAL], *KV[name])
             blocks = -(-qk.num_tokens // BLOCK)
             splits = default_num_splits(blocks, batch * H_KV, q.device, ctas_per_sm=8)
-            for label, opts in VARIANTS.items():
-                opts = dict(opts)
+            for label in args.variants:
+                opts = dict(VARIANTS[label])
                 factor = opts.pop("split_factor", 1.0)
                 n = max(1, min(blocks, round(splits * factor)))
                 ms = graph_ms(lambda: decode_attention_gluon(q, qk, qv, *res, D**-0.5, num_splits=n, **opts))

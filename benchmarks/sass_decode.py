@@ -7,7 +7,7 @@ defaults (``default_num_warps``, ``default_maxnreg``), the stride specialization
 gets, and Triton's bundled ``cuobjdump``. Needs triton (the device has 3.6; counts differ across versions).
 
     PYTHONPATH=src python benchmarks/sass_decode.py K4V4 K2V2 [--warps 2] [--maxnreg 200] [--per-row]
-    PYTHONPATH=.venv/gluon-triton:src python benchmarks/sass_decode.py --gluon K4V4 K2V2   # triton 3.6
+    PYTHONPATH=.venv/gluon-triton:src python benchmarks/sass_decode.py --gluon K4V4 K2V2 [--prefetch 2]  # triton 3.6
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--maxnreg", type=int, help="default: the launcher's default_maxnreg")
     ap.add_argument("--gluon", action="store_true", help="the Gluon kernel (kvtuner.kernels.gluon_decode) instead")
     ap.add_argument("--per-row", action="store_true", help="the ragged-batch variant (a table of rows)")
+    ap.add_argument("--prefetch", type=int, default=0, help="with --gluon: L2 prefetch this many blocks ahead")
     args = ap.parse_args()
     print(f"triton {triton.__version__}, sm_90, D={D}, {R} query heads a KV head, groups of {G}")
     for k_bits, v_bits, codebook in args.kv:
@@ -71,7 +72,7 @@ def main() -> None:
         if args.gluon:
             from kvtuner.kernels.gluon_decode import BLOCK, compile_sm90
 
-            kernel, warps, tokens = compile_sm90(k_bits, v_bits, D, R, G, G), 1, max(BLOCK, G)
+            kernel, warps, tokens = compile_sm90(k_bits, v_bits, D, R, G, G, prefetch=args.prefetch), 1, max(BLOCK, G)
         else:
             warps = args.warps or decode.default_num_warps(k_bits, v_bits)
             kernel, step_tokens = compile_kernel(k_bits, v_bits, warps, args.maxnreg or decode.default_maxnreg(warps),

@@ -123,9 +123,10 @@ import triton
 assert triton.__version__ == "3.6.0", triton.__version__
 from kvtuner.kernels.gluon_decode import compile_sm90, loop_census
 out = {}
-for k, v, d, r in json.loads(sys.argv[1]):
-    kernel = compile_sm90(k, v, head_dim=d, gqa=r)
-    out[f"K{k}V{v}D{d}R{r}"] = dict(loop_census(kernel), shared=kernel.asm["ttgir"].count("local_alloc"))
+for k, v, d, r, prefetch in json.loads(sys.argv[1]):
+    kernel = compile_sm90(k, v, head_dim=d, gqa=r, prefetch=prefetch)
+    name = f"K{k}V{v}D{d}R{r}" + (f"P{prefetch}" if prefetch else "")
+    out[name] = dict(loop_census(kernel), shared=kernel.asm["ttgir"].count("local_alloc"))
 print(json.dumps(out))
 """
 
@@ -135,7 +136,8 @@ def compiled():
     reason = _gluon_triton_ok()
     if reason:
         pytest.skip(reason)
-    cases = [[k, v, 128, 4] for k, v in PAIRS] + [[4, 4, 64, 3], [2, 4, 64, 7], [8, 8, 64, 1], [4, 2, 128, 16]]
+    cases = [[k, v, 128, 4, 0] for k, v in PAIRS] + [[4, 4, 64, 3, 0], [2, 4, 64, 7, 0], [8, 8, 64, 1, 0],
+                                                       [4, 2, 128, 16, 0], [4, 4, 128, 4, 2], [2, 8, 64, 3, 1]]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # other test modules set it
     env["PYTHONPATH"] = f"{GLUON_TRITON}{os.pathsep}{ROOT / 'src'}"
     run = subprocess.run([sys.executable, "-c", COMPILE, json.dumps(cases)], capture_output=True, text=True,
@@ -147,7 +149,7 @@ def compiled():
 def test_compiles_for_sm90_with_trivial_layouts_and_no_shared_memory(compiled):
     """Compiling at all proves every convert_layout(..., assert_trivial=True): the decoded registers are the
     mma fragments. No shared memory is allocated anywhere in the kernel."""
-    assert len(compiled) == 13  # GQA 16 compiles; the GPU tests go to 8
+    assert len(compiled) == 15  # GQA 16 compiles; the GPU tests go to 8
     for name, census in compiled.items():
         assert census["shared"] == 0, name
 
@@ -171,6 +173,20 @@ def test_decode_loop_stays_in_registers_and_within_its_instruction_budget(compil
         assert census["HFMA2"] == 128 and census["LOP3"] >= 256, (k, v, census["HFMA2"], census["LOP3"])
         assert census["HMMA"] == 64 + 64 + 2 * (8 + 8 + 2 + 2), (k, v, census["HMMA"])
         assert census["per_token"] <= SASS_BUDGET[f"K{k}V{v}"], (k, v, census["per_token"])
+
+
+def test_prefetch_adds_one_bulk_l2_prefetch_a_range_and_nothing_else(compiled):
+    """``prefetch`` > 0: six ``cp.async.bulk.prefetch.L2`` (UBLKPF) an iteration, one a range the block reads,
+    and the loop's arithmetic, registers and memory traffic otherwise as without it."""
+    for with_prefetch, without in (("K4V4D128R4P2", "K4V4D128R4"), ("K2V8D64R3P1", None)):
+        census = compiled[with_prefetch]
+        assert census["UBLKPF"] == 6 and census["stack"] == 0, census
+        assert census["LDS"] == census["STS"] == census["BAR"] == 0, census
+        if without:
+            base = compiled[without]
+            assert base.get("UBLKPF", 0) == 0
+            for op in ("HMMA", "HFMA2", "LDG", "MUFU"):
+                assert census.get(op, 0) == base.get(op, 0), (op, census.get(op), base.get(op))
 
 
 # ---------------------------------------------------------------- the kernel itself (GPU)
@@ -208,6 +224,22 @@ def test_kernel_group_sizes_on_gpu(groups):
     k_group, v_group = groups
     case = make_case(4, 4, n_hist=k_group * 11, n_res=9, k_group=k_group, v_group=v_group, device="cuda", seed=1)
     assert rel_err(decode_attention_gluon(**case), case) < 2e-3
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("k_bits,v_bits,k_group", [(4, 4, 32), (2, 8, 32), (8, 2, 128)])
+def test_prefetch_gives_bit_identical_results_on_gpu(k_bits, v_bits, k_group):
+    """An L2 prefetch changes when bytes arrive, never what is computed; near each split's end it is skipped."""
+    from kvtuner.kernels.gluon_decode import decode_attention_gluon
+
+    case = make_case(k_bits, v_bits, ratio=4, n_hist=k_group * 37, n_res=5, k_group=k_group, device="cuda", seed=3)
+    for splits in (1, 3, 9):
+        want = decode_attention_gluon(**case, num_splits=splits)
+        for prefetch in (1, 2, 5):
+            assert torch.equal(decode_attention_gluon(**case, num_splits=splits, prefetch=prefetch), want)
+    with pytest.raises(ValueError, match="prefetch"):
+        decode_attention_gluon(**case, prefetch=-1)
 
 
 def test_gluon_is_preferred_from_the_measured_amount_of_work():

@@ -318,6 +318,42 @@ def _block(acc, acc_z, acc_l, m_i, qm, qz, grp0, NG: gl.constexpr, KS_h, KZ_h, K
     return acc, acc_z, acc_l, m_new
 
 
+# PTX: lane 0 asks the copy engine to bring ``$2`` bytes from address ``$1`` into L2 (sm_90's bulk prefetch: one
+# instruction a contiguous range, no registers held, a hint that never faults the kernel). The range is widened to
+# 16-byte boundaries, which the instruction requires (an allocation is at least 512-byte granular).
+L2_PREFETCH = gl.constexpr(
+    "{ .reg .pred p; .reg .u32 lane, head, size; .reg .u64 a; "
+    "mov.u32 lane, %laneid; setp.eq.u32 p, lane, 0; "
+    "cvt.u32.u64 head, $1; and.b32 head, head, 15; add.u32 size, $2, head; add.u32 size, size, 15; "
+    "and.b32 size, size, 0xFFFFFFF0; and.b64 a, $1, 0xFFFFFFFFFFFFFFF0; "
+    "@p cp.async.bulk.prefetch.L2.global [a], size; mov.u32 $0, 0; }")
+
+
+@gluon.jit
+def _prefetch_l2(ptr, nbytes: gl.constexpr):
+    """Bring ``nbytes`` from ``ptr`` (a scalar pointer) into L2, from lane 0 of the warp."""
+    lane_l: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    zero = gl.arange(0, 32, layout=lane_l) * 0
+    gl.inline_asm_elementwise(L2_PREFETCH, "=r,l,r", [ptr + zero, zero + nbytes], dtype=gl.int32, is_pure=False,
+                              pack=1)
+
+
+@gluon.jit
+def _prefetch_block(KW_h, KS_h, KZ_h, VW_h, VS_h, VZ_h, grp, NG: gl.constexpr, skw_t: gl.constexpr,
+                    sks_g: gl.constexpr, svw_t: gl.constexpr, svs_t: gl.constexpr, D: gl.constexpr, G_K: gl.constexpr,
+                    G_V: gl.constexpr, K_BITS: gl.constexpr, V_BITS: gl.constexpr):
+    """The six ranges a block of ``NG`` key groups from group ``grp`` reads (key words, scales, zeros; value words,
+    scales, zeros; each from its first token's row to its last's), prefetched into L2: a later block's loads then
+    wait for L2, not HBM, and its bytes stream in while this program computes."""
+    T: gl.constexpr = NG * G_K
+    _prefetch_l2(KW_h + grp * G_K * skw_t, ((T - 1) * skw_t + D * K_BITS // 32) * 4)
+    _prefetch_l2(KS_h + grp * sks_g, ((NG - 1) * sks_g + D) * 2)
+    _prefetch_l2(KZ_h + grp * sks_g, ((NG - 1) * sks_g + D) * 2)
+    _prefetch_l2(VW_h + grp * G_K * svw_t, ((T - 1) * svw_t + D * V_BITS // 32) * 4)
+    _prefetch_l2(VS_h + grp * G_K * svs_t, ((T - 1) * svs_t + D // G_V) * 2)
+    _prefetch_l2(VZ_h + grp * G_K * svs_t, ((T - 1) * svs_t + D // G_V) * 2)
+
+
 # Group counts change every 32 tokens: specializing on them would recompile mid-generation.
 @gluon.jit(do_not_specialize=["n_groups", "groups_per_split", "n_parts"])
 def _gluon_decode_kernel(
@@ -326,7 +362,7 @@ def _gluon_decode_kernel(
     svw_b, svw_h, svw_t: gl.constexpr, svs_b, svs_h, svs_t: gl.constexpr,
     n_groups, groups_per_split, n_parts, qk_scale,
     H_KV: gl.constexpr, R: gl.constexpr, D: gl.constexpr, G_K: gl.constexpr, G_V: gl.constexpr,
-    K_BITS: gl.constexpr, V_BITS: gl.constexpr,
+    K_BITS: gl.constexpr, V_BITS: gl.constexpr, PREFETCH: gl.constexpr,
 ):
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -358,6 +394,10 @@ def _gluon_decode_kernel(
     g_lo = split * groups_per_split
     g_hi = gl.minimum(g_lo + groups_per_split, n_groups)
     for grp in range(g_lo, g_hi - GPB + 1, GPB):
+        if PREFETCH > 0:  # the block PREFETCH blocks ahead, if this split reads it
+            if grp + (PREFETCH + 1) * GPB <= g_hi:
+                _prefetch_block(KW_h, KS_h, KZ_h, VW_h, VS_h, VZ_h, grp + PREFETCH * GPB, GPB, skw_t, sks_g, svw_t,
+                                svs_t, D, G_K, G_V, K_BITS, V_BITS)
         acc, acc_z, acc_l, m_i = _block(acc, acc_z, acc_l, m_i, qm, qz, grp, GPB, KS_h, KZ_h, KW_h, VW_h, VS_h, VZ_h,
                                  sks_g, skw_t, svw_t, svs_t, R, D, G_K, G_V, K_BITS, V_BITS, mma, a_l, b_l)
     if GPB == 2:
@@ -377,7 +417,7 @@ def _gluon_decode_kernel(
 
 
 def compile_sm90(k_bits: int, v_bits: int, head_dim: int = 128, gqa: int = 4, key_group: int = 32,
-                 value_group: int = 32):
+                 value_group: int = 32, prefetch: int = 0):
     """The kernel compiled ahead of time for sm_90a (no GPU needed): its ``asm`` holds ttgir, ptx and cubin.
 
     Every ``convert_layout`` in it asserts that it moves no data, so that compiling proves the decoded
@@ -387,7 +427,8 @@ def compile_sm90(k_bits: int, v_bits: int, head_dim: int = 128, gqa: int = 4, ke
 
     d = head_dim
     strides = dict(skw_t=d * k_bits // 32, sks_g=d, svw_t=d * v_bits // 32, svs_t=d // value_group)
-    constexprs = dict(H_KV=8, R=gqa, D=d, G_K=key_group, G_V=value_group, K_BITS=k_bits, V_BITS=v_bits, **strides)
+    constexprs = dict(H_KV=8, R=gqa, D=d, G_K=key_group, G_V=value_group, K_BITS=k_bits, V_BITS=v_bits,
+                      PREFETCH=prefetch, **strides)
     types = {"Q": "*fp16", "KW": "*i32", "KS": "*fp16", "KZ": "*fp16", "VW": "*i32", "VS": "*fp16", "VZ": "*fp16",
              "O_part": "*fp32", "LSE_part": "*fp32"}
     ints = ["sq_b", "sq_h", "skw_b", "skw_h", "sks_b", "sks_h", "svw_b", "svw_h", "svs_b", "svs_h",
@@ -447,15 +488,22 @@ def decode_attention_gluon(
     scale: float,
     num_splits: int | None = None,
     maxnreg: int | None = None,
+    prefetch: int = 0,
 ) -> torch.Tensor:
     """Same arguments and result as :func:`~kvtuner.kernels.decode.decode_attention_triton` for a history that
     :func:`gluon_supported` accepts (``history_start`` 0); num_splits: history slices a KV head (default:
     :func:`~kvtuner.kernels.decode.default_num_splits` over 64-token blocks, 8 one-warp programs an SM);
-    maxnreg: a register cap a thread (more resident warps, some spilled)."""
+    maxnreg: a register cap a thread (more resident warps, some spilled); prefetch: each program asks for the
+    block this many blocks ahead of the one it computes to be brought into L2 (sm_90's bulk prefetch; 0: none).
+    The kernel is latency-bound (NOTES_kernels.md, round 8): a warp's loads wait on HBM because its 249 registers
+    leave no room to issue them earlier; a prefetch holds no register. Off by default until measured on a GPU;
+    the result is bit-identical either way."""
     from kvtuner.kernels.decode import default_num_splits, merge_with_residual
 
     if not gluon_supported(qkeys, qvalues, query):
         raise ValueError("the Gluon decode kernel does not read this layout; use decode_attention_triton")
+    if prefetch < 0 or (prefetch and torch.cuda.get_device_capability(query.device) < (9, 0)):
+        raise ValueError("prefetch is a number of blocks >= 0, and > 0 needs sm_90 (cp.async.bulk.prefetch)")
     b, h_q, d = query.shape
     h_kv = qkeys.shape[1]
     g_k, g_v = qkeys.spec.group_len(qkeys.shape), qvalues.spec.group_len(qvalues.shape)
@@ -477,7 +525,7 @@ def decode_attention_gluon(
         vs.stride(0), vs.stride(1), vs.stride(2),
         n_groups, groups_per_split, splits, scale * LOG2E,
         H_KV=h_kv, R=h_q // h_kv, D=d, G_K=g_k, G_V=g_v, K_BITS=qkeys.spec.bits, V_BITS=qvalues.spec.bits,
-        num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}),
+        PREFETCH=prefetch, num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return merge_with_residual(query, keys, values, scale, o_part, lse_part)
 
