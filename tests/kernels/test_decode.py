@@ -323,17 +323,23 @@ def stored_apart(case, capacity, res_capacity):
     return out
 
 
-@pytest.mark.parametrize("lengths,ratio,dtype,splits,misaligned", [
-    ([(0, 5), (64, 3), (320, 17), (160, 1, 3)], 3, torch.float16, None, False),  # shorter than a step: masked loads
-    ([(256, 9), (416, 32, 130), (128, 1)], 4, torch.bfloat16, 3, True),  # whole steps, a moved last step, sinks
-    ([(0, 7), (0, 1)], 1, torch.float16, None, False),  # no history anywhere: the residual programs alone
+@pytest.mark.parametrize("lengths,ratio,dtype,splits,misaligned,bits", [
+    ([(0, 5), (64, 3), (320, 17), (160, 1, 3)], 3, torch.float16, None, False, (4, 2)),  # < a step: masked loads
+    ([(256, 9), (416, 32, 130), (0, 2), (128, 1)], 4, torch.bfloat16, 3, True, (4, 2)),  # whole steps, sinks
+    ([(0, 7), (0, 1)], 1, torch.float16, None, False, (4, 2)),  # no history anywhere: the residual programs alone
+    ([(96, 4), (0, 3), (288, 30)], 7, torch.float16, 2, False, (3, 3)),  # 3-bit codes: two planes a word
+    ([(192, 6), (384, 11, 2)], 4, torch.float16, None, False, "levels"),  # codebooks
 ])
-def test_ragged_rows_in_one_launch_match_each_row_alone(lengths, ratio, dtype, splits, misaligned):
+def test_ragged_rows_in_one_launch_match_each_row_alone(lengths, ratio, dtype, splits, misaligned, bits):
     """A left-padded batch's rows are stored apart, each with its own lengths, buffers (head strides) and sink
-    tokens: one launch reads each row's from a table, and row i matches a float64 reference over row i alone."""
+    tokens: one launch reads each row's from a table, and row i matches a float64 reference over row i alone.
+    Rows without a history do not make the others' loads masked (only a history shorter than a step does)."""
     rows, refs, queries = [], [], []
     for i, (n_hist, n_res, *start) in enumerate(lengths):
-        case = make_case(4, 2, ratio, n_hist, n_res, dtype=dtype, batch=1, seed=100 + i)
+        case = make_case(*((4, 4) if bits == "levels" else bits), ratio, n_hist, n_res, dtype=dtype, batch=1,
+                         seed=100 + i)
+        if bits == "levels":
+            case = with_levels(case, skewed_levels(4, 1.6), skewed_levels(4, 0.7))
         start = start[0] if start else 0
         args = {k: v for k, v in case.items() if k not in ("key_spec", "value_spec")}
         refs.append(decode_attention_reference(**{**args, "query": args["query"].double()}, history_start=start,
@@ -349,6 +355,7 @@ def test_ragged_rows_in_one_launch_match_each_row_alone(lengths, ratio, dtype, s
     with counted_launches() as launches:
         out = kd.decode_attention_triton_rows(torch.cat(queries), rows, case["scale"], num_splits=splits)
     assert [kw["PER_ROW"] for kw in launches] == [True] and launches[0]["ALIGNED"] == (not misaligned)
+    assert launches[0]["SHORT"] == (any(0 < n < 128 for n, *_ in lengths) or all(n == 0 for n, *_ in lengths))
     assert out.dtype == dtype
     for got, ref in zip(out, refs):
         assert ((got.double() - ref[0]).norm() / ref.norm()).item() < TOL[dtype]
@@ -366,14 +373,21 @@ def counted_launches():
 
 
 def test_ragged_rows_refuse_mixed_layouts_and_dispatch_per_backend():
+    """Every row is checked, not only the one the kernel is compiled for: a row it would misread is refused."""
     a = make_case(4, 2, 4, 64, 3, batch=1)
     b = make_case(2, 2, 4, 64, 3, batch=1, seed=1)
     row = lambda c: (c["qkeys"], c["qvalues"], c["keys"], c["values"], 0)  # noqa: E731
     query = torch.cat([a["query"], b["query"]])
-    with pytest.raises(ValueError, match="share bits"):
+    with pytest.raises(ValueError, match="share shapes but length, bits"):
         kd.decode_attention_triton_rows(query, [row(a), row(b)], a["scale"])
     with pytest.raises(ValueError, match="2 query rows for 1"):
         kd.decode_attention_triton_rows(query, [row(a)], a["scale"])
+    c = make_case(4, 2, 4, 64, 3, batch=1, seed=2)
+    strided = torch.empty(*c["keys"].shape[:-1], 2 * c["keys"].shape[-1], device=DEVICE, dtype=c["keys"].dtype)[..., ::2]
+    for bad in ({"keys": strided.copy_(c["keys"])}, {"values": c["values"].float()},
+                {"qvalues": replace(c["qvalues"], zero=c["qvalues"].zero.float())}):
+        with pytest.raises(ValueError, match="contiguous|share shapes"):
+            kd.decode_attention_triton_rows(query, [row(a), row({**c, **bad})], a["scale"])
     c = make_case(4, 2, 4, 96, 1, batch=1, seed=2)
     want = torch.cat([kernels.decode_attention(x["query"], *row(x)[:4], x["scale"], x["key_spec"], x["value_spec"],
                                                "torch") for x in (a, c)])

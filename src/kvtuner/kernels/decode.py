@@ -769,21 +769,27 @@ def decode_attention_triton_rows(query: torch.Tensor, rows: list[DecodeRow], sca
     :mod:`kvtuner.cache.layer`), its own lengths and buffers. Each program reads its row's addresses, head strides
     and counts from a table on the device (:func:`_row_table`); splits are planned for the longest history. The
     rows share the layout (bits, groups, level tables, dtypes, token strides); qkeys None: no history yet.
-    Returns ``[B, H_q, D]``, row i what :func:`decode_attention_triton` gives for row i alone."""
+    Returns ``[B, H_q, D]``, row i what :func:`decode_attention_triton` gives for row i alone up to rounding (the
+    split plan is the batch's). A history shorter than a kernel step (128 tokens or fewer) in any row makes every
+    row's loads masked; rows without a history do not."""
     if len(rows) != query.shape[0]:
         raise ValueError(f"{query.shape[0]} query rows for {len(rows)} cache rows")
     with_history = [row for row in rows if row[0] is not None]
     qkeys, qvalues, keys, values, _ = with_history[0] if with_history else rows[0]
     for qk, qv, k, v, _ in rows:
-        if k.shape[0] != 1 or k.shape[1:2] + k.shape[3:] != keys.shape[1:2] + keys.shape[3:] or k.dtype != keys.dtype:
-            raise ValueError("each row is one sequence [1, H_kv, T, D] with the others' heads, head dim and dtype")
+        same = (k.shape[0] == 1 and k.shape[1:2] + k.shape[3:] == keys.shape[1:2] + keys.shape[3:]
+                and v.shape == k.shape and k.dtype == keys.dtype and v.dtype == values.dtype)
+        if not same or k.stride(-1) != 1 or v.stride(-1) != 1:
+            raise ValueError("each row's keys and values are one sequence [1, H_kv, T, D], contiguous in D, with the "
+                             "others' heads, head dim and dtypes")
         if qk is not None and not _same_layout((qk, qv), (qkeys, qvalues)):
-            raise ValueError("the rows' packed histories must share bits, groups, level tables, dtypes and token strides")
-    table = _row_table(rows)
+            raise ValueError("the rows' packed histories must share shapes but length, bits, groups, level tables, "
+                             "dtypes and token strides, contiguous in their last dimension")
+    table = _row_table(rows, with_history[0] if with_history else None)
     # what Triton assumes of pointer and stride arguments, told to the compiler where true (vector loads)
     aligned = all(entry % 16 == 0 for row in table for entry in row[:16])
     return _launch(query, qkeys, qvalues, keys, values, scale, max((row[0].num_tokens for row in with_history), default=0),
-                   0, shortest=min(0 if row[0] is None else row[0].num_tokens for row in rows),
+                   0, shortest=min((row[0].num_tokens for row in with_history), default=0),
                    counts=torch.tensor(table, dtype=torch.int64).to(query.device, non_blocking=True), aligned=aligned,
                    tunables=(num_splits, num_warps, num_stages, maxnreg, inline_asm))
 
@@ -792,28 +798,36 @@ def _same_layout(a: tuple[QuantizedTensor, QuantizedTensor], b: tuple[QuantizedT
     """Whether two histories compile to the same kernel: specs, level tables, dtypes and the token strides the
     kernel takes as constants."""
     def key(q: QuantizedTensor):
-        return (q.spec, q.payload.dtype, q.scale.dtype, q.payload.stride(2), q.scale.stride(2), q.payload.shape[-1])
-    return all(key(x) == key(y) and (x.levels is y.levels or (x.levels is not None and y.levels is not None
-                                                              and torch.equal(x.levels, y.levels)))
-               for x, y in zip(a, b))
+        return (q.spec, q.shape[:2] + q.shape[3:], q.payload.dtype, q.scale.dtype, q.zero.dtype, q.payload.stride(2),
+                q.scale.stride(2), q.payload.shape[-1], q.scale.shape[-1])
+
+    def contiguous(q: QuantizedTensor) -> bool:
+        return all(t.stride(-1) == 1 for t in (q.payload, q.scale, q.zero)) and q.zero.stride() == q.scale.stride()
+
+    return all(key(x) == key(y) and contiguous(x) and (x.levels is y.levels or (
+        x.levels is not None and y.levels is not None and torch.equal(x.levels, y.levels))) for x, y in zip(a, b))
 
 
-def _row_table(rows: list[DecodeRow]) -> list[list[int]]:
+def _row_table(rows: list[DecodeRow], template: DecodeRow | None) -> list[list[int]]:
     """``[B, ROW_FIELDS]`` int64 for :func:`_decode_split_kernel`'s ``PER_ROW``: the addresses of a row's key words,
     scales, zeros, value words, scales, zeros, residual keys and values; the head strides of the first six (scales
     and zeros share theirs), the residual's head and token strides; history tokens, sink tokens, residual tokens.
-    A row without history points its history at its residual (never read: it has no history step)."""
+    A row without history borrows ``template``'s history tensors (a row with one): it has no history step, but the
+    unmasked kernel reads one step of value scales before its loop, which must be memory it may read."""
+    def history(qkeys: QuantizedTensor, qvalues: QuantizedTensor) -> list[int]:
+        return ([t.data_ptr() for t in (qkeys.payload, qkeys.scale, qkeys.zero, qvalues.payload, qvalues.scale,
+                                        qvalues.zero)]
+                + [qkeys.payload.stride(1), qkeys.scale.stride(1), qvalues.payload.stride(1), qvalues.scale.stride(1)])
+
     table = []
     for qkeys, qvalues, keys, values, history_start in rows:
-        if qkeys is None:
-            history = [keys.data_ptr()] * 6 + [0] * 4
-        else:
-            if qkeys.zero.stride() != qkeys.scale.stride() or qvalues.zero.stride() != qvalues.scale.stride():
-                raise ValueError("scale and zero must share strides")
-            history = [t.data_ptr() for t in (qkeys.payload, qkeys.scale, qkeys.zero, qvalues.payload, qvalues.scale,
-                                              qvalues.zero)]
-            history += [qkeys.payload.stride(1), qkeys.scale.stride(1), qvalues.payload.stride(1), qvalues.scale.stride(1)]
-        table.append(history[:6] + [keys.data_ptr(), values.data_ptr()] + history[6:]
+        if qkeys is not None:
+            fields = history(qkeys, qvalues)
+        elif template is not None:
+            fields = history(*template[:2])
+        else:  # no row has a history: no history program runs
+            fields = [keys.data_ptr()] * 6 + [0] * 4
+        table.append(fields[:6] + [keys.data_ptr(), values.data_ptr()] + fields[6:]
                      + [keys.stride(1), keys.stride(2), values.stride(1), values.stride(2),
                         0 if qkeys is None else qkeys.num_tokens, history_start, keys.shape[2]])
     return table

@@ -319,8 +319,9 @@ def _block(acc, acc_z, acc_l, m_i, qm, qz, grp0, NG: gl.constexpr, KS_h, KZ_h, K
 
 
 # PTX: lane 0 asks the copy engine to bring ``$2`` bytes from address ``$1`` into L2 (sm_90's bulk prefetch: one
-# instruction a contiguous range, no registers held, a hint that never faults the kernel). The range is widened to
-# 16-byte boundaries, which the instruction requires (an allocation is at least 512-byte granular).
+# instruction a contiguous range, no registers held, a hint the hardware may drop). The range is widened to 16-byte
+# boundaries, which the instruction requires; the callers' ranges lie inside the history they read (the rounding
+# stays in the same 16-byte chunks).
 L2_PREFETCH = gl.constexpr(
     "{ .reg .pred p; .reg .u32 lane, head, size; .reg .u64 a; "
     "mov.u32 lane, %laneid; setp.eq.u32 p, lane, 0; "
@@ -344,7 +345,8 @@ def _prefetch_block(KW_h, KS_h, KZ_h, VW_h, VS_h, VZ_h, grp, NG: gl.constexpr, s
                     G_V: gl.constexpr, K_BITS: gl.constexpr, V_BITS: gl.constexpr):
     """The six ranges a block of ``NG`` key groups from group ``grp`` reads (key words, scales, zeros; value words,
     scales, zeros; each from its first token's row to its last's), prefetched into L2: a later block's loads then
-    wait for L2, not HBM, and its bytes stream in while this program computes."""
+    wait for L2, not HBM, and its bytes stream in while this program computes. A split's first ``PREFETCH`` blocks
+    (and a single last group) are not prefetched."""
     T: gl.constexpr = NG * G_K
     _prefetch_l2(KW_h + grp * G_K * skw_t, ((T - 1) * skw_t + D * K_BITS // 32) * 4)
     _prefetch_l2(KS_h + grp * sks_g, ((NG - 1) * sks_g + D) * 2)
