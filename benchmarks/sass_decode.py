@@ -17,17 +17,12 @@ import collections
 import re
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from kvtuner.kernels import decode
 from kvtuner.kernels.sass import disassemble, hot_loop, loop_census
 
 D, R, G = 128, 4, 32
 BITS = (2, 3, 4, 8)  # what the kernel decodes
-POINTERS = {"Q": "*bf16", "KW": "*i32", "KS": "*fp16", "KZ": "*fp16", "VW": "*i32", "VS": "*fp16", "VZ": "*fp16",
-            "KL": "*i32", "VL": "*i32", "KR": "*bf16", "VR": "*bf16", "O_part": "*fp32", "LSE_part": "*fp32",
-            "LENGTHS": "*i32", "ROWS": "*i64"}
 
 
 def bit_pair(text: str) -> tuple[int, int, bool]:
@@ -36,25 +31,6 @@ def bit_pair(text: str) -> tuple[int, int, bool]:
     if not match or {int(match[1]), int(match[2])} - set(BITS) or (match[3] and max(int(match[1]), int(match[2])) > 4):
         raise argparse.ArgumentTypeError(f"{text!r} is not a bit pair KxVy[+nuq] with x, y in {BITS} (<= 4 with +nuq)")
     return int(match[1]), int(match[2]), bool(match[3])
-
-
-def compile_kernel(k_bits: int, v_bits: int, warps: int, maxnreg: int | None, stages: int = 2, codebook: bool = False,
-                   per_row: bool = False):
-    """per_row: the ragged-batch variant, each row's tensors and strides read from a table (``PER_ROW``)."""
-    fn = decode._decode_split_kernel
-    ngv, m, ng = decode.stacking(R, D, G, G)
-    consts = dict(H_KV=8, R=R, R_P=R, M=m, NG=ng, NGV=ngv, D=D, G_K=G, G_V=G, K_BITS=k_bits,
-                  V_BITS=v_bits, W=warps, NR=32, ASM=True, SHORT=False,
-                  K_NUQ=2**k_bits if codebook else 0, V_NUQ=2**v_bits if codebook else 0,
-                  skw_t=D * k_bits // 32, sks_g=D, svw_t=D * v_bits // 32, svs_t=ngv,
-                  DEVICE_LENGTHS=False, PER_ROW=per_row, ALIGNED=per_row)
-    sig = {n: "constexpr" if n in consts else POINTERS.get(n, "fp32" if n == "qk_scale" else "i32") for n in fn.arg_names}
-    # a real launch sees 16-byte aligned pointers and strides that are multiples of 16
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if sig[n] in ("i32", *POINTERS.values()) and not {i, n} & set(fn.do_not_specialize)}
-    src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs)
-    options = dict(num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options), ng * G
 
 
 def main() -> None:
@@ -75,8 +51,9 @@ def main() -> None:
             kernel, warps, tokens = compile_sm90(k_bits, v_bits, D, R, G, G, prefetch=args.prefetch), 1, max(BLOCK, G)
         else:
             warps = args.warps or decode.default_num_warps(k_bits, v_bits)
-            kernel, step_tokens = compile_kernel(k_bits, v_bits, warps, args.maxnreg or decode.default_maxnreg(warps),
-                                                 codebook=codebook, per_row=args.per_row)
+            kernel, step_tokens = decode.compile_sm90(k_bits, v_bits, D, R, G, warps,
+                                                      args.maxnreg or decode.default_maxnreg(warps),
+                                                      codebook=codebook, per_row=args.per_row)
             tokens = step_tokens // warps  # one slice of the step a warp
         c = loop_census(kernel, tokens)
         ops = {k: v for k, v in c.items() if k.isupper() and v}

@@ -1,5 +1,14 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE_TRITON = ROOT / ".venv" / "gluon-triton"  # triton 3.6.0, the GPU image's (see the Makefile)
 
 
 class _Poisoned:
@@ -23,3 +32,23 @@ class _Poisoned:
 def poison_torch(monkeypatch):
     """``poison_torch(module)``: the module's ``torch`` hands out poisoned buffers for this test."""
     return lambda module: monkeypatch.setattr(module, "torch", _Poisoned())
+
+
+@pytest.fixture(scope="session")
+def image_triton():
+    """``image_triton(script, arg)``: run Python ``script`` (``sys.argv[1]`` the JSON of ``arg``) with the GPU image's
+    triton first on the path, and return what it prints as JSON. What CI knows of how the GPU will compile a kernel:
+    the project's own, newer triton runs the Triton kernels in its interpreter, which accepts code that the image's
+    compiler refuses. Skips where that triton is not installed."""
+    if not (IMAGE_TRITON / "triton" / "__init__.py").exists():
+        pytest.skip(f"triton 3.6.0 for the ahead-of-time checks is not installed at {IMAGE_TRITON} (make test installs it)")
+
+    def run(script: str, arg) -> dict:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # test modules set it
+        env["PYTHONPATH"] = f"{IMAGE_TRITON}{os.pathsep}{ROOT / 'src'}"
+        done = subprocess.run([sys.executable, "-c", script, json.dumps(arg)], capture_output=True, text=True, env=env,
+                              timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout)
+
+    return run

@@ -8,12 +8,6 @@ round trip, under the triton the GPU image has (3.6.0, installed beside the proj
 ``make test``). The kernel's own numerics are GPU tests, run on the device whenever it changes.
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -26,8 +20,6 @@ from kvtuner.kernels.reference import decode_attention_reference
 from kvtuner.quant import QuantizedTensor, QuantSpec, quantize, unpack
 from kvtuner.quant.packing import pack
 
-ROOT = Path(__file__).resolve().parents[2]
-GLUON_TRITON = ROOT / ".venv" / "gluon-triton"  # triton 3.6.0 (the GPU image's), see the Makefile
 PAIRS = [(k, v) for k in (2, 4, 8) for v in (2, 4, 8)]
 
 
@@ -111,12 +103,6 @@ def test_emulated_kernel_keeps_small_key_differences_on_a_large_common_offset():
 
 # ---------------------------------------------------------------- compiled for sm_90a (no GPU needed)
 
-def _gluon_triton_ok() -> str | None:
-    if not (GLUON_TRITON / "triton" / "__init__.py").exists():
-        return f"triton 3.6.0 for the Gluon checks is not installed at {GLUON_TRITON} (make test installs it)"
-    return None
-
-
 COMPILE = """
 import json, sys
 import triton
@@ -132,18 +118,10 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def compiled():
-    reason = _gluon_triton_ok()
-    if reason:
-        pytest.skip(reason)
+def compiled(image_triton):
     cases = [[k, v, 128, 4, 0] for k, v in PAIRS] + [[4, 4, 64, 3, 0], [2, 4, 64, 7, 0], [8, 8, 64, 1, 0],
                                                        [4, 2, 128, 16, 0], [4, 4, 128, 4, 2], [2, 8, 64, 3, 1]]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # other test modules set it
-    env["PYTHONPATH"] = f"{GLUON_TRITON}{os.pathsep}{ROOT / 'src'}"
-    run = subprocess.run([sys.executable, "-c", COMPILE, json.dumps(cases)], capture_output=True, text=True,
-                         env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout)
+    return image_triton(COMPILE, cases)
 
 
 def test_compiles_for_sm90_with_trivial_layouts_and_no_shared_memory(compiled):

@@ -63,7 +63,7 @@ import triton
 import triton.language as tl
 
 from kvtuner.kernels import STEP_TOKENS
-from kvtuner.quant import QuantizedTensor
+from kvtuner.quant import QuantizedTensor, packed_width
 from kvtuner.quant.codebook import level_grid
 
 LOG2E = 1.4426950408889634
@@ -619,7 +619,9 @@ def _merge_parts(acc, l, m, O_part, LSE_part, row, n_parts, D: tl.constexpr, PAR
 def _decode_reduce_kernel(O_part, LSE_part, Out, n_parts, D: tl.constexpr, PARTS: tl.constexpr):
     """Merge one query head's partial outputs."""
     row = tl.program_id(0)
-    acc, l = _merge_parts(tl.zeros([D], tl.float32), 0.0, float("-inf"), O_part, LSE_part, row, n_parts, D, PARTS)
+    # the empty state as tensors: triton 3.6 refuses a loop-carried value whose first value is a constant argument
+    acc, l = _merge_parts(tl.zeros([D], tl.float32), tl.full((), 0.0, tl.float32), tl.full((), float("-inf"), tl.float32),
+                          O_part, LSE_part, row, n_parts, D, PARTS)
     tl.store(Out + row * D + tl.arange(0, D), (acc / l).to(Out.dtype.element_ty))
 
 
@@ -903,6 +905,52 @@ def _launch(query: torch.Tensor, qkeys: QuantizedTensor | None, qvalues: Quantiz
     parts = min(64, triton.next_power_of_2(n_parts))
     _decode_reduce_kernel[(b * h_q,)](o_part, lse_part, out, n_parts, D=d, PARTS=parts)
     return out
+
+
+_POINTER_TYPES = {"Q": "*bf16", "KW": "*i32", "KS": "*fp16", "KZ": "*fp16", "VW": "*i32", "VS": "*fp16",
+                  "VZ": "*fp16", "KL": "*i32", "VL": "*i32", "KR": "*bf16", "VR": "*bf16", "O_part": "*fp32",
+                  "LSE_part": "*fp32", "LENGTHS": "*i32", "ROWS": "*i64", "Out": "*bf16"}
+
+
+def _compile_sm90(fn, constexprs: dict, num_warps: int, maxnreg: int | None = None):
+    """``fn`` compiled ahead of time for sm_90a with the specializations of a launch over bf16 tensors: 16-byte
+    aligned pointers and integer arguments divisible by 16 (except those never specialized)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {n: "constexpr" if n in constexprs else _POINTER_TYPES.get(n, "fp32" if n == "qk_scale" else "i32")
+           for n in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if sig[n] != "constexpr" and sig[n] != "fp32" and n not in fn.do_not_specialize}
+    src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs)
+    options = dict(num_warps=num_warps, num_stages=2, **({"maxnreg": maxnreg} if maxnreg else {}))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def compile_sm90(k_bits: int, v_bits: int, head_dim: int = 128, gqa: int = 4, group: int = 32,
+                 num_warps: int | None = None, maxnreg: int | None | Literal["auto"] = "auto", short: bool = False,
+                 device_lengths: bool = False, per_row: bool = False, codebook: bool = False):
+    """The split kernel compiled ahead of time for sm_90a (no GPU needed), as :func:`decode_attention_triton` would
+    launch it for keys and values grouped by ``group``: CI compiles the variants with the triton of the GPU image
+    (whose compiler accepts less than a newer triton's interpreter), ``benchmarks/sass_decode.py`` counts its SASS.
+    Returns (kernel, tokens a step)."""
+    r_p = triton.next_power_of_2(gqa)
+    ngv, m, ng = stacking(r_p, head_dim, group, group)
+    warps = num_warps or default_num_warps(k_bits, v_bits)
+    consts = dict(H_KV=8, R=gqa, R_P=r_p, M=m, NG=ng, NGV=ngv, D=head_dim, G_K=group, G_V=group, K_BITS=k_bits,
+                  V_BITS=v_bits, W=warps, NR=32, ASM=True, SHORT=short,
+                  K_NUQ=2**k_bits if codebook else 0, V_NUQ=2**v_bits if codebook else 0,
+                  skw_t=packed_width(head_dim, k_bits), sks_g=head_dim, svw_t=packed_width(head_dim, v_bits),
+                  svs_t=ngv,
+                  DEVICE_LENGTHS=device_lengths, PER_ROW=per_row, ALIGNED=per_row)
+    return _compile_sm90(_decode_split_kernel, consts, warps,
+                         default_maxnreg(warps) if maxnreg == "auto" else maxnreg), ng * group
+
+
+def compile_merges_sm90(head_dim: int = 128, gqa: int = 4, parts: int = 64) -> list:
+    """The reduce and the residual-merge kernels compiled ahead of time for sm_90a (see :func:`compile_sm90`)."""
+    return [_compile_sm90(_decode_reduce_kernel, dict(D=head_dim, PARTS=parts), 4),
+            _compile_sm90(_residual_merge_kernel, dict(H_Q=8 * gqa, R=gqa, D=head_dim, NR=32, PARTS=parts), 4)]
 
 
 def merge_with_residual(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
