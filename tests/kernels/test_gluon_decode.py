@@ -241,26 +241,6 @@ def test_forcing_gluon_without_a_gpu_says_why():
                                  backend="gluon")
 
 
-def test_auto_runs_a_padded_batch_a_row_at_a_time_where_gluon_is_preferred_for_every_row(monkeypatch):
-    """Until one Triton launch is measured against a Gluon launch a row on long histories, ``auto`` keeps the
-    latter where every row with a history is one the Gluon kernel reads and is preferred for."""
-    from kvtuner import kernels
-    from kvtuner.kernels import gluon_decode
-
-    monkeypatch.setattr(kernels, "gluon_available", lambda device, measured_only=True: True)
-    monkeypatch.setattr(gluon_decode, "gluon_preferred", lambda qkeys: qkeys.num_tokens >= 96)
-
-    def row(n_hist, k_bits=4):
-        case = make_case(k_bits, 4, batch=1, n_hist=n_hist) if n_hist else make_case(4, 4, batch=1)
-        return (case["qkeys"] if n_hist else None, case["qvalues"] if n_hist else None, case["keys"], case["values"], 0)
-
-    query = make_case(4, 4, batch=2)["query"]
-    assert kernels._gluon_rows(query, [row(96), row(128)]) and kernels._gluon_rows(query, [row(0), row(96)])
-    assert not kernels._gluon_rows(query, [row(96), row(64)])  # one row too short for Gluon: one Triton launch
-    assert not kernels._gluon_rows(query, [row(96), row(96, k_bits=3)])  # 3-bit codes: Triton only
-    assert not kernels._gluon_rows(query, [row(0), row(0)])
-
-
 @pytest.mark.gpu
 @gpu
 def test_auto_dispatch_reads_gluon_layouts_with_gluon_and_the_rest_with_triton(monkeypatch):

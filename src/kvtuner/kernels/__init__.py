@@ -215,14 +215,12 @@ def decode_attention_rows(
     :mod:`kvtuner.cache.layer`). Where Triton decodes (``"auto"`` on CUDA, or forced), one launch for the whole
     batch reads each row's tensors and counts from a table on the device
     (:func:`~kvtuner.kernels.decode.decode_attention_triton_rows`): the per-row start offsets of a padded batch,
-    with no pad ever stored or read. Elsewhere (CPU, ``"gluon"``, ``"native"``, ``"torch"``), and with ``"auto"``
-    where every row's history is one the Gluon kernel reads and is preferred for (long ones: which of one Triton
-    launch and a Gluon launch a row is faster there is not yet measured), :func:`decode_attention` a row at a time.
-    Returns ``[B, H_q, D]``."""
+    with no pad ever stored or read; on an H200 at batch 16 (rows of 1k-4k and 8k-32k tokens, K4V4,
+    ``benchmarks/bench_ragged.py``) 3.2-3.6x faster than a launch a row, the Gluon kernel's included. Elsewhere
+    (CPU, ``"gluon"``, ``"native"``, ``"torch"``): :func:`decode_attention` a row at a time. Returns ``[B, H_q, D]``."""
     histories = [(qk, qv) for qk, qv, *_ in rows if qk is not None]
     readable = all(_triton_decodes(key_spec, value_spec, qk, qv, query.shape[-1]) for qk, qv in histories or [(None, None)])
-    if backend != "gluon" and not (backend == "auto" and _gluon_rows(query, rows)) and use_triton(
-            backend, query.device, readable, "decode attention"):
+    if backend != "gluon" and use_triton(backend, query.device, readable, "decode attention"):
         from kvtuner.kernels.decode import decode_attention_triton_rows
 
         return decode_attention_triton_rows(query, rows, scale)
@@ -230,12 +228,3 @@ def decode_attention_rows(
                                        "triton" if backend == "gluon" and qk is None else backend, start)
                       for i, (qk, qv, k, v, start) in enumerate(rows)])  # (Gluon reads no residual alone)
 
-
-def _gluon_rows(query: torch.Tensor, rows: list) -> bool:
-    """Whether ``"auto"`` would run the Gluon kernel on every row of a ragged batch that has a history."""
-    histories = [row for row in rows if row[0] is not None]
-    if not histories or not gluon_available(query.device):
-        return False
-    from kvtuner.kernels.gluon_decode import gluon_preferred, gluon_supported
-
-    return all(gluon_supported(qk, qv, query[:1], start) and gluon_preferred(qk) for qk, qv, _, _, start in histories)
