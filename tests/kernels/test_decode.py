@@ -407,7 +407,8 @@ out = {}
 for name, kw in json.loads(sys.argv[1]).items():
     kernel, tokens = decode.compile_sm90(**kw)
     out[name] = loop_census(kernel, tokens // kernel.metadata.num_warps)
-out["merges"] = len(decode.compile_merges_sm90()) + len(decode.compile_merges_sm90(head_dim=64, gqa=7, parts=1))
+decode.compile_merges_sm90()
+decode.compile_merges_sm90(head_dim=64, gqa=7, parts=1)
 print(json.dumps(out))
 """
 
@@ -417,14 +418,13 @@ def test_every_launched_variant_compiles_for_sm90_with_the_gpu_images_triton(ima
     compile (a loop-carried value first given as a constant argument): every decode on a GPU failed until a device
     run showed it. So each kind of launch is compiled here for sm_90a as the GPU would: the split kernel plain,
     masked (short), with device lengths (CUDA graphs), per row (ragged batches), with codebooks and 3-bit codes;
-    the reduce and residual-merge kernels. The per-row loop must stay as lean as the batched one (its table's
-    addresses and strides hinted aligned)."""
+    the reduce and residual-merge kernels (bf16 activations). The per-row loop must stay as lean as the batched one
+    (its table's addresses and strides hinted aligned)."""
     cases = {"K4V4": dict(k_bits=4, v_bits=4), "K4V4 rows": dict(k_bits=4, v_bits=4, per_row=True),
+             "K4V4 rows unaligned": dict(k_bits=4, v_bits=4, per_row=True, aligned=False),
              "K2V2 lengths": dict(k_bits=2, v_bits=2, device_lengths=True),
              "K3V3 short nuq": dict(k_bits=3, v_bits=3, short=True, codebook=True),
              "K8V2 short D64 GQA7": dict(k_bits=8, v_bits=2, short=True, head_dim=64, gqa=7)}
-    census = image_triton(TRITON_COMPILE, cases)
-    assert census.pop("merges") == 4
-    assert set(census) == set(cases)
+    census = image_triton(TRITON_COMPILE, cases)  # (the subprocess fails on a kernel that does not compile)
     assert census["K4V4 rows"]["per_token"] <= 1.03 * census["K4V4"]["per_token"], census
     assert census["K4V4 rows"].get("LDG", 0) <= census["K4V4"].get("LDG", 0), census  # no scalar loads crept in

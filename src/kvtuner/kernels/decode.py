@@ -792,7 +792,7 @@ def decode_attention_triton_rows(query: torch.Tensor, rows: list[DecodeRow], sca
     aligned = all(entry % 16 == 0 for row in table for entry in row[:16])
     return _launch(query, qkeys, qvalues, keys, values, scale, max((row[0].num_tokens for row in with_history), default=0),
                    0, shortest=min((row[0].num_tokens for row in with_history), default=0),
-                   counts=torch.tensor(table, dtype=torch.int64).to(query.device, non_blocking=True), aligned=aligned,
+                   counts=_to_device(table, query.device), aligned=aligned,
                    tunables=(num_splits, num_warps, num_stages, maxnreg, inline_asm))
 
 
@@ -808,6 +808,13 @@ def _same_layout(a: tuple[QuantizedTensor, QuantizedTensor], b: tuple[QuantizedT
 
     return all(key(x) == key(y) and contiguous(x) and (x.levels is y.levels or (
         x.levels is not None and y.levels is not None and torch.equal(x.levels, y.levels))) for x, y in zip(a, b))
+
+
+def _to_device(table: list[list[int]], device: torch.device) -> torch.Tensor:
+    """The table as int64 on ``device``; on CUDA through pinned memory, whose copy does not wait for the stream (one
+    from pageable memory does, which would serialize the host's next step with the GPU's work)."""
+    pinned = device.type == "cuda"
+    return torch.tensor(table, dtype=torch.int64, pin_memory=pinned).to(device, non_blocking=pinned)
 
 
 def _row_table(rows: list[DecodeRow], template: DecodeRow | None) -> list[list[int]]:
@@ -929,11 +936,11 @@ def _compile_sm90(fn, constexprs: dict, num_warps: int, maxnreg: int | None = No
 
 def compile_sm90(k_bits: int, v_bits: int, head_dim: int = 128, gqa: int = 4, group: int = 32,
                  num_warps: int | None = None, maxnreg: int | None | Literal["auto"] = "auto", short: bool = False,
-                 device_lengths: bool = False, per_row: bool = False, codebook: bool = False):
+                 device_lengths: bool = False, per_row: bool = False, aligned: bool = True, codebook: bool = False):
     """The split kernel compiled ahead of time for sm_90a (no GPU needed), as :func:`decode_attention_triton` would
-    launch it for keys and values grouped by ``group``: CI compiles the variants with the triton of the GPU image
-    (whose compiler accepts less than a newer triton's interpreter), ``benchmarks/sass_decode.py`` counts its SASS.
-    Returns (kernel, tokens a step)."""
+    launch it on bf16 activations for keys and values grouped by ``group`` (``aligned``: a ragged batch's table hinted
+    16-aligned): CI compiles the variants with the triton of the GPU image (whose compiler accepts less than a newer
+    triton's interpreter), ``benchmarks/sass_decode.py`` counts its SASS. Returns (kernel, tokens a step)."""
     r_p = triton.next_power_of_2(gqa)
     ngv, m, ng = stacking(r_p, head_dim, group, group)
     warps = num_warps or default_num_warps(k_bits, v_bits)
@@ -942,7 +949,7 @@ def compile_sm90(k_bits: int, v_bits: int, head_dim: int = 128, gqa: int = 4, gr
                   K_NUQ=2**k_bits if codebook else 0, V_NUQ=2**v_bits if codebook else 0,
                   skw_t=packed_width(head_dim, k_bits), sks_g=head_dim, svw_t=packed_width(head_dim, v_bits),
                   svs_t=ngv,
-                  DEVICE_LENGTHS=device_lengths, PER_ROW=per_row, ALIGNED=per_row)
+                  DEVICE_LENGTHS=device_lengths, PER_ROW=per_row, ALIGNED=per_row and aligned)
     return _compile_sm90(_decode_split_kernel, consts, warps,
                          default_maxnreg(warps) if maxnreg == "auto" else maxnreg), ng * group
 
