@@ -778,13 +778,15 @@ def decode_attention_triton_rows(query: torch.Tensor, rows: list[DecodeRow], sca
         raise ValueError(f"{query.shape[0]} query rows for {len(rows)} cache rows")
     with_history = [row for row in rows if row[0] is not None]
     qkeys, qvalues, keys, values, _ = with_history[0] if with_history else rows[0]
+    layout = (_layout(qkeys), _layout(qvalues)) if with_history else None  # (_launch checks the first row's own)
     for qk, qv, k, v, _ in rows:
         same = (k.shape[0] == 1 and k.shape[1:2] + k.shape[3:] == keys.shape[1:2] + keys.shape[3:]
                 and v.shape == k.shape and k.dtype == keys.dtype and v.dtype == values.dtype)
         if not same or k.stride(-1) != 1 or v.stride(-1) != 1:
             raise ValueError("each row's keys and values are one sequence [1, H_kv, T, D], contiguous in D, with the "
                              "others' heads, head dim and dtypes")
-        if qk is not None and not _same_layout((qk, qv), (qkeys, qvalues)):
+        if qk is not None and ((_layout(qk), _layout(qv)) != layout or not (
+                _same_levels(qk, qkeys) and _same_levels(qv, qvalues))):
             raise ValueError("the rows' packed histories must share shapes but length, bits, groups, level tables, "
                              "dtypes and token strides, contiguous in their last dimension")
     table = _row_table(rows, with_history[0] if with_history else None)
@@ -796,18 +798,18 @@ def decode_attention_triton_rows(query: torch.Tensor, rows: list[DecodeRow], sca
                    tunables=(num_splits, num_warps, num_stages, maxnreg, inline_asm))
 
 
-def _same_layout(a: tuple[QuantizedTensor, QuantizedTensor], b: tuple[QuantizedTensor, QuantizedTensor]) -> bool:
-    """Whether two histories compile to the same kernel: specs, level tables, dtypes and the token strides the
-    kernel takes as constants."""
-    def key(q: QuantizedTensor):
-        return (q.spec, q.shape[:2] + q.shape[3:], q.payload.dtype, q.scale.dtype, q.zero.dtype, q.payload.stride(2),
-                q.scale.stride(2), q.payload.shape[-1], q.scale.shape[-1])
+def _layout(q: QuantizedTensor) -> tuple:
+    """What a compiled kernel fixes of one side of a history: spec, shape but its length, dtypes, the token strides it
+    takes as constants, and whether each stored tensor is contiguous in its last dimension with scale and zero
+    sharing strides. Computed once a row (a ragged step is host-bound: NOTES)."""
+    payload, scale, zero = q.payload, q.scale, q.zero
+    return (q.spec, q.shape[:2] + q.shape[3:], payload.dtype, scale.dtype, zero.dtype, payload.stride(2),
+            scale.stride(2), payload.shape[-1], scale.shape[-1],
+            payload.stride(-1) == scale.stride(-1) == 1 and zero.stride() == scale.stride())
 
-    def contiguous(q: QuantizedTensor) -> bool:
-        return all(t.stride(-1) == 1 for t in (q.payload, q.scale, q.zero)) and q.zero.stride() == q.scale.stride()
 
-    return all(key(x) == key(y) and contiguous(x) and (x.levels is y.levels or (
-        x.levels is not None and y.levels is not None and torch.equal(x.levels, y.levels))) for x, y in zip(a, b))
+def _same_levels(a: QuantizedTensor, b: QuantizedTensor) -> bool:
+    return a.levels is b.levels or (a.levels is not None and b.levels is not None and torch.equal(a.levels, b.levels))
 
 
 def _to_device(table: list[list[int]], device: torch.device) -> torch.Tensor:
