@@ -81,10 +81,12 @@ def main() -> None:
     ap.add_argument("--kv", nargs="+", default=["K4V4", "K2V2"], choices=list(KV))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
+    if min(args.batches) < 1:
+        ap.error("--batches takes positive integers")
+    if min(args.contexts) < 4 * (RESIDUAL + GROUP):
+        ap.error(f"--contexts must be at least {4 * (RESIDUAL + GROUP)} tokens (a quarter holds a group)")
     if not torch.cuda.is_available():
         raise SystemExit("bench_ragged needs a CUDA GPU")
-    if min(args.contexts) < 4 * (RESIDUAL + GROUP):
-        raise SystemExit(f"--contexts must be at least {4 * (RESIDUAL + GROUP)} tokens (a quarter holds a group)")
     results = []
     print(f"{torch.cuda.get_device_name()}: B rows of T/4..T tokens; ms (GB/s of the bytes each path reads)")
     print(f"{'B':>3} {'T':>6} {'kv':>5} {'sdpa_padded_bf16':>18} {'launch_a_row':>16} {'auto_a_row':>16} "

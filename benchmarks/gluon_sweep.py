@@ -26,6 +26,8 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT",
                     help=f"of {', '.join(VARIANTS)}")
     args = ap.parse_args()
+    if not all(p.count(":") == 1 and all(x.isdigit() and int(x) > 0 for x in p.split(":")) for p in args.points):
+        ap.error(f"--points takes batch:tokens pairs of positive integers, not {' '.join(args.points)}")
     print(f"{'B':>3} {'T':>7} {'kv':5} {'variant':12} {'ms':>7} {'x sdpa':>6}")
     for point in args.points:
         batch, context = map(int, point.split(":"))

@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--per-row", action="store_true", help="the ragged-batch variant (a table of rows)")
     ap.add_argument("--prefetch", type=int, default=0, help="with --gluon: L2 prefetch this many blocks ahead")
     args = ap.parse_args()
+    if args.prefetch < 0 or (args.prefetch and not args.gluon):
+        ap.error("--prefetch takes a number of blocks >= 0, with --gluon")
     print(f"triton {triton.__version__}, sm_90, D={D}, {R} query heads a KV head, groups of {G}")
     for k_bits, v_bits, codebook in args.kv:
         name = f"K{k_bits}V{v_bits}{'+nuq' if codebook else ''}"

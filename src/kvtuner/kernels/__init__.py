@@ -130,11 +130,11 @@ def quantize(x: torch.Tensor, spec: QuantSpec, backend: Backend = "auto") -> Qua
     return quantize_reference(x, spec)
 
 
-def _triton_decodes(key_spec: QuantSpec, value_spec: QuantSpec, qkeys: QuantizedTensor | None,
-                    qvalues: QuantizedTensor | None, head_dim: int) -> bool:
+def _triton_decodes(key_spec: QuantSpec, value_spec: QuantSpec, head_dim: int,
+                    *codes: QuantizedTensor | None) -> bool:
     """Whether the Triton decode kernel reads these codes: its layout, and level tables of one row of 4-16."""
     return decode_supported(key_spec, value_spec, head_dim) and all(
-        q is None or q.levels is None or (q.levels.dim() == 1 and q.spec.bits in (2, 3, 4)) for q in (qkeys, qvalues))
+        q is None or q.levels is None or (q.levels.dim() == 1 and q.spec.bits in (2, 3, 4)) for q in codes)
 
 
 def decode_attention(
@@ -163,7 +163,7 @@ def decode_attention(
     and sliced by every other backend.
     """
     if lengths is not None:
-        if use_triton(backend, query.device, _triton_decodes(key_spec, value_spec, qkeys, qvalues, query.shape[-1]),
+        if use_triton(backend, query.device, _triton_decodes(key_spec, value_spec, query.shape[-1], qkeys, qvalues),
                       "decode attention"):
             from kvtuner.kernels.decode import decode_attention_triton
 
@@ -187,7 +187,7 @@ def decode_attention(
             raise ValueError("the Gluon decode kernel does not read this layout (2, 4 or 8 uniform bits a side, head "
                              "dim 64 or 128, key groups of 32-128 tokens: kvtuner.kernels.gluon_decode); "
                              "use backend='triton'")
-    if use_triton(backend, query.device, _triton_decodes(key_spec, value_spec, qkeys, qvalues, query.shape[-1]),
+    if use_triton(backend, query.device, _triton_decodes(key_spec, value_spec, query.shape[-1], qkeys, qvalues),
                   "decode attention"):
         from kvtuner.kernels.decode import decode_attention_triton
 
@@ -218,8 +218,7 @@ def decode_attention_rows(
     with no pad ever stored or read; on an H200 at batch 16 (rows of 1k-4k and 8k-32k tokens, K4V4,
     ``benchmarks/bench_ragged.py``) 3.2-3.6x faster than a launch a row, the Gluon kernel's included. Elsewhere
     (CPU, ``"gluon"``, ``"native"``, ``"torch"``): :func:`decode_attention` a row at a time. Returns ``[B, H_q, D]``."""
-    histories = [(qk, qv) for qk, qv, *_ in rows if qk is not None]
-    readable = all(_triton_decodes(key_spec, value_spec, qk, qv, query.shape[-1]) for qk, qv in histories or [(None, None)])
+    readable = _triton_decodes(key_spec, value_spec, query.shape[-1], *(q for row in rows for q in row[:2]))
     if backend != "gluon" and use_triton(backend, query.device, readable, "decode attention"):
         from kvtuner.kernels.decode import decode_attention_triton_rows
 

@@ -755,8 +755,8 @@ def decode_attention_triton(
         raise ValueError("lengths (int32 [history, residual] on the device) needs a history buffer and no sink tokens")
     n_hist = qkeys.num_tokens if qkeys is not None else 0
     return _launch(query, qkeys, qvalues, keys, values, scale, n_hist, history_start,
-                   shortest=None if lengths is not None else n_hist, counts=lengths,
-                   tunables=(num_splits, num_warps, num_stages, maxnreg, inline_asm))
+                   shortest=None if lengths is not None else n_hist, lengths=lengths, num_splits=num_splits,
+                   num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg, inline_asm=inline_asm)
 
 
 DecodeRow = tuple[QuantizedTensor | None, QuantizedTensor | None, torch.Tensor, torch.Tensor, int]
@@ -794,8 +794,8 @@ def decode_attention_triton_rows(query: torch.Tensor, rows: list[DecodeRow], sca
     aligned = all(entry % 16 == 0 for row in table for entry in row[:16])
     return _launch(query, qkeys, qvalues, keys, values, scale, max((row[0].num_tokens for row in with_history), default=0),
                    0, shortest=min((row[0].num_tokens for row in with_history), default=0),
-                   counts=_to_device(table, query.device), aligned=aligned,
-                   tunables=(num_splits, num_warps, num_stages, maxnreg, inline_asm))
+                   rows=_to_device(table, query.device), aligned=aligned, num_splits=num_splits,
+                   num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg, inline_asm=inline_asm)
 
 
 def _layout(q: QuantizedTensor) -> tuple:
@@ -845,15 +845,16 @@ def _row_table(rows: list[DecodeRow], template: DecodeRow | None) -> list[list[i
 
 
 def _launch(query: torch.Tensor, qkeys: QuantizedTensor | None, qvalues: QuantizedTensor | None, keys: torch.Tensor,
-            values: torch.Tensor, scale: float, n_hist: int, history_start: int, shortest: int | None,
-            counts: torch.Tensor | None, tunables: tuple, aligned: bool = False) -> torch.Tensor:
+            values: torch.Tensor, scale: float, n_hist: int, history_start: int, shortest: int | None, *,
+            lengths: torch.Tensor | None = None, rows: torch.Tensor | None = None, aligned: bool = False,
+            num_splits: int | None, num_warps: int | None, num_stages: int, maxnreg: int | None | Literal["auto"],
+            inline_asm: bool | None) -> torch.Tensor:
     """The split and reduce launches over the tensors given (for a ragged batch: the first row with a history, which
     sets the layout the kernel is compiled for). n_hist: the history tokens the splits are planned for; shortest:
-    the fewest a program may find (fewer than a step: masked loads), None for at least one step; counts: int32
-    ``[2]`` (history, residual) or a ragged batch's int64 table (:func:`_row_table`), read on the device; aligned:
-    the table's addresses and strides are multiples of 16."""
-    num_splits, num_warps, num_stages, maxnreg, inline_asm = tunables
-    per_row = counts is not None and counts.dtype == torch.int64
+    the fewest a program may find (fewer than a step: masked loads), None for at least one step. Read on the
+    device: lengths, int32 ``[2]`` (history, residual), or rows, a ragged batch's int64 table (:func:`_row_table`;
+    aligned: its addresses and strides are multiples of 16). The rest: :func:`decode_attention_triton`'s tunables."""
+    per_row = rows is not None
     b, h_q, d = query.shape
     h_kv, n_res = keys.shape[1], keys.shape[2]
     r = h_q // h_kv
@@ -900,13 +901,13 @@ def _launch(query: torch.Tensor, qkeys: QuantizedTensor | None, qvalues: Quantiz
     lse_part = torch.empty((b * h_q, n_parts), device=query.device, dtype=torch.float32)
     _decode_split_kernel[(b * h_kv, n_parts)](
         query, kw, ks, kz, vw, vs, vz, kl, vl, keys, values, o_part, lse_part,
-        counts if counts is not None and not per_row else kl, counts if per_row else kl,
+        kl if lengths is None else lengths, rows if per_row else kl,
         query.stride(0), query.stride(1), *hist_strides, *res_strides,
         n_hist, history_start, n_res, steps_per_split, splits, scale * LOG2E,
         H_KV=h_kv, R=r, R_P=r_p, M=m, NG=ng, NGV=ngv, D=d,
         G_K=g_k, G_V=g_v, K_BITS=k_bits, V_BITS=v_bits, W=num_warps, NR=32,
         ASM=on_gpu if inline_asm is None else inline_asm, SHORT=shortest is not None and shortest < ng * g_k,
-        K_NUQ=k_nuq, V_NUQ=v_nuq, DEVICE_LENGTHS=counts is not None and not per_row, PER_ROW=per_row,
+        K_NUQ=k_nuq, V_NUQ=v_nuq, DEVICE_LENGTHS=lengths is not None, PER_ROW=per_row,
         ALIGNED=per_row and aligned,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if on_gpu and maxnreg else {}),
     )
