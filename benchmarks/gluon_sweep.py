@@ -1,6 +1,7 @@
-"""Launch variants of the Gluon decode kernel (register cap, history splits) against bf16 SDPA, CUDA-graph GPU time.
+"""Launch variants of the Gluon decode kernel (register cap, history splits, L2 prefetch, shared-memory stages)
+against bf16 SDPA, CUDA-graph GPU time.
 
-    PYTHONPATH=src python benchmarks/gluon_sweep.py --points 1:32768 16:32768 --kv K4V4 K2V2 [--variants default "prefetch 2"]
+    PYTHONPATH=src python benchmarks/gluon_sweep.py --points 1:32768 16:32768 --kv K4V4 K2V2 [--variants default "prefetch 2" "stages 2"]
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from kvtuner.kernels.gluon_decode import BLOCK, decode_attention_gluon
 
 VARIANTS = {"default": {}, "maxnreg 168": {"maxnreg": 168}, "splits x2": {"split_factor": 2.0},
             "splits x0.5": {"split_factor": 0.5}, "prefetch 1": {"prefetch": 1}, "prefetch 2": {"prefetch": 2},
-            "prefetch 4": {"prefetch": 4}}
+            "prefetch 4": {"prefetch": 4}, "stages 2": {"stages": 2}, "stages 3": {"stages": 3},
+            "stages 4": {"stages": 4}, "stages 2 prefetch 2": {"stages": 2, "prefetch": 2}}
 
 
 def main() -> None:

@@ -4,9 +4,11 @@ Gluon has no interpreter, so CI checks (1) that the registers each thread decode
 :func:`kvtuner.quant.unpack` reads and that the kernel's arithmetic, emulated in torch,
 attends like the float64 reference; (2) that the kernel compiles ahead of time for sm_90a with every
 layout conversion trivial and its decode loop within an instruction budget with no shared-memory
-round trip, under the triton the GPU image has (3.6.0, installed beside the project's own triton by
+round trip (a ring of ``stages`` copies each block into shared memory once and reads it from there), under the triton the GPU image has (3.6.0, installed beside the project's own triton by
 ``make test``). The kernel's own numerics are GPU tests, run on the device whenever it changes.
 """
+
+import re
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvtuner.kernels.gluon_layout import (
-    emulate_decode, key_channels, key_codes, multiplier, value_channels, value_codes,
+    emulate_decode, key_channels, key_codes, multiplier, stage_bytes, value_channels, value_codes,
 )
 from kvtuner.kernels.reference import decode_attention_reference
 from kvtuner.quant import QuantizedTensor, QuantSpec, quantize, unpack
@@ -109,27 +111,34 @@ import triton
 assert triton.__version__ == "3.6.0", triton.__version__
 from kvtuner.kernels.gluon_decode import compile_sm90, loop_census
 out = {}
-for k, v, d, r, prefetch in json.loads(sys.argv[1]):
-    kernel = compile_sm90(k, v, head_dim=d, gqa=r, prefetch=prefetch)
-    name = f"K{k}V{v}D{d}R{r}" + (f"P{prefetch}" if prefetch else "")
-    out[name] = dict(loop_census(kernel), shared=kernel.asm["ttgir"].count("local_alloc"))
+for k, v, d, r, prefetch, stages in json.loads(sys.argv[1]):
+    kernel = compile_sm90(k, v, head_dim=d, gqa=r, prefetch=prefetch, stages=stages)
+    name = f"K{k}V{v}D{d}R{r}" + (f"P{prefetch}" if prefetch else "") + (f"S{stages}" if stages else "")
+    out[name] = dict(loop_census(kernel), shared=kernel.asm["ttgir"].count("local_alloc"),
+                     shared_bytes=kernel.metadata.shared)
 print(json.dumps(out))
 """
 
 
 @pytest.fixture(scope="module")
 def compiled(image_triton):
-    cases = [[k, v, 128, 4, 0] for k, v in PAIRS] + [[4, 4, 64, 3, 0], [2, 4, 64, 7, 0], [8, 8, 64, 1, 0],
-                                                       [4, 2, 128, 16, 0], [4, 4, 128, 4, 2], [2, 8, 64, 3, 1]]
+    cases = [[k, v, 128, 4, 0, 0] for k, v in PAIRS] + [
+        [4, 4, 64, 3, 0, 0], [2, 4, 64, 7, 0, 0], [8, 8, 64, 1, 0, 0], [4, 2, 128, 16, 0, 0], [4, 4, 128, 4, 2, 0],
+        [2, 8, 64, 3, 1, 0], [4, 4, 128, 4, 0, 2], [2, 2, 128, 4, 0, 3], [8, 8, 128, 4, 0, 2], [2, 4, 64, 7, 0, 4]]
     return image_triton(COMPILE, cases)
 
 
-def test_compiles_for_sm90_with_trivial_layouts_and_no_shared_memory(compiled):
+def test_compiles_for_sm90_with_trivial_layouts_and_shared_memory_only_for_stages(compiled):
     """Compiling at all proves every convert_layout(..., assert_trivial=True): the decoded registers are the
-    mma fragments. No shared memory is allocated anywhere in the kernel."""
-    assert len(compiled) == 15  # GQA 16 compiles; the GPU tests go to 8
+    mma fragments, read from global or from shared memory alike. Shared memory is allocated only for a ring of
+    stages: six buffers of ``stage_bytes`` a stage."""
+    assert len(compiled) == 19  # GQA 16 compiles; the GPU tests go to 8
     for name, census in compiled.items():
-        assert census["shared"] == 0, name
+        stages = int(name.partition("S")[2] or 0)
+        assert census["shared"] == (6 if stages else 0), name
+        if stages:
+            k, v, d = (int(x) for x in re.match(r"K(\d)V(\d)D(\d+)", name).groups())
+            assert census["shared_bytes"] == stages * stage_bytes(d, 32, 32, k, v), name
 
 
 # Warp instructions a cached token and KV head in the decode loop (D = 128, 4 query heads a KV head),
@@ -167,6 +176,26 @@ def test_prefetch_adds_one_bulk_l2_prefetch_a_range_and_nothing_else(compiled):
                 assert census.get(op, 0) == base.get(op, 0), (op, census.get(op), base.get(op))
 
 
+def test_stages_copy_each_block_once_with_16_byte_copies_and_read_it_from_shared_memory(compiled):
+    """``stages`` > 0: the loop issues no global load; it copies the next block with ``cp.async``, 16 bytes a lane
+    where a range is long enough (LDGSTS: a range's bytes / 512 of them, at least one), waits once and reads the block from shared memory, with the same
+    arithmetic (HMMA, HFMA2, LOP3) as the kernel that loads into registers, and no spills (8-bit keys included,
+    which spill without stages)."""
+    for staged, direct in (("K4V4D128R4S2", "K4V4D128R4"), ("K2V2D128R4S3", "K2V2D128R4"),
+                           ("K8V8D128R4S2", "K8V8D128R4"), ("K2V4D64R7S4", "K2V4D64R7")):
+        census, base = compiled[staged], compiled[direct]
+        k, v, d = (int(x) for x in re.match(r"K(\d)V(\d)D(\d+)", staged).groups())
+        assert census.get("LDG", 0) == 0 and census["LDS"] > 0 and census["stack"] == 0, (staged, census)
+        ranges = [64 * d * k // 8, 2 * d * 2, 2 * d * 2, 64 * d * v // 8, 64 * d // 32 * 2, 64 * d // 32 * 2]
+        assert sum(ranges) == stage_bytes(d, 32, 32, k, v)
+        # one copy a lane covers min(16, bytes / 32) of a range: a range under 512 bytes takes one instruction
+        assert census["LDGSTS"] == sum(max(1, r // 512) for r in ranges), (staged, census["LDGSTS"])
+        assert census["DEPBAR"] == 1 and census["STS"] == 0, (staged, census)
+        for op in ("HMMA", "HFMA2", "MUFU"):
+            assert census.get(op, 0) == base.get(op, 0), (staged, op, census.get(op), base.get(op))
+        assert census["LOP3"] <= base["LOP3"] + 2, (staged, census["LOP3"], base["LOP3"])
+
+
 # ---------------------------------------------------------------- the kernel itself (GPU)
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -202,6 +231,43 @@ def test_kernel_group_sizes_on_gpu(groups):
     k_group, v_group = groups
     case = make_case(4, 4, n_hist=k_group * 11, n_res=9, k_group=k_group, v_group=v_group, device="cuda", seed=1)
     assert rel_err(decode_attention_gluon(**case), case) < 2e-3
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("k_bits,v_bits,d,ratio,groups", [
+    (4, 4, 128, 4, (32, 32)), (2, 2, 128, 7, (32, 32)), (8, 8, 128, 4, (32, 32)), (2, 8, 64, 3, (32, 16)),
+    (4, 2, 64, 1, (64, 64)), (8, 4, 128, 8, (128, 128)), (4, 4, 128, 4, (128, 32))])
+def test_stages_give_bit_identical_results_on_gpu(k_bits, v_bits, d, ratio, groups):
+    """A ring of stages changes where a block's bytes are read from, never what is computed: every split length
+    (fewer blocks than stages, an odd group at a split's end) gives the kernel's own result bit for bit."""
+    from kvtuner.kernels.gluon_decode import decode_attention_gluon
+
+    k_group, v_group = groups
+    case = make_case(k_bits, v_bits, ratio=ratio, n_hist=k_group * 37, n_res=5, d=d, k_group=k_group,
+                     v_group=v_group, device="cuda", seed=k_bits + d)
+    for splits in (1, 3, 9, 18):
+        want = decode_attention_gluon(**case, num_splits=splits)
+        for stages in (1, 2, 3, 4):
+            assert torch.equal(decode_attention_gluon(**case, num_splits=splits, stages=stages), want), (splits, stages)
+    assert rel_err(decode_attention_gluon(**case, stages=2), case) < 6e-3
+
+
+@pytest.mark.gpu
+@gpu
+def test_stages_refuse_a_layout_they_cannot_copy_and_too_much_shared_memory():
+    from kvtuner.kernels.gluon_decode import decode_attention_gluon
+
+    case = make_case(4, 4, ratio=4, n_hist=32 * 8, n_res=3, device="cuda", seed=5)
+    with pytest.raises(ValueError, match="stages"):
+        decode_attention_gluon(**case, stages=-1)
+    with pytest.raises(ValueError, match="shared memory"):
+        decode_attention_gluon(**case, stages=64)
+    wide = case["qkeys"].map(lambda t: torch.stack([t, t], dim=3).flatten(2, 3)[:, :, ::2])  # token stride doubled
+    assert wide.payload.stride(2) != case["qkeys"].payload.stride(2)
+    assert torch.equal(decode_attention_gluon(**{**case, "qkeys": wide}), decode_attention_gluon(**case))
+    with pytest.raises(ValueError, match="contiguous"):
+        decode_attention_gluon(**{**case, "qkeys": wide}, stages=2)
 
 
 @pytest.mark.gpu

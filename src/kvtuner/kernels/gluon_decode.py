@@ -39,9 +39,10 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
-from kvtuner.kernels.gluon_layout import BLOCK, LOG2E, MAGIC, MAGIC_BITS, groups_per_block, split_plan
+from kvtuner.kernels.gluon_layout import (BLOCK, LOG2E, MAGIC, MAGIC_BITS, groups_per_block, split_plan,
+                                          stage_bytes)
 from kvtuner.quant import QuantizedTensor
 
 MAGIC_C = gl.constexpr(MAGIC)
@@ -148,16 +149,20 @@ def _decode_values(wa, wb, s2, BITS: gl.constexpr):
 
 @gluon.jit
 def _key_tile(base, t0, skw_t: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr, NTOK: gl.constexpr,
-              b_l: gl.constexpr):
-    """[D, NTOK] fp16 B operand ``64 + m' c`` of NTOK key tokens from ``t0``, rows in :func:`key_channels` order."""
+              b_l: gl.constexpr, SMEM: gl.constexpr):
+    """[D, NTOK] fp16 B operand ``64 + m' c`` of NTOK key tokens, rows in :func:`key_channels` order: from token
+    ``t0`` of global memory at ``base``, or (``SMEM``) from the shared view ``base`` of those tokens' words."""
     WPT: gl.constexpr = D * BITS // 128
     RPW: gl.constexpr = 16 // BITS
     w_l: gl.constexpr = gl.BlockedLayout([1, 1, WPT], [8, 4, 1], [1, 1, 1], [2, 1, 0])
-    tok = gl.arange(0, NTOK, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_l)))
-    quad = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_l)))
-    j2 = gl.arange(0, WPT, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_l)))
-    offs = (t0 + tok)[:, None, None] * skw_t + (quad * WPT)[None, :, None] + j2[None, None, :]
-    w = gl.load(base + offs)
+    if SMEM:
+        w = base.load(w_l)  # [NTOK, 4, WPT]: the token rows as they lie in memory
+    else:
+        tok = gl.arange(0, NTOK, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_l)))
+        quad = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_l)))
+        j2 = gl.arange(0, WPT, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_l)))
+        offs = (t0 + tok)[:, None, None] * skw_t + (quad * WPT)[None, :, None] + j2[None, None, :]
+        w = gl.load(base + offs)
     o = _decode_keys(w, BITS)
     # o[r]: [NTOK, 4 (quad), WPT (j2), 2 (e)]; stack r (bit 0 first), then order (tok, j2, r_hi.., hh, quad, e)
     if RPW == 2:
@@ -176,30 +181,19 @@ def _key_tile(base, t0, skw_t: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr
 
 @gluon.jit
 def _value_tile(base, sbase, zbase, t0, svw_t: gl.constexpr, svs_t: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr,
-                NTOK: gl.constexpr, G_V: gl.constexpr, b_l: gl.constexpr):
+                NTOK: gl.constexpr, G_V: gl.constexpr, b_l: gl.constexpr, SMEM: gl.constexpr):
     """B operands of NTOK value tokens from ``t0``: [NTOK, D] fp16 ``m' c s``, columns in :func:`value_channels`
-    order, and [NTOK, 8] their zeros, column g the zero of lane g's value group (that of all its columns)."""
+    order, and [NTOK, 8] their zeros, column g the zero of lane g's value group (that of all its columns).
+    ``SMEM``: ``base``, ``sbase`` and ``zbase`` are shared views of these tokens' words, scales and zeros
+    (:func:`_value_views`), read into the same registers as from global memory."""
     NWL: gl.constexpr = D * BITS // 256  # words a lane reads of each token
     RPW: gl.constexpr = 16 // BITS
     # [token pairs (JH: 8 tokens apart), t, g, words]: lanes (g, t), a lane's words contiguous (one vector load)
     x_l: gl.constexpr = gl.BlockedLayout([1, 1, 1, NWL], [1, 4, 8, 1], [1, 1, 1, 1], [3, 1, 2, 0])
-    jh = gl.arange(0, NTOK // 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, x_l))))
-    t = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, x_l))))
-    g = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, x_l))))
-    w = gl.arange(0, NWL, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, x_l))))
-    tok_a = t0 + jh[:, None, None] * 8 + t[None, :, None] * 2  # [JH, 4, 1]: tokens a; b = a + 1
-    gv = (g * (D // 8)) // G_V  # a lane's D / 8 channels lie in one value group
-    words_a = base + (tok_a * svw_t + (g * NWL)[None, None, :])[:, :, :, None] + w[None, None, None, :]
-    scales_a = sbase + (tok_a * svs_t + gv[None, None, :])[:, :, :, None]  # [JH, 4, 8, 1]
-    wa = gl.load(words_a)
-    wb = gl.load(words_a + svw_t)
-    zeros_a = zbase + (tok_a * svs_t + gv[None, None, :])  # [JH, 4, 8], as the scales
-    za = gl.load(zeros_a)
-    zb = gl.load(zeros_a + svs_t)
-    zeros = gl.reshape(gl.permute(gl.join(za, zb), [0, 1, 3, 2]), [NTOK, 8])  # k = jh * 8 + t * 2 + e, n = g
-    sa = gl.load(scales_a).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-    sb = gl.load(scales_a + svs_t).to(gl.int16, bitcast=True).to(gl.int32)
-    s2 = gl.broadcast(sa | (sb << 16), wa)[0]  # (s_a, s_b) as one f16x2
+    if SMEM:
+        wa, wb, s2, zeros = _value_operands_from_shared(base, sbase, zbase, D, BITS, NTOK, G_V, x_l)
+    else:
+        wa, wb, s2, zeros = _value_operands_from_global(base, sbase, zbase, t0, svw_t, svs_t, D, BITS, NTOK, G_V, x_l)
     o = _decode_values(wa, wb, s2, BITS)
     # o[half * RPW + r]: [JH, 4 (t), 8 (g), NWL, 2 (e)] -> (jh, t, e | w, half, r.., g)
     if RPW == 2:
@@ -220,8 +214,59 @@ def _value_tile(base, sbase, zbase, t0, svw_t: gl.constexpr, svs_t: gl.constexpr
 
 
 @gluon.jit
-def _key_group_vector(ptr, D: gl.constexpr, BITS: gl.constexpr, a_l: gl.constexpr):
-    """A key group's D per-channel fp16 values (scales or zeros) in reduction order, as the A operand's columns.
+def _value_operands_from_global(base, sbase, zbase, t0, svw_t: gl.constexpr, svs_t: gl.constexpr, D: gl.constexpr,
+                                BITS: gl.constexpr, NTOK: gl.constexpr, G_V: gl.constexpr, x_l: gl.constexpr):
+    """(words of tokens a, of tokens b = a + 1, their scales (s_a, s_b) as one f16x2, [NTOK, 8] zeros) for
+    :func:`_value_tile`, loaded from global memory: lane (t, g) reads tokens ``jh * 8 + 2 t`` and the next."""
+    NWL: gl.constexpr = D * BITS // 256
+    jh = gl.arange(0, NTOK // 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, x_l))))
+    t = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, x_l))))
+    g = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, x_l))))
+    w = gl.arange(0, NWL, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, x_l))))
+    tok_a = t0 + jh[:, None, None] * 8 + t[None, :, None] * 2  # [JH, 4, 1]: tokens a; b = a + 1
+    gv = (g * (D // 8)) // G_V  # a lane's D / 8 channels lie in one value group
+    words_a = base + (tok_a * svw_t + (g * NWL)[None, None, :])[:, :, :, None] + w[None, None, None, :]
+    scales_a = sbase + (tok_a * svs_t + gv[None, None, :])[:, :, :, None]  # [JH, 4, 8, 1]
+    wa = gl.load(words_a)
+    wb = gl.load(words_a + svw_t)
+    zeros_a = zbase + (tok_a * svs_t + gv[None, None, :])  # [JH, 4, 8], as the scales
+    za = gl.load(zeros_a)
+    zb = gl.load(zeros_a + svs_t)
+    zeros = gl.reshape(gl.permute(gl.join(za, zb), [0, 1, 3, 2]), [NTOK, 8])  # k = jh * 8 + t * 2 + e, n = g
+    sa = gl.load(scales_a).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    sb = gl.load(scales_a + svs_t).to(gl.int16, bitcast=True).to(gl.int32)
+    s2 = gl.broadcast(sa | (sb << 16), wa)[0]  # (s_a, s_b) as one f16x2
+    return wa, wb, s2, zeros
+
+
+@gluon.jit
+def _value_operands_from_shared(words, scales, zeros, D: gl.constexpr, BITS: gl.constexpr, NTOK: gl.constexpr,
+                                G_V: gl.constexpr, x_l: gl.constexpr):
+    """:func:`_value_operands_from_global` from shared views of NTOK tokens (:func:`_value_views`): words
+    [JH, 4, 2, 8, NWL] and scales [JH, 4, 2, SV, 1, 1], zeros [JH, 4, 2, SV, 1] (token ``jh * 8 + 2 t + e``;
+    SV = D / G_V groups a token). Each is read in one load, tokens a and b (e) in one thread's registers,
+    then split; a lane reads the group of its channels, ``g // (8 / SV)``: the size-1 axis its lanes share."""
+    NWL: gl.constexpr = D * BITS // 256
+    JH: gl.constexpr = NTOK // 8
+    SV: gl.constexpr = D // G_V
+    y_l: gl.constexpr = gl.BlockedLayout([1, 1, 2, 1, NWL], [1, 4, 1, 8, 1], [1, 1, 1, 1, 1], [4, 2, 1, 3, 0])
+    s_l: gl.constexpr = gl.BlockedLayout([1, 1, 2, 1, 1, NWL], [1, 4, 1, SV, 8 // SV, 1], [1, 1, 1, 1, 1, 1],
+                                         [5, 2, 1, 4, 3, 0])
+    z_l: gl.constexpr = gl.BlockedLayout([1, 1, 2, 1, 1], [1, 4, 1, SV, 8 // SV], [1, 1, 1, 1, 1], [2, 1, 4, 3, 0])
+    wa, wb = gl.split(gl.permute(words.load(y_l), [0, 1, 3, 4, 2]))
+    s = gl.broadcast(scales.load(s_l), gl.full([JH, 4, 2, SV, 8 // SV, NWL], 0, gl.float16, s_l))[0]
+    sa, sb = gl.split(gl.permute(gl.reshape(s, [JH, 4, 2, 8, NWL]), [0, 1, 3, 4, 2]))
+    sa = gl.convert_layout(sa, x_l, assert_trivial=True).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    sb = gl.convert_layout(sb, x_l, assert_trivial=True).to(gl.int16, bitcast=True).to(gl.int32)
+    z = gl.broadcast(zeros.load(z_l), gl.full([JH, 4, 2, SV, 8 // SV], 0, gl.float16, z_l))[0]
+    return (gl.convert_layout(wa, x_l, assert_trivial=True), gl.convert_layout(wb, x_l, assert_trivial=True),
+            sa | (sb << 16), gl.reshape(z, [NTOK, 8]))
+
+
+@gluon.jit
+def _key_group_vector(ptr, D: gl.constexpr, BITS: gl.constexpr, a_l: gl.constexpr, SMEM: gl.constexpr):
+    """A key group's D per-channel fp16 values (scales or zeros) in reduction order, as the A operand's columns,
+    from global memory at ``ptr`` or (``SMEM``) the shared view ``ptr`` of the row, shaped [1, 4, WPT, 2, RPW].
 
     Quad q reduces over the channels of words ``q * WPT ..``, a contiguous quarter of the row: it loads them
     with vector loads and only reorders its own registers."""
@@ -229,13 +274,17 @@ def _key_group_vector(ptr, D: gl.constexpr, BITS: gl.constexpr, a_l: gl.constexp
     RPW: gl.constexpr = 16 // BITS
     HR: gl.constexpr = RPW // 2
     c_l: gl.constexpr = gl.BlockedLayout([1, 1, WPT, 2, RPW], [8, 4, 1, 1, 1], [1, 1, 1, 1, 1], [4, 3, 2, 1, 0])
-    q = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, c_l)))))
-    j2 = gl.arange(0, WPT, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, c_l)))))
-    e = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, c_l)))))
-    r = gl.arange(0, RPW, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, c_l)))))
-    offs = ((q[None, :, None, None] * WPT + j2[None, None, :, None]) * (2 * RPW)
-            + e[None, None, None, :] * RPW)[:, :, :, :, None] + r[None, None, None, None, :]
-    x = gl.reshape(gl.load(ptr + offs), [4, WPT, 2, HR, 2])  # (q, j2, e, r_hi, hh)
+    if SMEM:
+        x = ptr.load(c_l)
+    else:
+        q = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, c_l)))))
+        j2 = gl.arange(0, WPT, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, c_l)))))
+        e = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, c_l)))))
+        r = gl.arange(0, RPW, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, c_l)))))
+        offs = ((q[None, :, None, None] * WPT + j2[None, None, :, None]) * (2 * RPW)
+                + e[None, None, None, :] * RPW)[:, :, :, :, None] + r[None, None, None, None, :]
+        x = gl.load(ptr + offs)
+    x = gl.reshape(x, [4, WPT, 2, HR, 2])  # (q, j2, e, r_hi, hh)
     x = gl.reshape(gl.permute(x, [1, 3, 4, 0, 2]), [D])  # k = ((j2 * HR + r_hi) * 2 + hh) * 8 + q * 2 + e
     return gl.convert_layout(x, gl.SliceLayout(0, a_l), assert_trivial=True)
 
@@ -256,30 +305,55 @@ def _mul_f16x2(a, b):
 
 
 @gluon.jit
-def _group_scores(qm, qz, KS_h, KZ_h, KW_h, grp, sks_g: gl.constexpr, skw_t: gl.constexpr, R: gl.constexpr,
-                  D: gl.constexpr, G_K: gl.constexpr, K_BITS: gl.constexpr, mma: gl.constexpr,
-                  a_l: gl.constexpr, b_l: gl.constexpr):
+def _group_scores(qm, qz, KS, KZ, KW, grp, j: gl.constexpr, NG: gl.constexpr, sks_g: gl.constexpr,
+                  skw_t: gl.constexpr, R: gl.constexpr, D: gl.constexpr, G_K: gl.constexpr, K_BITS: gl.constexpr,
+                  mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr, SMEM: gl.constexpr):
     """Scores [16, G_K] (base 2) of the rows against key group ``grp``: ``q'_g . (64 + m' c) + offset``, the
-    offset ``q . z_g - 64 sum(q'_g)`` from two mmas whose 8 columns are equal (the same fp16 q'_g as the codes')."""
-    scale = gl.broadcast(_key_group_vector(KS_h + grp * sks_g, D, K_BITS, a_l)[None, :], qm)[0]
+    offset ``q . z_g - 64 sum(q'_g)`` from two mmas whose 8 columns are equal (the same fp16 q'_g as the codes').
+    The group is read from the heads' memory, or (``SMEM``) is group ``j`` of a stage of ``NG`` groups
+    (:func:`_copy_block`)."""
+    if SMEM:
+        WPT: gl.constexpr = D * K_BITS // 128
+        RPW: gl.constexpr = 16 // K_BITS
+        rows: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0])  # of a group (index() drops NG)
+        ks = KS._reinterpret(gl.float16, [NG, 1, 4, WPT, 2, RPW], rows).index(j)
+        kz = KZ._reinterpret(gl.float16, [NG, 1, 4, WPT, 2, RPW], rows).index(j)
+        kw = KW._reinterpret(gl.int32, [NG, G_K, 4, WPT], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])).index(j)
+    else:
+        ks = KS + grp * sks_g
+        kz = KZ + grp * sks_g
+        kw = KW
+    scale = gl.broadcast(_key_group_vector(ks, D, K_BITS, a_l, SMEM)[None, :], qm)[0]
     qg = _mul_f16x2(qm, scale)  # q s_g / m' in fp16
-    zg = gl.convert_layout(_key_group_vector(KZ_h + grp * sks_g, D, K_BITS, a_l), gl.SliceLayout(1, b_l),
-                           assert_trivial=True)
+    zg = gl.convert_layout(_key_group_vector(kz, D, K_BITS, a_l, SMEM), gl.SliceLayout(1, b_l), assert_trivial=True)
     zero = gl.zeros([16, 8], gl.float32, mma)
     offset = mma_v2(qz, gl.broadcast(zg[:, None], gl.zeros([D, 8], gl.float16, b_l))[0], zero)
     offset -= MAGIC_C * mma_v2(qg, gl.full([D, 8], 1.0, gl.float16, b_l), zero)
-    codes = _key_tile(KW_h, grp * G_K, skw_t, D, K_BITS, G_K, b_l)
+    codes = _key_tile(kw, grp * G_K, skw_t, D, K_BITS, G_K, b_l, SMEM)
     return mma_v2(qg, codes, _tile_columns(offset, G_K, mma))
 
 
 @gluon.jit
-def _group_values(s, m_new, acc, acc_z, acc_l, VW_h, VS_h, VZ_h, t0, svw_t: gl.constexpr, svs_t: gl.constexpr,
-                  D: gl.constexpr, G_K: gl.constexpr, G_V: gl.constexpr, V_BITS: gl.constexpr,
-                  mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr):
+def _group_values(s, m_new, acc, acc_z, acc_l, VW, VS, VZ, t0, j: gl.constexpr, NG: gl.constexpr,
+                  svw_t: gl.constexpr, svs_t: gl.constexpr, D: gl.constexpr, G_K: gl.constexpr, G_V: gl.constexpr,
+                  V_BITS: gl.constexpr, mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr,
+                  SMEM: gl.constexpr):
     """``acc += P V`` (columns in :func:`value_channels` order, ``m' c s``), ``acc_z += P z`` (column g: the
-    zeros of lane g's value group) and ``acc_l += P 1`` (the softmax sum, in all 8 columns)."""
+    zeros of lane g's value group) and ``acc_l += P 1`` (the softmax sum, in all 8 columns); the values of
+    tokens ``t0 ..`` in the heads' memory, or (``SMEM``) of group ``j`` of a stage of ``NG`` groups."""
     p = gl.convert_layout(gl.exp2(s - m_new[:, None]).to(gl.float16), a_l, assert_trivial=True)
-    values, zeros = _value_tile(VW_h, VS_h, VZ_h, t0, svw_t, svs_t, D, V_BITS, G_K, G_V, b_l)
+    if SMEM:
+        NWL: gl.constexpr = D * V_BITS // 256
+        SV: gl.constexpr = D // G_V
+        JH: gl.constexpr = G_K // 8
+        rank5: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0])  # of a group (index() drops NG)
+        vw = VW._reinterpret(gl.int32, [NG, JH, 4, 2, 8, NWL], rank5).index(j)
+        vs = VS._reinterpret(gl.float16, [NG, JH, 4, 2, SV, 1, 1],
+                             gl.SwizzledSharedLayout(1, 1, 1, [5, 4, 3, 2, 1, 0])).index(j)
+        vz = VZ._reinterpret(gl.float16, [NG, JH, 4, 2, SV, 1], rank5).index(j)
+        values, zeros = _value_tile(vw, vs, vz, t0, svw_t, svs_t, D, V_BITS, G_K, G_V, b_l, SMEM)
+    else:
+        values, zeros = _value_tile(VW, VS, VZ, t0, svw_t, svs_t, D, V_BITS, G_K, G_V, b_l, SMEM)
     acc = mma_v2(p, values, acc)
     acc_z = mma_v2(p, zeros, acc_z)
     acc_l = mma_v2(p, gl.full([G_K, 8], 1.0, gl.float16, b_l), acc_l)
@@ -287,19 +361,20 @@ def _group_values(s, m_new, acc, acc_z, acc_l, VW_h, VS_h, VZ_h, t0, svw_t: gl.c
 
 
 @gluon.jit
-def _block(acc, acc_z, acc_l, m_i, qm, qz, grp0, NG: gl.constexpr, KS_h, KZ_h, KW_h, VW_h, VS_h, VZ_h,
+def _block(acc, acc_z, acc_l, m_i, qm, qz, grp0, NG: gl.constexpr, KS, KZ, KW, VW, VS, VZ,
            sks_g: gl.constexpr, skw_t: gl.constexpr, svw_t: gl.constexpr, svs_t: gl.constexpr,
-           R: gl.constexpr, D: gl.constexpr, G_K: gl.constexpr, G_V: gl.constexpr, K_BITS: gl.constexpr, V_BITS: gl.constexpr,
-           mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr):
-    """The softmax state updated with ``NG`` (1 or 2) key groups from group ``grp0``.
+           R: gl.constexpr, D: gl.constexpr, G_K: gl.constexpr, G_V: gl.constexpr, K_BITS: gl.constexpr,
+           V_BITS: gl.constexpr, mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr, SMEM: gl.constexpr):
+    """The softmax state updated with ``NG`` (1 or 2) key groups from group ``grp0``: read from the heads'
+    memory (KS .. VZ: pointers), or (``SMEM``) from the stage that :func:`_copy_block` filled (its buffers).
 
     The running max is raised only when some row's block max exceeds it by more than ``RESCALE`` (log2
     units), one warp-wide branch: the accumulators are then rescaled, otherwise probabilities up to
     ``2^RESCALE`` enter them (fp16 holds them, fp32 sums them) and the merge's log-sum-exp accounts for it."""
-    s0 = _group_scores(qm, qz, KS_h, KZ_h, KW_h, grp0, sks_g, skw_t, R, D, G_K, K_BITS, mma, a_l, b_l)
+    s0 = _group_scores(qm, qz, KS, KZ, KW, grp0, 0, NG, sks_g, skw_t, R, D, G_K, K_BITS, mma, a_l, b_l, SMEM)
     m_blk = gl.max(s0, 1)
     if NG == 2:
-        s1 = _group_scores(qm, qz, KS_h, KZ_h, KW_h, grp0 + 1, sks_g, skw_t, R, D, G_K, K_BITS, mma, a_l, b_l)
+        s1 = _group_scores(qm, qz, KS, KZ, KW, grp0 + 1, 1, NG, sks_g, skw_t, R, D, G_K, K_BITS, mma, a_l, b_l, SMEM)
         m_blk = gl.maximum(m_blk, gl.max(s1, 1))
     m_new = m_i
     if gl.max(m_blk - m_i, 0) > RESCALE_C:
@@ -308,12 +383,41 @@ def _block(acc, acc_z, acc_l, m_i, qm, qz, grp0, NG: gl.constexpr, KS_h, KZ_h, K
         acc = acc * alpha[:, None]
         acc_z = acc_z * alpha[:, None]
         acc_l = acc_l * alpha[:, None]
-    acc, acc_z, acc_l = _group_values(s0, m_new, acc, acc_z, acc_l, VW_h, VS_h, VZ_h, grp0 * G_K, svw_t, svs_t,
-                               D, G_K, G_V, V_BITS, mma, a_l, b_l)
+    acc, acc_z, acc_l = _group_values(s0, m_new, acc, acc_z, acc_l, VW, VS, VZ, grp0 * G_K, 0, NG, svw_t, svs_t,
+                                      D, G_K, G_V, V_BITS, mma, a_l, b_l, SMEM)
     if NG == 2:
-        acc, acc_z, acc_l = _group_values(s1, m_new, acc, acc_z, acc_l, VW_h, VS_h, VZ_h, (grp0 + 1) * G_K, svw_t, svs_t,
-                                   D, G_K, G_V, V_BITS, mma, a_l, b_l)
+        acc, acc_z, acc_l = _group_values(s1, m_new, acc, acc_z, acc_l, VW, VS, VZ, (grp0 + 1) * G_K, 1, NG, svw_t,
+                                          svs_t, D, G_K, G_V, V_BITS, mma, a_l, b_l, SMEM)
     return acc, acc_z, acc_l, m_new
+
+
+@gluon.jit
+def _copy_to_shared(dst, src, N: gl.constexpr, live):
+    """``cp.async`` of N int32 words from ``src`` (a scalar pointer) into the 1-D shared view ``dst``, if ``live``
+    (else nothing is read: the copies are predicated off rather than branched around): 16 bytes a lane an
+    instruction where N allows (N >= 32 words: a stage's smallest range)."""
+    VEC: gl.constexpr = 4 if N >= 128 else N // 32
+    words: gl.constexpr = gl.BlockedLayout([VEC], [32], [1], [0])
+    offs = gl.arange(0, N, layout=words)
+    async_copy.async_copy_global_to_shared(dst, src + offs, mask=offs < gl.where(live, N, 0))
+
+
+@gluon.jit
+def _copy_block(kw_s, ks_s, kz_s, vw_s, vs_s, vz_s, KW_h, KS_h, KZ_h, VW_h, VS_h, VZ_h, grp, live, NG: gl.constexpr,
+                skw_t: gl.constexpr, sks_g: gl.constexpr, svw_t: gl.constexpr, svs_t: gl.constexpr,
+                G_K: gl.constexpr):
+    """Start copying the six ranges of the ``NG`` key groups from ``grp`` (key words, scales, zeros; value words,
+    scales, zeros: each contiguous, which :func:`decode_attention_gluon` checks) into one stage's buffers, if
+    ``live``; the fp16 scales and zeros travel as int32 pairs. Nothing waits here: ``async_copy.wait_group``
+    does."""
+    T: gl.constexpr = NG * G_K
+    i32: gl.constexpr = gl.pointer_type(gl.int32)
+    _copy_to_shared(kw_s, KW_h + grp * G_K * skw_t, T * skw_t, live)
+    _copy_to_shared(ks_s, (KS_h + grp * sks_g).to(i32, bitcast=True), NG * sks_g // 2, live)
+    _copy_to_shared(kz_s, (KZ_h + grp * sks_g).to(i32, bitcast=True), NG * sks_g // 2, live)
+    _copy_to_shared(vw_s, VW_h + grp * G_K * svw_t, T * svw_t, live)
+    _copy_to_shared(vs_s, (VS_h + grp * G_K * svs_t).to(i32, bitcast=True), T * svs_t // 2, live)
+    _copy_to_shared(vz_s, (VZ_h + grp * G_K * svs_t).to(i32, bitcast=True), T * svs_t // 2, live)
 
 
 # PTX: lane 0 asks the copy engine to bring ``$2`` bytes from address ``$1`` into L2 (sm_90's bulk prefetch: one
@@ -362,7 +466,7 @@ def _gluon_decode_kernel(
     svw_b, svw_h, svw_t: gl.constexpr, svs_b, svs_h, svs_t: gl.constexpr,
     n_groups, groups_per_split, n_parts, qk_scale,
     H_KV: gl.constexpr, R: gl.constexpr, D: gl.constexpr, G_K: gl.constexpr, G_V: gl.constexpr,
-    K_BITS: gl.constexpr, V_BITS: gl.constexpr, PREFETCH: gl.constexpr,
+    K_BITS: gl.constexpr, V_BITS: gl.constexpr, PREFETCH: gl.constexpr, STAGES: gl.constexpr,
 ):
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -393,17 +497,53 @@ def _gluon_decode_kernel(
     acc_l = gl.zeros([16, 8], gl.float32, mma)  # sum p, 8 copies
     g_lo = split * groups_per_split
     g_hi = gl.minimum(g_lo + groups_per_split, n_groups)
-    for grp in range(g_lo, g_hi - GPB + 1, GPB):
-        if PREFETCH > 0:  # the block PREFETCH blocks ahead, if this split reads it
-            if grp + (PREFETCH + 1) * GPB <= g_hi:
-                _prefetch_block(KW_h, KS_h, KZ_h, VW_h, VS_h, VZ_h, grp + PREFETCH * GPB, GPB, skw_t, sks_g, svw_t,
-                                svs_t, D, G_K, G_V, K_BITS, V_BITS)
-        acc, acc_z, acc_l, m_i = _block(acc, acc_z, acc_l, m_i, qm, qz, grp, GPB, KS_h, KZ_h, KW_h, VW_h, VS_h, VZ_h,
-                                 sks_g, skw_t, svw_t, svs_t, R, D, G_K, G_V, K_BITS, V_BITS, mma, a_l, b_l)
+    if STAGES > 0:
+        # a ring of STAGES shared buffers: block i + STAGES - 1 is copied in (cp.async, no registers held)
+        # while block i is computed, so that a block's loads wait for shared memory, not for HBM
+        T: gl.constexpr = GPB * G_K
+        flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])  # a stage: one row of words
+        kw_s = gl.allocate_shared_memory(gl.int32, [STAGES, T * skw_t], flat)
+        ks_s = gl.allocate_shared_memory(gl.int32, [STAGES, GPB * sks_g // 2], flat)
+        kz_s = gl.allocate_shared_memory(gl.int32, [STAGES, GPB * sks_g // 2], flat)
+        vw_s = gl.allocate_shared_memory(gl.int32, [STAGES, T * svw_t], flat)
+        vs_s = gl.allocate_shared_memory(gl.int32, [STAGES, T * svs_t // 2], flat)
+        vz_s = gl.allocate_shared_memory(gl.int32, [STAGES, T * svs_t // 2], flat)
+        n_blocks = (g_hi - g_lo) // GPB
+        for i in gl.static_range(STAGES - 1):
+            _copy_block(kw_s.index(i), ks_s.index(i), kz_s.index(i), vw_s.index(i), vs_s.index(i), vz_s.index(i),
+                        KW_h, KS_h, KZ_h, VW_h, VS_h, VZ_h, g_lo + i * GPB, i < n_blocks, GPB, skw_t, sks_g, svw_t,
+                        svs_t, G_K)
+            async_copy.commit_group()
+        for i in range(n_blocks):
+            # block i + STAGES - 1, into the buffers block i - 1 was read from (the barrier at the end of the step)
+            ahead = i + STAGES - 1
+            st = ahead % STAGES
+            _copy_block(kw_s.index(st), ks_s.index(st), kz_s.index(st), vw_s.index(st), vs_s.index(st),
+                        vz_s.index(st), KW_h, KS_h, KZ_h, VW_h, VS_h, VZ_h, g_lo + ahead * GPB, ahead < n_blocks, GPB,
+                        skw_t, sks_g, svw_t, svs_t, G_K)
+            async_copy.commit_group()  # a group a step, empty or not, so that the count below means block i
+            async_copy.wait_group(STAGES - 1)
+            gl.thread_barrier()  # every lane's copies of block i landed
+            st = i % STAGES
+            acc, acc_z, acc_l, m_i = _block(acc, acc_z, acc_l, m_i, qm, qz, g_lo + i * GPB, GPB, ks_s.index(st),
+                                            kz_s.index(st), kw_s.index(st), vw_s.index(st), vs_s.index(st),
+                                            vz_s.index(st), sks_g, skw_t, svw_t, svs_t, R, D, G_K, G_V, K_BITS,
+                                            V_BITS, mma, a_l, b_l, True)
+            gl.thread_barrier()  # every lane done reading block i before its buffers are refilled
+    else:
+        for grp in range(g_lo, g_hi - GPB + 1, GPB):
+            if PREFETCH > 0:  # the block PREFETCH blocks ahead, if this split reads it
+                if grp + (PREFETCH + 1) * GPB <= g_hi:
+                    _prefetch_block(KW_h, KS_h, KZ_h, VW_h, VS_h, VZ_h, grp + PREFETCH * GPB, GPB, skw_t, sks_g,
+                                    svw_t, svs_t, D, G_K, G_V, K_BITS, V_BITS)
+            acc, acc_z, acc_l, m_i = _block(acc, acc_z, acc_l, m_i, qm, qz, grp, GPB, KS_h, KZ_h, KW_h, VW_h, VS_h,
+                                            VZ_h, sks_g, skw_t, svw_t, svs_t, R, D, G_K, G_V, K_BITS, V_BITS, mma,
+                                            a_l, b_l, False)
     if GPB == 2:
         if (g_hi - g_lo) % 2 == 1:  # a history of an odd number of groups ends with a single one
-            acc, acc_z, acc_l, m_i = _block(acc, acc_z, acc_l, m_i, qm, qz, g_hi - 1, 1, KS_h, KZ_h, KW_h, VW_h, VS_h, VZ_h,
-                                     sks_g, skw_t, svw_t, svs_t, R, D, G_K, G_V, K_BITS, V_BITS, mma, a_l, b_l)
+            acc, acc_z, acc_l, m_i = _block(acc, acc_z, acc_l, m_i, qm, qz, g_hi - 1, 1, KS_h, KZ_h, KW_h, VW_h,
+                                            VS_h, VZ_h, sks_g, skw_t, svw_t, svs_t, R, D, G_K, G_V, K_BITS, V_BITS,
+                                            mma, a_l, b_l, False)
 
     # out = (acc / m' + sum_t p z(t)) / sum_t p, columns back to their stored channels; column n's zeros are
     # those of its lane's group, in the acc_z column the thread holding n holds (n % 8)
@@ -417,7 +557,7 @@ def _gluon_decode_kernel(
 
 
 def compile_sm90(k_bits: int, v_bits: int, head_dim: int = 128, gqa: int = 4, key_group: int = 32,
-                 value_group: int = 32, prefetch: int = 0):
+                 value_group: int = 32, prefetch: int = 0, stages: int = 0):
     """The kernel compiled ahead of time for sm_90a (no GPU needed): its ``asm`` holds ttgir, ptx and cubin.
 
     Every ``convert_layout`` in it asserts that it moves no data, so that compiling proves the decoded
@@ -428,7 +568,7 @@ def compile_sm90(k_bits: int, v_bits: int, head_dim: int = 128, gqa: int = 4, ke
     d = head_dim
     strides = dict(skw_t=d * k_bits // 32, sks_g=d, svw_t=d * v_bits // 32, svs_t=d // value_group)
     constexprs = dict(H_KV=8, R=gqa, D=d, G_K=key_group, G_V=value_group, K_BITS=k_bits, V_BITS=v_bits,
-                      PREFETCH=prefetch, **strides)
+                      PREFETCH=prefetch, STAGES=stages, **strides)
     types = {"Q": "*fp16", "KW": "*i32", "KS": "*fp16", "KZ": "*fp16", "VW": "*i32", "VS": "*fp16", "VZ": "*fp16",
              "O_part": "*fp32", "LSE_part": "*fp32"}
     ints = ["sq_b", "sq_h", "skw_b", "skw_h", "sks_b", "sks_h", "svw_b", "svw_h", "svs_b", "svs_h",
@@ -489,6 +629,7 @@ def decode_attention_gluon(
     num_splits: int | None = None,
     maxnreg: int | None = None,
     prefetch: int = 0,
+    stages: int = 0,
 ) -> torch.Tensor:
     """Same arguments and result as :func:`~kvtuner.kernels.decode.decode_attention_triton` for a history that
     :func:`gluon_supported` accepts (``history_start`` 0); num_splits: history slices a KV head (default:
@@ -497,7 +638,10 @@ def decode_attention_gluon(
     block this many blocks ahead of the one it computes to be brought into L2 (sm_90's bulk prefetch; 0: none).
     The kernel is latency-bound (NOTES_kernels.md, round 8): a warp's loads wait on HBM because its 249 registers
     leave no room to issue them earlier; a prefetch holds no register. Measured on the H200 (NOTES, round 9): 2
-    ahead +7-8% for K2V2, -4-6% for K4V4, 4 ahead slower for both; so off by default. The result is bit-identical
+    ahead +7-8% for K2V2, -4-6% for K4V4, 4 ahead slower for both; so off by default. stages: a ring of this many
+    shared-memory buffers a program (``cp.async``: block i + stages - 1 is copied in while block i is computed, the
+    copies holding no registers; 0: each block loaded straight into registers); the cache's layout must be
+    contiguous along tokens, as :class:`~kvtuner.cache.MixedPrecisionCache` stores it. The result is bit-identical
     either way."""
     from kvtuner.kernels.decode import default_num_splits, merge_with_residual
 
@@ -517,6 +661,18 @@ def decode_attention_gluon(
     n_blocks = -(-n_groups // groups_per_block(g_k))
     splits, groups_per_split = split_plan(n_groups, g_k, num_splits or default_num_splits(
         n_blocks, b * h_kv, query.device, ctas_per_sm=8))
+    if stages < 0:
+        raise ValueError(f"stages is a number of shared-memory buffers >= 0, not {stages}")
+    if stages:
+        contiguous = (kw.stride(2), ks.stride(2), vw.stride(2), vs.stride(2)) == (
+            d * qkeys.spec.bits // 32, d, d * qvalues.spec.bits // 32, d // g_v)
+        if not contiguous:
+            raise ValueError("stages > 0 copies each block as contiguous ranges: the codes, scales and zeros must be "
+                             "contiguous along tokens (key groups)")
+        need = stages * stage_bytes(d, g_k, g_v, qkeys.spec.bits, qvalues.spec.bits)
+        limit = torch.cuda.get_device_properties(query.device).shared_memory_per_block_optin
+        if need > limit:
+            raise ValueError(f"{stages} stages need {need} bytes of shared memory a program; this GPU gives {limit}")
     o_part = torch.empty((b * h_q, splits, d), device=query.device, dtype=torch.float32)
     lse_part = torch.empty((b * h_q, splits), device=query.device, dtype=torch.float32)
     _gluon_decode_kernel[(b * h_kv, splits)](
@@ -526,7 +682,7 @@ def decode_attention_gluon(
         vs.stride(0), vs.stride(1), vs.stride(2),
         n_groups, groups_per_split, splits, scale * LOG2E,
         H_KV=h_kv, R=h_q // h_kv, D=d, G_K=g_k, G_V=g_v, K_BITS=qkeys.spec.bits, V_BITS=qvalues.spec.bits,
-        PREFETCH=prefetch, num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}),
+        PREFETCH=prefetch, STAGES=stages, num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return merge_with_residual(query, keys, values, scale, o_part, lse_part)
 

@@ -87,6 +87,15 @@ def groups_per_block(key_group: int) -> int:
     return max(1, BLOCK // key_group)
 
 
+def stage_bytes(head_dim: int, key_group: int, value_group: int, k_bits: int, v_bits: int) -> int:
+    """Bytes of shared memory one stage of the Gluon kernel's ring holds: a block's key and value words, its key
+    scales and zeros (a row of ``head_dim`` a group) and value scales and zeros (``head_dim / value_group`` a
+    token), as the kernel's ``_copy_block`` copies them."""
+    groups = groups_per_block(key_group)
+    tokens = groups * key_group
+    return tokens * head_dim * (k_bits + v_bits) // 8 + 4 * groups * head_dim + 4 * tokens * (head_dim // value_group)
+
+
 def split_plan(n_groups: int, key_group: int, num_splits: int) -> tuple[int, int]:
     """(splits, key groups a split) for ``num_splits`` asked: whole blocks a split, no split empty."""
     step = groups_per_block(key_group)
