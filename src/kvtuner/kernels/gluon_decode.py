@@ -23,6 +23,10 @@ so that the scores' accumulator fragment is, converted to fp16, the A fragment o
   ``fma.rn.f16x2`` per register makes ``m' c s`` from ``64 + m' c`` (``y * s - 64 s``, one rounding);
   the zeros and the softmax sum come from two small mmas a group (zeros: column g those of lane g's
   value group, which every column lane g holds shares).
+* **Stages (optional).** With ``stages`` > 0 each program keeps a ring of shared-memory buffers: while it
+  computes block i, ``cp.async`` brings block ``i + stages - 1`` in (six contiguous ranges, 16 bytes a lane,
+  holding no registers), and the block is then read from shared memory into exactly the registers a global
+  load would fill. One warp of 249 registers cannot keep its own loads in flight otherwise (NOTES, round 8).
 * **Split-K.** Programs ``(B * H_kv, splits)`` each reduce a run of 64-token blocks to a partial
   output and log-sum-exp, in :mod:`.decode`'s partial-result format; one more launch attends to the
   full-precision residual and merges (:func:`~kvtuner.kernels.decode.merge_with_residual`).
