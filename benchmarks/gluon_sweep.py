@@ -15,7 +15,7 @@ from bench_attention import D, H_KV, H_Q, KV, RESIDUAL, graph_ms, pack
 from kvtuner.kernels.decode import default_num_splits
 from kvtuner.kernels.gluon_decode import BLOCK, decode_attention_gluon
 
-VARIANTS = {"default": {}, "maxnreg 168": {"maxnreg": 168}, "splits x2": {"split_factor": 2.0},
+VARIANTS = {"default": {}, "stages 0": {"stages": 0}, "maxnreg 168": {"maxnreg": 168}, "splits x2": {"split_factor": 2.0},
             "splits x0.5": {"split_factor": 0.5}, "prefetch 1": {"prefetch": 1}, "prefetch 2": {"prefetch": 2},
             "prefetch 4": {"prefetch": 4}, "stages 2": {"stages": 2}, "stages 3": {"stages": 3},
             "stages 4": {"stages": 4}, "stages 2 prefetch 2": {"stages": 2, "prefetch": 2}}

@@ -237,7 +237,7 @@ def test_kernel_group_sizes_on_gpu(groups):
 @gpu
 @pytest.mark.parametrize("k_bits,v_bits,d,ratio,groups", [
     (4, 4, 128, 4, (32, 32)), (2, 2, 128, 7, (32, 32)), (8, 8, 128, 4, (32, 32)), (2, 8, 64, 3, (32, 16)),
-    (4, 2, 64, 1, (64, 64)), (8, 4, 128, 8, (128, 128)), (4, 4, 128, 4, (128, 32))])
+    (4, 4, 64, 1, (64, 64)), (8, 4, 128, 8, (128, 128)), (4, 4, 128, 4, (128, 32))])
 def test_stages_give_bit_identical_results_on_gpu(k_bits, v_bits, d, ratio, groups):
     """A ring of stages changes where a block's bytes are read from, never what is computed: every split length
     (fewer blocks than stages, an odd group at a split's end) gives the kernel's own result bit for bit."""
@@ -247,8 +247,8 @@ def test_stages_give_bit_identical_results_on_gpu(k_bits, v_bits, d, ratio, grou
     case = make_case(k_bits, v_bits, ratio=ratio, n_hist=k_group * 37, n_res=5, d=d, k_group=k_group,
                      v_group=v_group, device="cuda", seed=k_bits + d)
     for splits in (1, 3, 9, 18):
-        want = decode_attention_gluon(**case, num_splits=splits)
-        for stages in (1, 2, 3, 4):
+        want = decode_attention_gluon(**case, num_splits=splits, stages=0)
+        for stages in (None, 1, 2, 3, 4):
             assert torch.equal(decode_attention_gluon(**case, num_splits=splits, stages=stages), want), (splits, stages)
     assert rel_err(decode_attention_gluon(**case, stages=2), case) < 6e-3
 
@@ -284,6 +284,13 @@ def test_prefetch_gives_bit_identical_results_on_gpu(k_bits, v_bits, k_group):
             assert torch.equal(decode_attention_gluon(**case, num_splits=splits, prefetch=prefetch), want)
     with pytest.raises(ValueError, match="prefetch"):
         decode_attention_gluon(**case, prefetch=-1)
+
+
+def test_stages_by_default_where_measured_faster():
+    from kvtuner.kernels.gluon_decode import default_stages
+
+    assert default_stages(4, 4) == default_stages(2, 2) == default_stages(2, 4) == 2
+    assert default_stages(8, 8) == default_stages(8, 2) == default_stages(4, 8) == 0
 
 
 def test_gluon_is_preferred_from_the_measured_amount_of_work():

@@ -610,6 +610,14 @@ def gluon_supported(qkeys: QuantizedTensor, qvalues: QuantizedTensor, query: tor
     )
 
 
+def default_stages(k_bits: int, v_bits: int) -> int:
+    """Shared-memory stages :func:`decode_attention_gluon` uses by default. Measured on the H100 (NOTES, round 10;
+    ``gluon_sweep.py``, CUDA graphs, 32k tokens at batch 4 and 16, 128k at batch 1): 2 stages make K4V4 1.18-1.20x
+    and K2V2 1.39-1.40x faster than loading into registers, 3-4 stages less so; K8V8's 18 KiB stages cost
+    occupancy and lose 0-20%, so 8-bit sides keep loading into registers."""
+    return 2 if max(k_bits, v_bits) <= 4 else 0
+
+
 GLUON_MIN_WORK = 2**16  # cached tokens x sequences x KV heads: below it the Triton kernel is the faster
 
 
@@ -633,7 +641,7 @@ def decode_attention_gluon(
     num_splits: int | None = None,
     maxnreg: int | None = None,
     prefetch: int = 0,
-    stages: int = 0,
+    stages: int | None = None,
 ) -> torch.Tensor:
     """Same arguments and result as :func:`~kvtuner.kernels.decode.decode_attention_triton` for a history that
     :func:`gluon_supported` accepts (``history_start`` 0); num_splits: history slices a KV head (default:
@@ -644,9 +652,9 @@ def decode_attention_gluon(
     leave no room to issue them earlier; a prefetch holds no register. Measured on the H200 (NOTES, round 9): 2
     ahead +7-8% for K2V2, -4-6% for K4V4, 4 ahead slower for both; so off by default. stages: a ring of this many
     shared-memory buffers a program (``cp.async``: block i + stages - 1 is copied in while block i is computed, the
-    copies holding no registers; 0: each block loaded straight into registers); the cache's layout must be
-    contiguous along tokens, as :class:`~kvtuner.cache.MixedPrecisionCache` stores it. The result is bit-identical
-    either way."""
+    copies holding no registers; 0: each block loaded straight into registers; default :func:`default_stages`);
+    the cache's layout must be contiguous along tokens, as :class:`~kvtuner.cache.MixedPrecisionCache` stores it
+    (a default of stages falls back to 0 where it is not). The result is bit-identical either way."""
     from kvtuner.kernels.decode import default_num_splits, merge_with_residual
 
     if not gluon_supported(qkeys, qvalues, query):
@@ -665,11 +673,13 @@ def decode_attention_gluon(
     n_blocks = -(-n_groups // groups_per_block(g_k))
     splits, groups_per_split = split_plan(n_groups, g_k, num_splits or default_num_splits(
         n_blocks, b * h_kv, query.device, ctas_per_sm=8))
+    contiguous = (kw.stride(2), ks.stride(2), vw.stride(2), vs.stride(2)) == (
+        d * qkeys.spec.bits // 32, d, d * qvalues.spec.bits // 32, d // g_v)
+    if stages is None:
+        stages = default_stages(qkeys.spec.bits, qvalues.spec.bits) if contiguous else 0
     if stages < 0:
         raise ValueError(f"stages is a number of shared-memory buffers >= 0, not {stages}")
     if stages:
-        contiguous = (kw.stride(2), ks.stride(2), vw.stride(2), vs.stride(2)) == (
-            d * qkeys.spec.bits // 32, d, d * qvalues.spec.bits // 32, d // g_v)
         if not contiguous:
             raise ValueError("stages > 0 copies each block as contiguous ranges: the codes, scales and zeros must be "
                              "contiguous along tokens (key groups)")
