@@ -1,7 +1,11 @@
 """Launch variants of the Gluon decode kernel (register cap, history splits, L2 prefetch, shared-memory stages)
 against bf16 SDPA, CUDA-graph GPU time.
 
-    PYTHONPATH=src python benchmarks/gluon_sweep.py --points 1:32768 16:32768 --kv K4V4 K2V2 [--variants default "prefetch 2" "stages 2"]
+    PYTHONPATH=src python benchmarks/gluon_sweep.py --points 1:32768 16:32768 --kv K4V4 K2V2 \
+        [--variants default "stages 0" "prefetch 2"]
+
+"default" is what ``decode_attention_gluon`` picks (2 shared-memory stages for 2- and 4-bit sides); the splits
+printed are those the kernel runs (whole blocks a split).
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ import torch.nn.functional as F
 from bench_attention import D, H_KV, H_Q, KV, RESIDUAL, graph_ms, pack
 from kvtuner.kernels.decode import default_num_splits
 from kvtuner.kernels.gluon_decode import BLOCK, decode_attention_gluon
+from kvtuner.kernels.gluon_layout import split_plan
 
-VARIANTS = {"default": {}, "stages 0": {"stages": 0}, "maxnreg 168": {"maxnreg": 168}, "splits x2": {"split_factor": 2.0},
-            "splits x0.5": {"split_factor": 0.5}, "prefetch 1": {"prefetch": 1}, "prefetch 2": {"prefetch": 2},
-            "prefetch 4": {"prefetch": 4}, "stages 2": {"stages": 2}, "stages 3": {"stages": 3},
-            "stages 4": {"stages": 4}, "stages 2 prefetch 2": {"stages": 2, "prefetch": 2}}
+VARIANTS = {"default": {}, "stages 0": {"stages": 0}, "maxnreg 168": {"maxnreg": 168},
+            "splits x2": {"split_factor": 2.0}, "splits x0.5": {"split_factor": 0.5}, "prefetch 1": {"prefetch": 1},
+            "prefetch 2": {"prefetch": 2}, "prefetch 4": {"prefetch": 4}, "stages 2": {"stages": 2},
+            "stages 3": {"stages": 3}, "stages 4": {"stages": 4}}  # a prefetch runs without stages
 
 
 def main() -> None:
@@ -47,7 +52,9 @@ def main() -> None:
                 factor = opts.pop("split_factor", 1.0)
                 n = max(1, min(blocks, round(splits * factor)))
                 ms = graph_ms(lambda: decode_attention_gluon(q, qk, qv, *res, D**-0.5, num_splits=n, **opts))
-                print(f"{batch:>3} {context:>7} {name:5} {label:12} {ms:7.3f} {sdpa / ms:6.2f}  (splits {n})")
+                g_k = qk.spec.group_len(qk.shape)
+                runs = split_plan(qk.num_tokens // g_k, g_k, n)[0]
+                print(f"{batch:>3} {context:>7} {name:5} {label:12} {ms:7.3f} {sdpa / ms:6.2f}  (splits {runs})")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ defaults (``default_num_warps``, ``default_maxnreg``), the stride specialization
 gets, and Triton's bundled ``cuobjdump``. Needs triton (the device has 3.6; counts differ across versions).
 
     PYTHONPATH=src python benchmarks/sass_decode.py K4V4 K2V2 [--warps 2] [--maxnreg 200] [--per-row]
-    PYTHONPATH=.venv/gluon-triton:src python benchmarks/sass_decode.py --gluon K4V4 K2V2 [--prefetch 2] [--stages 2]  # triton 3.6
+    # triton 3.6, the device's (--stages: default the launcher's, 2 for 2- and 4-bit sides; 0 loads into registers)
+    PYTHONPATH=.venv/gluon-triton:src python benchmarks/sass_decode.py --gluon K4V4 K2V2 [--prefetch 2] [--stages 0]
 """
 
 from __future__ import annotations
@@ -41,12 +42,13 @@ def main() -> None:
     ap.add_argument("--gluon", action="store_true", help="the Gluon kernel (kvtuner.kernels.gluon_decode) instead")
     ap.add_argument("--per-row", action="store_true", help="the ragged-batch variant (a table of rows)")
     ap.add_argument("--prefetch", type=int, default=0, help="with --gluon: L2 prefetch this many blocks ahead")
-    ap.add_argument("--stages", type=int, default=0, help="with --gluon: a ring of this many shared-memory buffers")
+    ap.add_argument("--stages", type=int, help="with --gluon: a ring of this many shared-memory buffers (default: "
+                    "the launcher's default_stages)")
     args = ap.parse_args()
     if args.prefetch < 0 or (args.prefetch and not args.gluon):
         ap.error("--prefetch takes a number of blocks >= 0, with --gluon")
-    if args.stages < 0 or (args.stages and not args.gluon):
-        ap.error("--stages takes a number of buffers >= 0, with --gluon")
+    if args.stages is not None and (args.stages < 0 or not args.gluon or (args.stages and args.prefetch)):
+        ap.error("--stages takes a number of buffers >= 0, with --gluon, and a prefetch only without stages")
     print(f"triton {triton.__version__}, sm_90, D={D}, {R} query heads a KV head, groups of {G}")
     for k_bits, v_bits, codebook in args.kv:
         name = f"K{k_bits}V{v_bits}{'+nuq' if codebook else ''}"
@@ -68,7 +70,8 @@ def main() -> None:
               f"{c['loop'] - c['skipped']} a warp-step of {tokens} tokens, {c['per_token']:.1f} a token")
         print("  " + ", ".join(f"{k} {v}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:24]))
         loop = hot_loop(disassemble(kernel)[1])[0]
-        for kind, op in (("global loads", r"LDG\S*"), ("shared loads", r"LDS\S*")):
+        for kind, op in (("global loads", r"LDG(?!STS|DEPBAR)\S*"), ("async copies", r"LDGSTS\S*"),
+                         ("shared loads", r"LDS\S*")):
             widths = collections.Counter(re.search(op, t).group(0) for t in loop if re.search(op, t))
             if widths:
                 print(f"  {kind}: " + ", ".join(f"{k} {v}" for k, v in sorted(widths.items())))

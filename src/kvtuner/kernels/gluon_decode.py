@@ -4,7 +4,8 @@ Triton's decode kernel (:mod:`.decode`) spends about 28 warp instructions per ca
 on K4V4, most of them operand moves and layout conversions that Triton inserts between the unpacking
 and the dot. Gluon (``triton.experimental.gluon``) lets the layout be stated, so that each thread's
 unpacked registers *are* its ``mma.sync.m16n8k16`` operand fragments and nothing moves between threads
-or through shared memory (every ``convert_layout`` below is asserted trivial at compile time).
+(every ``convert_layout`` below is asserted trivial at compile time); shared memory only stages the packed
+bytes on their way in.
 
 One warp a program, FlashAttention-2's arrangement: the GQA group's query heads on the mma's M side
 (16 rows, ``R <= 16`` used), cached tokens on N for the scores ``S = Q' K^T`` and on K for ``O += P V``,
@@ -23,7 +24,8 @@ so that the scores' accumulator fragment is, converted to fp16, the A fragment o
   ``fma.rn.f16x2`` per register makes ``m' c s`` from ``64 + m' c`` (``y * s - 64 s``, one rounding);
   the zeros and the softmax sum come from two small mmas a group (zeros: column g those of lane g's
   value group, which every column lane g holds shares).
-* **Stages (optional).** With ``stages`` > 0 each program keeps a ring of shared-memory buffers: while it
+* **Stages.** With ``stages`` > 0 (the default for 2- and 4-bit sides) each program keeps a ring of shared-memory
+  buffers: while it
   computes block i, ``cp.async`` brings block ``i + stages - 1`` in (six contiguous ranges, 16 bytes a lane,
   holding no registers), and the block is then read from shared memory into exactly the registers a global
   load would fill. One warp of 249 registers cannot keep its own loads in flight otherwise (NOTES, round 8).
@@ -46,7 +48,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from kvtuner.kernels.gluon_layout import (BLOCK, LOG2E, MAGIC, MAGIC_BITS, groups_per_block, split_plan,
-                                          stage_bytes)
+                                          stage_bytes, stages_can_copy)
 from kvtuner.quant import QuantizedTensor
 
 MAGIC_C = gl.constexpr(MAGIC)
@@ -397,9 +399,10 @@ def _block(acc, acc_z, acc_l, m_i, qm, qz, grp0, NG: gl.constexpr, KS, KZ, KW, V
 
 @gluon.jit
 def _copy_to_shared(dst, src, N: gl.constexpr, live):
-    """``cp.async`` of N int32 words from ``src`` (a scalar pointer) into the 1-D shared view ``dst``, if ``live``
-    (else nothing is read: the copies are predicated off rather than branched around): 16 bytes a lane an
-    instruction where N allows (N >= 32 words: a stage's smallest range)."""
+    """``cp.async`` of N int32 words from ``src`` (a scalar pointer) into the 1-D shared view ``dst``, 16 bytes a
+    lane an instruction where N allows (N >= 32 words: a stage's smallest range). Without ``live`` nothing is read
+    (the copies' source size is 0, rather than a branch around them) and ``dst`` is filled with zeros: a buffer
+    no step reads again."""
     VEC: gl.constexpr = 4 if N >= 128 else N // 32
     words: gl.constexpr = gl.BlockedLayout([VEC], [32], [1], [0])
     offs = gl.arange(0, N, layout=words)
@@ -534,6 +537,7 @@ def _gluon_decode_kernel(
                                             vz_s.index(st), sks_g, skw_t, svw_t, svs_t, R, D, G_K, G_V, K_BITS,
                                             V_BITS, mma, a_l, b_l, True)
             gl.thread_barrier()  # every lane done reading block i before its buffers are refilled
+        async_copy.wait_group(0)  # the zero-filling copies past the split's end land before the program exits
     else:
         for grp in range(g_lo, g_hi - GPB + 1, GPB):
             if PREFETCH > 0:  # the block PREFETCH blocks ahead, if this split reads it
@@ -561,8 +565,9 @@ def _gluon_decode_kernel(
 
 
 def compile_sm90(k_bits: int, v_bits: int, head_dim: int = 128, gqa: int = 4, key_group: int = 32,
-                 value_group: int = 32, prefetch: int = 0, stages: int = 0):
+                 value_group: int = 32, prefetch: int = 0, stages: int | None = None):
     """The kernel compiled ahead of time for sm_90a (no GPU needed): its ``asm`` holds ttgir, ptx and cubin.
+    ``stages`` as :func:`decode_attention_gluon` takes it (default :func:`default_stages`).
 
     Every ``convert_layout`` in it asserts that it moves no data, so that compiling proves the decoded
     registers are the mma fragments; CI inspects the SASS (``benchmarks/sass_decode.py --gluon``)."""
@@ -570,6 +575,7 @@ def compile_sm90(k_bits: int, v_bits: int, head_dim: int = 128, gqa: int = 4, ke
     from triton.experimental.gluon._runtime import GluonASTSource
 
     d = head_dim
+    stages = default_stages(k_bits, v_bits) if stages is None and not prefetch else stages or 0
     strides = dict(skw_t=d * k_bits // 32, sks_g=d, svw_t=d * v_bits // 32, svs_t=d // value_group)
     constexprs = dict(H_KV=8, R=gqa, D=d, G_K=key_group, G_V=value_group, K_BITS=k_bits, V_BITS=v_bits,
                       PREFETCH=prefetch, STAGES=stages, **strides)
@@ -612,9 +618,10 @@ def gluon_supported(qkeys: QuantizedTensor, qvalues: QuantizedTensor, query: tor
 
 def default_stages(k_bits: int, v_bits: int) -> int:
     """Shared-memory stages :func:`decode_attention_gluon` uses by default. Measured on the H100 (NOTES, round 10;
-    ``gluon_sweep.py``, CUDA graphs, 32k tokens at batch 4 and 16, 128k at batch 1): 2 stages make K4V4 1.18-1.20x
-    and K2V2 1.39-1.40x faster than loading into registers, 3-4 stages less so; K8V8's 18 KiB stages cost
-    occupancy and lose 0-20%, so 8-bit sides keep loading into registers."""
+    ``gluon_sweep.py``, CUDA graphs, 32k tokens at batch 4 and 16, 128k at batch 1): 2 stages cut K4V4's time by
+    15-17% and K2V2's by 28-29% against loading into registers, 3-4 stages by less; K8V8's 18 KiB stages cost
+    occupancy and take 14-22% longer, so a side of 8 bits keeps loading into registers. The mixed pairs (K4V2,
+    K2V4, K8V4, ...) follow by their widest side: extrapolated, not measured; nor has the H200 run them."""
     return 2 if max(k_bits, v_bits) <= 4 else 0
 
 
@@ -649,14 +656,17 @@ def decode_attention_gluon(
     :func:`gluon_supported` accepts (``history_start`` 0); num_splits: history slices a KV head (default:
     :func:`~kvtuner.kernels.decode.default_num_splits` over 64-token blocks, 8 one-warp programs an SM);
     maxnreg: a register cap a thread (more resident warps, some spilled); prefetch: each program asks for the
-    block this many blocks ahead of the one it computes to be brought into L2 (sm_90's bulk prefetch; 0: none).
+    block this many blocks ahead of the one it computes to be brought into L2 (sm_90's bulk prefetch; 0: none;
+    only without stages, whose copies already bring the next block in).
     The kernel is latency-bound (NOTES_kernels.md, round 8): a warp's loads wait on HBM because its 249 registers
     leave no room to issue them earlier; a prefetch holds no register. Measured on the H200 (NOTES, round 9): 2
     ahead +7-8% for K2V2, -4-6% for K4V4, 4 ahead slower for both; so off by default. stages: a ring of this many
     shared-memory buffers a program (``cp.async``: block i + stages - 1 is copied in while block i is computed, the
-    copies holding no registers; 0: each block loaded straight into registers; default :func:`default_stages`);
-    the cache's layout must be contiguous along tokens, as :class:`~kvtuner.cache.MixedPrecisionCache` stores it
-    (a default of stages falls back to 0 where it is not). The result is bit-identical either way."""
+    copies holding no registers; 0: each block loaded straight into registers; default :func:`default_stages`, or 0
+    with a prefetch). Unlike the Triton kernel's ``num_stages`` (the compiler's software pipelining) the ring is
+    written into this kernel. It copies contiguous ranges, so it needs the layout
+    :func:`~kvtuner.kernels.gluon_layout.stages_can_copy` accepts, as :class:`~kvtuner.cache.MixedPrecisionCache`
+    stores it; a default of stages falls back to 0 where it does not. The result is bit-identical either way."""
     from kvtuner.kernels.decode import default_num_splits, merge_with_residual
 
     if not gluon_supported(qkeys, qvalues, query):
@@ -675,16 +685,18 @@ def decode_attention_gluon(
     n_blocks = -(-n_groups // groups_per_block(g_k))
     splits, groups_per_split = split_plan(n_groups, g_k, num_splits or default_num_splits(
         n_blocks, b * h_kv, query.device, ctas_per_sm=8))
-    contiguous = (kw.stride(2), ks.stride(2), vw.stride(2), vs.stride(2)) == (
-        d * qkeys.spec.bits // 32, d, d * qvalues.spec.bits // 32, d // g_v)
+    copyable = stages_can_copy(qkeys, qvalues)
     if stages is None:
-        stages = default_stages(qkeys.spec.bits, qvalues.spec.bits) if contiguous else 0
+        stages = default_stages(qkeys.spec.bits, qvalues.spec.bits) if copyable and not prefetch else 0
     if stages < 0:
         raise ValueError(f"stages is a number of shared-memory buffers >= 0, not {stages}")
+    if stages and prefetch:
+        raise ValueError("prefetch is for the kernel without stages: the stages' copies already bring blocks in")
     if stages:
-        if not contiguous:
-            raise ValueError("stages > 0 copies each block as contiguous ranges: the codes, scales and zeros must be "
-                             "contiguous along tokens (key groups)")
+        if not copyable:
+            raise ValueError("stages > 0 copies each block as contiguous ranges of whole 4-byte words: the codes, "
+                             "scales and zeros must be contiguous along tokens (key groups), each head's rows "
+                             "starting on a 4-byte boundary")
         need = stages * stage_bytes(d, g_k, g_v, qkeys.spec.bits, qvalues.spec.bits)
         limit = torch.cuda.get_device_properties(query.device).shared_memory_per_block_optin
         if need > limit:

@@ -96,6 +96,21 @@ def stage_bytes(head_dim: int, key_group: int, value_group: int, k_bits: int, v_
     return tokens * head_dim * (k_bits + v_bits) // 8 + 4 * groups * head_dim + 4 * tokens * (head_dim // value_group)
 
 
+def stages_can_copy(qkeys: QuantizedTensor, qvalues: QuantizedTensor) -> bool:
+    """Whether the Gluon kernel's stages can copy this history: each of a block's six ranges (key and value words,
+    scales, zeros) contiguous along tokens (key groups for the key scales), and every head's rows starting on a
+    4-byte boundary, since the fp16 scales and zeros travel as int32 pairs. What :class:`~kvtuner.cache.
+    MixedPrecisionCache` stores (buffers with spare capacity along tokens) is; a view cut at an odd token of
+    one-scale-a-token values is not."""
+    k, v = qkeys, qvalues
+    d = k.shape[-1]
+    rows = (k.payload.stride(2), k.scale.stride(2), v.payload.stride(2), v.scale.stride(2))
+    want = (d * k.spec.bits // 32, d, d * v.spec.bits // 32, d // v.spec.group_len(v.shape))
+    halves = (k.scale, k.zero, v.scale, v.zero)
+    return (rows == want and k.zero.stride() == k.scale.stride() and v.zero.stride() == v.scale.stride()
+            and all(t.data_ptr() % 4 == 0 and t.stride(0) % 2 == 0 and t.stride(1) % 2 == 0 for t in halves))
+
+
 def split_plan(n_groups: int, key_group: int, num_splits: int) -> tuple[int, int]:
     """(splits, key groups a split) for ``num_splits`` asked: whole blocks a split, no split empty."""
     step = groups_per_block(key_group)
