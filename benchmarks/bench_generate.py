@@ -20,7 +20,9 @@ Caches, each what a user would run:
   (``--quanto-ext``: built once with nvcc, the build time printed) or else its torch unpack.
 
 Batches: ``--batches`` (integers, and ``max``: estimated from free memory and each layout's bytes per
-token, cut by 15% on out-of-memory).
+token, cut by 15% on out-of-memory). ``--gluon-stages 0 2`` runs kvtuner's eager rows once per number of the
+Gluon kernel's shared-memory stages (labelled ``K4V4@s0``, ...; graphs run the Triton kernel, once): an A/B of
+the kernel in one run on one machine, where eager steps vary more between machines than the kernel saves.
 
     PYTHONPATH=src:benchmarks python benchmarks/bench_generate.py --graph --quanto-ext --out benchmarks/results
 """
@@ -28,6 +30,7 @@ token, cut by 15% on out-of-memory).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
@@ -177,18 +180,18 @@ def build_quanto_extension() -> None:
 
 
 def run_fitting(model, name: str, context: int, batch: int, steps: int, graph: bool, backend: str,
-                shrink: bool) -> tuple[dict | None, int]:
+                shrink: bool, label: str | None = None) -> tuple[dict | None, int]:
     """(``run_one``'s row, the batch it ran at): on out-of-memory 15% smaller with ``shrink`` (the largest batch that
     fits), else skipped (None)."""
     while batch >= 1:
         try:
             t0 = time.time()
             r = run_one(model, name, context, batch, steps, GRAPH_WARMUP if graph else 2, graph, backend)
-            print(f"{name + ' graph' * graph:12} T={context:6} B={batch:4} {r['tokens_per_s']:9.1f} tok/s "
+            print(f"{(label or name) + ' graph' * graph:12} T={context:6} B={batch:4} {r['tokens_per_s']:9.1f} tok/s "
                   f"{r['ms_per_step']:7.2f} ms/step peak {r['peak_mem_gib']:5.1f} GiB ({time.time() - t0:.0f}s)", flush=True)
             return r, batch
         except torch.OutOfMemoryError:
-            print(f"{name:12} T={context:6} B={batch:4} out of memory, {'retrying smaller' if shrink else 'skipped'}",
+            print(f"{label or name:12} T={context:6} B={batch:4} out of memory, {'retrying smaller' if shrink else 'skipped'}",
                   flush=True)
             if not shrink:
                 return None, batch
@@ -203,6 +206,20 @@ GRAPHED = ("static", "K8V8", "K4V4", "mixed3.25")  # caches whose decode step CU
 GRAPH_WARMUP = 65  # eager steps before timing graphs: two flushes, so that kvtuner's flushing step is recorded too
 
 
+@contextlib.contextmanager
+def gluon_stages(stages: int | None):
+    """The Gluon kernel run with ``stages`` shared-memory stages wherever it takes its default (None: unchanged)."""
+    from kvtuner.kernels import gluon_decode
+
+    default = gluon_decode.default_stages
+    if stages is not None:
+        gluon_decode.default_stages = lambda k_bits, v_bits: stages
+    try:
+        yield
+    finally:
+        gluon_decode.default_stages = default
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
@@ -215,6 +232,8 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=1024)
     ap.add_argument("--reserve-gib", type=float, default=8.0, help="memory kept free for activations and logits")
     ap.add_argument("--quanto-ext", action="store_true", help="use quanto's JIT-built CUDA extension (else torch unpack)")
+    ap.add_argument("--gluon-stages", type=int, nargs="+", help="kvtuner's eager rows once per number of the Gluon "
+                    "kernel's shared-memory stages (0: loading into registers); default: the kernel's default_stages")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     if any(b != "max" and not (b.isdigit() and int(b) > 0) for b in args.batches):
@@ -224,6 +243,8 @@ def main() -> None:
             kv_config(name)
         except ValueError as err:
             ap.error(f"--kv {name}: {err}")
+    if args.gluon_stages and min(args.gluon_stages) < 0:
+        ap.error(f"--gluon-stages takes numbers of stages >= 0, not {' '.join(map(str, args.gluon_stages))}")
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
 
@@ -249,12 +270,20 @@ def main() -> None:
                 build_quanto_extension()
             steps = args.steps if name != "quanto" or args.quanto_ext else max(2, args.steps // 8)
             largest = min(args.max_batch, int(free // (token_bytes(name) * (context + steps + 64))))
-            for wanted in args.batches:
-                batch = largest if wanted == "max" else int(wanted)
-                for graph in (False, True) if args.graph and name in GRAPHED and batch <= 16 else (False,):
-                    row, batch = run_fitting(model, name, context, batch, steps, graph, args.backend, wanted == "max")
-                    rows += [row] if row else []
-                    (args.out / f"generate_{gpu}.json").write_text(json.dumps(rows, indent=1))  # kept if a later row dies
+            variants = args.gluon_stages if args.gluon_stages and name not in ("fp16", "static", "quanto") else [None]
+            for i, stages in enumerate(variants):
+                for wanted in args.batches:
+                    batch = largest if wanted == "max" else int(wanted)
+                    graphs = (False, True) if args.graph and name in GRAPHED and batch <= 16 and i == 0 else (False,)
+                    for graph in graphs:
+                        label = name if graph or stages is None else f"{name}@s{stages}"
+                        with gluon_stages(None if graph else stages):
+                            row, batch = run_fitting(model, name, context, batch, steps, graph, args.backend,
+                                                     wanted == "max", label)
+                        if row and label != name:
+                            row["kv"] = label
+                        rows += [row] if row else []
+                        (args.out / f"generate_{gpu}.json").write_text(json.dumps(rows, indent=1))  # kept if a later row dies
 
     print(f"\n{'kv':16} {'T':>6} {'B':>4} {'tok/s':>9} {'ms/step':>8} {'x static':>8} {'peak GiB':>8}")
     for r in rows:  # x static: against StaticCache at the same context and batch (graphs against graphs)
