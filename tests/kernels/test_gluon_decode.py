@@ -263,6 +263,29 @@ def test_stages_give_bit_identical_results_on_gpu(k_bits, v_bits, d, ratio, grou
 
 @pytest.mark.gpu
 @gpu
+def test_stages_read_the_caches_own_history_on_gpu():
+    """The history a cache layer hands the kernel (a view of code buffers with spare capacity, so head and batch
+    strides longer than the history) gives the same result with the default stages as loading into registers."""
+    from kvtuner.cache.layer import MixedPrecisionLayer
+    from kvtuner.config import LayerSpec
+    from kvtuner.kernels.gluon_decode import decode_attention_gluon, default_stages
+    from kvtuner.method import KVMethod
+
+    torch.manual_seed(7)
+    layer = MixedPrecisionLayer(KVMethod(LayerSpec("kivi", 4, 2, 32, 32)))
+    k, v = (torch.randn(2, 2, 600, 128, device="cuda", dtype=torch.float16) for _ in range(2))
+    layer.update(k[..., :300, :], v[..., :300, :])
+    for t in range(300, 600):  # 576 tokens quantized, in buffers of 672
+        layer.update(k[..., t : t + 1, :], v[..., t : t + 1, :])
+    qk, qv = layer.history.keys.codes, layer.history.values.codes
+    assert layer.code_buffers[0].num_tokens > qk.num_tokens and stages_can_copy(qk, qv) and default_stages(4, 2)
+    query = torch.randn(2, 8, 128, device="cuda", dtype=torch.float16)
+    args = (query, qk, qv, layer.keys, layer.values, 128**-0.5)
+    assert torch.equal(decode_attention_gluon(*args), decode_attention_gluon(*args, stages=0))
+
+
+@pytest.mark.gpu
+@gpu
 def test_stages_refuse_a_layout_they_cannot_copy_and_too_much_shared_memory():
     from kvtuner.kernels.gluon_decode import decode_attention_gluon
 
