@@ -24,11 +24,11 @@ so that the scores' accumulator fragment is, converted to fp16, the A fragment o
   ``fma.rn.f16x2`` per register makes ``m' c s`` from ``64 + m' c`` (``y * s - 64 s``, one rounding);
   the zeros and the softmax sum come from two small mmas a group (zeros: column g those of lane g's
   value group, which every column lane g holds shares).
-* **Stages.** With ``stages`` > 0 (the default for 2- and 4-bit sides) each program keeps a ring of shared-memory
-  buffers: while it
-  computes block i, ``cp.async`` brings block ``i + stages - 1`` in (six contiguous ranges, 16 bytes a lane,
-  holding no registers), and the block is then read from shared memory into exactly the registers a global
-  load would fill. One warp of 249 registers cannot keep its own loads in flight otherwise (NOTES, round 8).
+* **Stages.** With ``stages`` > 0 (the default for 2- and 4-bit sides) each program keeps a ring of
+  shared-memory buffers: while it computes block i, ``cp.async`` brings block ``i + stages - 1`` in (six
+  contiguous ranges, 16 bytes a lane, holding no registers), and the block is then read from shared memory
+  into exactly the registers a global load would fill. One warp of 249 registers cannot keep its own loads in
+  flight otherwise (NOTES, rounds 8 and 10).
 * **Split-K.** Programs ``(B * H_kv, splits)`` each reduce a run of 64-token blocks to a partial
   output and log-sum-exp, in :mod:`.decode`'s partial-result format; one more launch attends to the
   full-precision residual and merges (:func:`~kvtuner.kernels.decode.merge_with_residual`).
@@ -191,7 +191,7 @@ def _value_tile(base, sbase, zbase, t0, svw_t: gl.constexpr, svs_t: gl.constexpr
     """B operands of NTOK value tokens from ``t0``: [NTOK, D] fp16 ``m' c s``, columns in :func:`value_channels`
     order, and [NTOK, 8] their zeros, column g the zero of lane g's value group (that of all its columns).
     ``SMEM``: ``base``, ``sbase`` and ``zbase`` are shared views of these tokens' words, scales and zeros
-    (:func:`_value_views`), read into the same registers as from global memory."""
+    (made by :func:`_group_values`), read into the same registers as from global memory."""
     NWL: gl.constexpr = D * BITS // 256  # words a lane reads of each token
     RPW: gl.constexpr = 16 // BITS
     # [token pairs (JH: 8 tokens apart), t, g, words]: lanes (g, t), a lane's words contiguous (one vector load)
@@ -248,7 +248,7 @@ def _value_operands_from_global(base, sbase, zbase, t0, svw_t: gl.constexpr, svs
 @gluon.jit
 def _value_operands_from_shared(words, scales, zeros, D: gl.constexpr, BITS: gl.constexpr, NTOK: gl.constexpr,
                                 G_V: gl.constexpr, x_l: gl.constexpr):
-    """:func:`_value_operands_from_global` from shared views of NTOK tokens (:func:`_value_views`): words
+    """:func:`_value_operands_from_global` from shared views of NTOK tokens (made by :func:`_group_values`): words
     [JH, 4, 2, 8, NWL] and scales [JH, 4, 2, SV, 1, 1], zeros [JH, 4, 2, SV, 1] (token ``jh * 8 + 2 t + e``;
     SV = D / G_V groups a token). Each is read in one load, tokens a and b (e) in one thread's registers,
     then split; a lane reads the group of its channels, ``g // (8 / SV)``: the size-1 axis its lanes share."""
