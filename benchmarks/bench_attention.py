@@ -4,7 +4,8 @@ One query token per sequence; every figure is measured in the same run as its ba
 
 * ``sdpa_fp16``: ``scaled_dot_product_attention(..., enable_gqa=True)`` over a bf16 cache;
 * ``kvtuner``: the packed split-K decode kernel (group 32, the last 32 tokens in a bf16 residual);
-* ``gluon``: the Gluon tensor-core kernel (:mod:`kvtuner.kernels.gluon_decode`) on the same storage;
+* ``gluon``: the Gluon tensor-core kernel (:mod:`kvtuner.kernels.gluon_decode`) on the same storage, and
+  ``gluon_s0`` the same kernel without its shared-memory stages where its default has them (2- and 4-bit sides);
 * ``dequant_sdpa`` (``+nuq`` pairs): the torch path a layer takes where the kernel does not read its
   storage: dequantize the history, concatenate the residual, SDPA;
 * ``quanto``: transformers' ``QuantizedCache(backend="quanto")`` read path (its defaults: group 64,
@@ -34,7 +35,7 @@ from triton.testing import do_bench
 
 from kvtuner import kernels
 from kvtuner.kernels.decode import decode_attention_triton
-from kvtuner.kernels.gluon_decode import decode_attention_gluon, gluon_supported
+from kvtuner.kernels.gluon_decode import decode_attention_gluon, default_stages, gluon_supported
 from kvtuner.kernels.reference import decode_attention_reference
 from kvtuner.quant import QuantSpec
 from kvtuner.quant import quantize as quantize_reference
@@ -157,9 +158,10 @@ def time_kvtuner(q, hist, res, name, tunables) -> list[dict]:
     for tune in tunables:
         ms = median_ms(lambda: decode_attention_triton(q, qk, qv, *res, D**-0.5, **tune))
         rows.append(dict(impl="kvtuner", kv=name, ms=ms, bytes_read=read, **({"tune": tune} if len(tunables) > 1 else {})))
-    if gluon_supported(qk, qv, q):  # the Gluon kernel, same storage
-        rows.append(dict(impl="gluon", kv=name, ms=median_ms(lambda: decode_attention_gluon(q, qk, qv, *res, D**-0.5)),
-                         bytes_read=read))
+    if gluon_supported(qk, qv, q):  # the Gluon kernel, same storage, with and without its stages
+        for impl, stages in [("gluon", None)] + [("gluon_s0", 0)] * bool(default_stages(qk.spec.bits, qv.spec.bits)):
+            ms = median_ms(lambda: decode_attention_gluon(q, qk, qv, *res, D**-0.5, stages=stages))
+            rows.append(dict(impl=impl, kv=name, ms=ms, bytes_read=read))
     if name.endswith("+nuq"):  # what such a layer cost before the kernel read codebooks: dequantize, then SDPA
         q4 = q.unsqueeze(2)
 
