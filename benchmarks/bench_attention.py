@@ -34,6 +34,7 @@ import triton
 from triton.testing import do_bench
 
 from kvtuner import kernels
+from kvtuner.config import write_atomic
 from kvtuner.kernels.decode import decode_attention_triton
 from kvtuner.kernels.gluon_decode import decode_attention_gluon, default_stages, gluon_supported
 from kvtuner.kernels.reference import decode_attention_reference
@@ -159,7 +160,10 @@ def time_kvtuner(q, hist, res, name, tunables) -> list[dict]:
         ms = median_ms(lambda: decode_attention_triton(q, qk, qv, *res, D**-0.5, **tune))
         rows.append(dict(impl="kvtuner", kv=name, ms=ms, bytes_read=read, **({"tune": tune} if len(tunables) > 1 else {})))
     if gluon_supported(qk, qv, q):  # the Gluon kernel, same storage, with and without its stages
-        for impl, stages in [("gluon", None)] + [("gluon_s0", 0)] * bool(default_stages(qk.spec.bits, qv.spec.bits)):
+        variants = {"gluon": None}
+        if default_stages(qk.spec.bits, qv.spec.bits):
+            variants["gluon_s0"] = 0
+        for impl, stages in variants.items():
             ms = median_ms(lambda: decode_attention_gluon(q, qk, qv, *res, D**-0.5, stages=stages))
             rows.append(dict(impl=impl, kv=name, ms=ms, bytes_read=read))
     if name.endswith("+nuq"):  # what such a layer cost before the kernel read codebooks: dequantize, then SDPA
@@ -265,11 +269,10 @@ def main() -> None:
     copy = copy_gbps()
     print(f"device-to-device copy: {copy:.0f} GB/s (read + write)")
 
-    args.out.mkdir(parents=True, exist_ok=True)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, copy_gbps=copy,
                 tune=args.tune)
     name = f"attention_{gpu}{'_sweep' if args.sweep else ''}{'_graph' if args.graph else ''}"
-    (args.out / f"{name}_meta.json").write_text(json.dumps(meta, indent=1))
+    write_atomic(args.out / f"{name}_meta.json", json.dumps(meta, indent=1))
     rows = []
     points = ([tuple(map(int, p.split(":"))) for p in args.points] if args.points
               else [(b, t) for b in args.batches for t in args.contexts])
@@ -280,7 +283,7 @@ def main() -> None:
         except torch.OutOfMemoryError:
             print(f"B={batch} T={context}: bf16 cache does not fit, skipped")
         torch.cuda.empty_cache()
-        (args.out / f"{name}.json").write_text(json.dumps(rows, indent=1))  # kept if a later point dies
+        write_atomic(args.out / f"{name}.json", json.dumps(rows, indent=1))  # kept if a later point dies
         print(f"B={batch} T={context} done in {time.time() - t0:.1f}s", flush=True)
 
     base = {(r["batch"], r["context"]): r["ms"] for r in rows if r["impl"] == "sdpa_fp16"}

@@ -36,14 +36,17 @@ import gc
 import json
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, QuantizedCache, StaticCache
 
+from bench_attention import gpu_name
 from kvtuner import KVConfig, LayerSpec, MixedPrecisionCache
 from kvtuner.cache import cache_kwargs
 from kvtuner.cache.attention import use_packed_attention
 from kvtuner.cache.graphs import GraphedDecoder
+from kvtuner.config import write_atomic
 from kvtuner.kernels import BACKENDS, quantize
 from kvtuner.method import StoredKV, StoredSide
 
@@ -180,18 +183,23 @@ def build_quanto_extension() -> None:
 
 
 def run_fitting(model, name: str, context: int, batch: int, steps: int, graph: bool, backend: str,
-                shrink: bool, label: str | None = None) -> tuple[dict | None, int]:
+                shrink: bool, stages: int | None = None) -> tuple[dict | None, int]:
     """(``run_one``'s row, the batch it ran at): on out-of-memory 15% smaller with ``shrink`` (the largest batch that
-    fits), else skipped (None)."""
+    fits), else skipped (None). ``stages``: the Gluon kernel's shared-memory stages forced (:func:`gluon_stages`),
+    the row labelled ``name@sN``."""
+    label = name if stages is None else f"{name}@s{stages}"
     while batch >= 1:
         try:
             t0 = time.time()
-            r = run_one(model, name, context, batch, steps, GRAPH_WARMUP if graph else 2, graph, backend)
-            print(f"{(label or name) + ' graph' * graph:12} T={context:6} B={batch:4} {r['tokens_per_s']:9.1f} tok/s "
+            with gluon_stages(stages):
+                r = run_one(model, name, context, batch, steps, GRAPH_WARMUP if graph else 2, graph, backend)
+            if stages is not None:
+                r["kv"] = label
+            print(f"{label + ' graph' * graph:12} T={context:6} B={batch:4} {r['tokens_per_s']:9.1f} tok/s "
                   f"{r['ms_per_step']:7.2f} ms/step peak {r['peak_mem_gib']:5.1f} GiB ({time.time() - t0:.0f}s)", flush=True)
             return r, batch
         except torch.OutOfMemoryError:
-            print(f"{label or name:12} T={context:6} B={batch:4} out of memory, {'retrying smaller' if shrink else 'skipped'}",
+            print(f"{label:12} T={context:6} B={batch:4} out of memory, {'retrying smaller' if shrink else 'skipped'}",
                   flush=True)
             if not shrink:
                 return None, batch
@@ -206,18 +214,14 @@ GRAPHED = ("static", "K8V8", "K4V4", "mixed3.25")  # caches whose decode step CU
 GRAPH_WARMUP = 65  # eager steps before timing graphs: two flushes, so that kvtuner's flushing step is recorded too
 
 
-@contextlib.contextmanager
 def gluon_stages(stages: int | None):
-    """The Gluon kernel run with ``stages`` shared-memory stages wherever it takes its default (None: unchanged)."""
+    """The Gluon kernel run with ``stages`` shared-memory stages wherever it takes its default (None: unchanged):
+    the cache's decode path passes no stages, so the default is what to set."""
     from kvtuner.kernels import gluon_decode
 
-    default = gluon_decode.default_stages
-    if stages is not None:
-        gluon_decode.default_stages = lambda k_bits, v_bits: stages
-    try:
-        yield
-    finally:
-        gluon_decode.default_stages = default
+    if stages is None:
+        return contextlib.nullcontext()
+    return mock.patch.object(gluon_decode, "default_stages", lambda k_bits, v_bits: stages)
 
 
 def main() -> None:
@@ -261,8 +265,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}; model {torch.cuda.memory_allocated() / 2**30:.1f} GiB, "
           f"{free / 2**30:.1f} GiB left for caches")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    gpu = torch.cuda.get_device_name().replace("NVIDIA ", "").split()[0].lower()
+    gpu = gpu_name()
     rows = []
     for context in args.contexts:
         for name in args.kv:
@@ -275,15 +278,11 @@ def main() -> None:
                 for wanted in args.batches:
                     batch = largest if wanted == "max" else int(wanted)
                     graphs = (False, True) if args.graph and name in GRAPHED and batch <= 16 and i == 0 else (False,)
-                    for graph in graphs:
-                        label = name if graph or stages is None else f"{name}@s{stages}"
-                        with gluon_stages(None if graph else stages):
-                            row, batch = run_fitting(model, name, context, batch, steps, graph, args.backend,
-                                                     wanted == "max", label)
-                        if row and label != name:
-                            row["kv"] = label
+                    for graph in graphs:  # (graphs run the Triton kernel: no stages to force)
+                        row, batch = run_fitting(model, name, context, batch, steps, graph, args.backend,
+                                                 wanted == "max", None if graph else stages)
                         rows += [row] if row else []
-                        (args.out / f"generate_{gpu}.json").write_text(json.dumps(rows, indent=1))  # kept if a later row dies
+                        write_atomic(args.out / f"generate_{gpu}.json", json.dumps(rows, indent=1))  # kept if a later row dies
 
     print(f"\n{'kv':16} {'T':>6} {'B':>4} {'tok/s':>9} {'ms/step':>8} {'x static':>8} {'peak GiB':>8}")
     for r in rows:  # x static: against StaticCache at the same context and batch (graphs against graphs)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from bench_attention import D, GROUP, H_KV, H_Q, KV, RESIDUAL, gpu_name, median_ms, nbytes, pack
 from kvtuner import kernels
+from kvtuner.config import write_atomic
 from kvtuner.kernels.decode import decode_attention_triton, decode_attention_triton_rows
 
 
@@ -102,9 +103,8 @@ def main() -> None:
                       f"{cell(ms['launch_a_row']):>16} {cell(ms['auto_a_row']):>16} {cell(ms['one_launch']):>16} "
                       f"{min(ms['launch_a_row']['ms'], ms['auto_a_row']['ms']) / ms['one_launch']['ms']:>7.2f}x")
                 torch.cuda.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"ragged_{gpu_name()}.json"
-    path.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), rows=results), indent=1))
+    write_atomic(path, json.dumps(dict(device=torch.cuda.get_device_name(), rows=results), indent=1))
     print(f"wrote {path}")
 
 

@@ -47,12 +47,12 @@ def main() -> None:
             qk, qv = pack(k[:, :, :-RESIDUAL], v[:, :, :-RESIDUAL], *KV[name])
             blocks = -(-qk.num_tokens // BLOCK)
             splits = default_num_splits(blocks, batch * H_KV, q.device, ctas_per_sm=8)
+            g_k = qk.spec.group_len(qk.shape)
             for label in args.variants:
                 opts = dict(VARIANTS[label])
                 factor = opts.pop("split_factor", 1.0)
                 n = max(1, min(blocks, round(splits * factor)))
                 ms = graph_ms(lambda: decode_attention_gluon(q, qk, qv, *res, D**-0.5, num_splits=n, **opts))
-                g_k = qk.spec.group_len(qk.shape)
                 runs = split_plan(qk.num_tokens // g_k, g_k, n)[0]
                 print(f"{batch:>3} {context:>7} {name:5} {label:12} {ms:7.3f} {sdpa / ms:6.2f}  (splits {runs})")
 

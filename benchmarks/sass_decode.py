@@ -60,7 +60,7 @@ def main() -> None:
         else:
             warps = args.warps or decode.default_num_warps(k_bits, v_bits)
             kernel, step_tokens = decode.compile_sm90(k_bits, v_bits, D, R, G, warps,
-                                                      args.maxnreg or decode.default_maxnreg(warps),
+                                                      args.maxnreg or "auto",
                                                       codebook=codebook, per_row=args.per_row)
             tokens = step_tokens // warps  # one slice of the step a warp
         c = loop_census(kernel, tokens)

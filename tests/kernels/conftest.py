@@ -8,7 +8,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-IMAGE_TRITON = ROOT / ".venv" / "gluon-triton"  # triton 3.6.0, the GPU image's (see the Makefile)
+IMAGE_VERSION = "3.6.0"  # the GPU image's triton, installed by make test (see the Makefile)
+IMAGE_TRITON = ROOT / ".venv" / "gluon-triton"
 
 
 class _Poisoned:
@@ -41,13 +42,14 @@ def image_triton():
     the project's own, newer triton runs the Triton kernels in its interpreter, which accepts code that the image's
     compiler refuses. Skips where that triton is not installed."""
     if not (IMAGE_TRITON / "triton" / "__init__.py").exists():
-        pytest.skip(f"triton 3.6.0 for the ahead-of-time checks is not installed at {IMAGE_TRITON} (make test installs it)")
+        pytest.skip(f"triton {IMAGE_VERSION} for the ahead-of-time checks is not installed at {IMAGE_TRITON} (make test installs it)")
 
     def run(script: str, arg) -> dict:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # test modules set it
         env["PYTHONPATH"] = f"{IMAGE_TRITON}{os.pathsep}{ROOT / 'src'}"
-        done = subprocess.run([sys.executable, "-c", script, json.dumps(arg)], capture_output=True, text=True, env=env,
-                              timeout=900)
+        checked = f"import triton\nassert triton.__version__ == {IMAGE_VERSION!r}, triton.__version__\n{script}"
+        done = subprocess.run([sys.executable, "-c", checked, json.dumps(arg)], capture_output=True, text=True,
+                              env=env, timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(done.stdout)
 

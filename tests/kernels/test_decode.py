@@ -399,8 +399,6 @@ def test_ragged_rows_refuse_mixed_layouts_and_dispatch_per_backend():
 
 TRITON_COMPILE = """
 import json, sys
-import triton
-assert triton.__version__ == "3.6.0", triton.__version__
 from kvtuner.kernels import decode
 from kvtuner.kernels.sass import loop_census
 out = {}

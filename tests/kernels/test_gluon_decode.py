@@ -108,8 +108,6 @@ def test_emulated_kernel_keeps_small_key_differences_on_a_large_common_offset():
 
 COMPILE = """
 import json, sys
-import triton
-assert triton.__version__ == "3.6.0", triton.__version__
 from kvtuner.kernels.gluon_decode import compile_sm90, loop_census
 out = {}
 for k, v, d, r, prefetch, stages in json.loads(sys.argv[1]):

@@ -53,6 +53,9 @@ __all__ = [
 
 
 STEP_TOKENS = 128  # history tokens one step of the Triton decode kernel covers (one key group, if longer)
+# a ragged batch's row for decode_attention_rows: key codes, value codes (None: no history yet), the residual
+# keys and values, the history's first attended token
+DecodeRow = tuple[QuantizedTensor | None, QuantizedTensor | None, torch.Tensor, torch.Tensor, int]
 
 
 def min_static_history(key_group: int) -> int:
@@ -204,7 +207,7 @@ def decode_attention(
 
 def decode_attention_rows(
     query: torch.Tensor,
-    rows: list[tuple[QuantizedTensor | None, QuantizedTensor | None, torch.Tensor, torch.Tensor, int]],
+    rows: list[DecodeRow],
     scale: float,
     key_spec: QuantSpec,
     value_spec: QuantSpec,

@@ -62,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtuner.kernels import STEP_TOKENS
+from kvtuner.kernels import STEP_TOKENS, DecodeRow
 from kvtuner.quant import QuantizedTensor, packed_width
 from kvtuner.quant.codebook import level_grid
 
@@ -759,9 +759,6 @@ def decode_attention_triton(
                    num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg, inline_asm=inline_asm)
 
 
-DecodeRow = tuple[QuantizedTensor | None, QuantizedTensor | None, torch.Tensor, torch.Tensor, int]
-
-
 def decode_attention_triton_rows(query: torch.Tensor, rows: list[DecodeRow], scale: float, num_splits: int | None = None,
                                  num_warps: int | None = None, num_stages: int = 2,
                                  maxnreg: int | None | Literal["auto"] = "auto",
@@ -777,7 +774,8 @@ def decode_attention_triton_rows(query: torch.Tensor, rows: list[DecodeRow], sca
     if len(rows) != query.shape[0]:
         raise ValueError(f"{query.shape[0]} query rows for {len(rows)} cache rows")
     with_history = [row for row in rows if row[0] is not None]
-    qkeys, qvalues, keys, values, _ = with_history[0] if with_history else rows[0]
+    template = with_history[0] if with_history else None  # a row with a history, whose layout every other shares
+    qkeys, qvalues, keys, values, _ = template or rows[0]
     layout = (_layout(qkeys), _layout(qvalues)) if with_history else None  # (_launch checks the first row's own)
     for qk, qv, k, v, _ in rows:
         same = (k.shape[0] == 1 and k.shape[1:2] + k.shape[3:] == keys.shape[1:2] + keys.shape[3:]
@@ -789,7 +787,7 @@ def decode_attention_triton_rows(query: torch.Tensor, rows: list[DecodeRow], sca
                 _same_levels(qk, qkeys) and _same_levels(qv, qvalues))):
             raise ValueError("the rows' packed histories must share shapes but length, bits, groups, level tables, "
                              "dtypes and token strides, contiguous in their last dimension")
-    table = _row_table(rows, with_history[0] if with_history else None)
+    table = _row_table(rows, template)
     # what Triton assumes of pointer and stride arguments, told to the compiler where true (vector loads)
     aligned = all(entry % 16 == 0 for row in table for entry in row[:16])
     return _launch(query, qkeys, qvalues, keys, values, scale, max((row[0].num_tokens for row in with_history), default=0),
@@ -830,12 +828,13 @@ def _row_table(rows: list[DecodeRow], template: DecodeRow | None) -> list[list[i
                                         qvalues.zero)]
                 + [qkeys.payload.stride(1), qkeys.scale.stride(1), qvalues.payload.stride(1), qvalues.scale.stride(1)])
 
+    borrowed = history(*template[:2]) if template is not None else None
     table = []
     for qkeys, qvalues, keys, values, history_start in rows:
         if qkeys is not None:
             fields = history(qkeys, qvalues)
-        elif template is not None:
-            fields = history(*template[:2])
+        elif borrowed is not None:
+            fields = borrowed
         else:  # no row has a history: no history program runs
             fields = [keys.data_ptr()] * 6 + [0] * 4
         table.append(fields[:6] + [keys.data_ptr(), values.data_ptr()] + fields[6:]
@@ -908,7 +907,7 @@ def _launch(query: torch.Tensor, qkeys: QuantizedTensor | None, qvalues: Quantiz
         G_K=g_k, G_V=g_v, K_BITS=k_bits, V_BITS=v_bits, W=num_warps, NR=32,
         ASM=on_gpu if inline_asm is None else inline_asm, SHORT=shortest is not None and shortest < ng * g_k,
         K_NUQ=k_nuq, V_NUQ=v_nuq, DEVICE_LENGTHS=lengths is not None, PER_ROW=per_row,
-        ALIGNED=per_row and aligned,
+        ALIGNED=aligned,  # (only a table's rows are ever checked aligned)
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if on_gpu and maxnreg else {}),
     )
     out = torch.empty((b, h_q, d), device=query.device, dtype=query.dtype)

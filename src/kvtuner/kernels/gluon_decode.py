@@ -41,6 +41,8 @@ codes, codebooks and sinks stay on :mod:`.decode`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -357,9 +359,9 @@ def _group_values(s, m_new, acc, acc_z, acc_l, VW, VS, VZ, t0, j: gl.constexpr, 
         vs = VS._reinterpret(gl.float16, [NG, JH, 4, 2, SV, 1, 1],
                              gl.SwizzledSharedLayout(1, 1, 1, [5, 4, 3, 2, 1, 0])).index(j)
         vz = VZ._reinterpret(gl.float16, [NG, JH, 4, 2, SV, 1], rank5).index(j)
-        values, zeros = _value_tile(vw, vs, vz, t0, svw_t, svs_t, D, V_BITS, G_K, G_V, b_l, SMEM)
     else:
-        values, zeros = _value_tile(VW, VS, VZ, t0, svw_t, svs_t, D, V_BITS, G_K, G_V, b_l, SMEM)
+        vw, vs, vz = VW, VS, VZ
+    values, zeros = _value_tile(vw, vs, vz, t0, svw_t, svs_t, D, V_BITS, G_K, G_V, b_l, SMEM)
     acc = mma_v2(p, values, acc)
     acc_z = mma_v2(p, zeros, acc_z)
     acc_l = mma_v2(p, gl.full([G_K, 8], 1.0, gl.float16, b_l), acc_l)
@@ -398,11 +400,12 @@ def _block(acc, acc_z, acc_l, m_i, qm, qz, grp0, NG: gl.constexpr, KS, KZ, KW, V
 
 
 @gluon.jit
-def _copy_to_shared(dst, src, N: gl.constexpr, live):
-    """``cp.async`` of N int32 words from ``src`` (a scalar pointer) into the 1-D shared view ``dst``, 16 bytes a
+def _copy_to_shared(dst, src, live):
+    """``cp.async`` of the 1-D shared view ``dst``'s N int32 words from ``src`` (a scalar pointer), 16 bytes a
     lane an instruction where N allows (N >= 32 words: a stage's smallest range). Without ``live`` nothing is read
     (the copies' source size is 0, rather than a branch around them) and ``dst`` is filled with zeros: a buffer
     no step reads again."""
+    N: gl.constexpr = dst.shape[0]
     VEC: gl.constexpr = 4 if N >= 128 else N // 32
     words: gl.constexpr = gl.BlockedLayout([VEC], [32], [1], [0])
     offs = gl.arange(0, N, layout=words)
@@ -410,21 +413,22 @@ def _copy_to_shared(dst, src, N: gl.constexpr, live):
 
 
 @gluon.jit
-def _copy_block(kw_s, ks_s, kz_s, vw_s, vs_s, vz_s, KW_h, KS_h, KZ_h, VW_h, VS_h, VZ_h, grp, live, NG: gl.constexpr,
+def _copy_block(kw_s, ks_s, kz_s, vw_s, vs_s, vz_s, st, KW_h, KS_h, KZ_h, VW_h, VS_h, VZ_h, grp, live,
                 skw_t: gl.constexpr, sks_g: gl.constexpr, svw_t: gl.constexpr, svs_t: gl.constexpr,
                 G_K: gl.constexpr):
-    """Start copying the six ranges of the ``NG`` key groups from ``grp`` (key words, scales, zeros; value words,
-    scales, zeros: each contiguous, which :func:`decode_attention_gluon` checks) into one stage's buffers, if
-    ``live``; the fp16 scales and zeros travel as int32 pairs. Nothing waits here: ``async_copy.wait_group``
-    does."""
-    T: gl.constexpr = NG * G_K
+    """Start copying the six ranges of the key groups from ``grp`` (key words, scales, zeros; value words, scales,
+    zeros: each contiguous, which :func:`decode_attention_gluon` checks) into stage ``st`` of the ring's buffers,
+    as much as a stage holds, if ``live``; the fp16 scales and zeros travel as int32 pairs. Nothing waits here:
+    ``async_copy.wait_group`` does."""
+    kw, ks, kz = kw_s.index(st), ks_s.index(st), kz_s.index(st)  # all six views first: the order ptxas was
+    vw, vs, vz = vw_s.index(st), vs_s.index(st), vz_s.index(st)  # measured with (its registers are at the edge)
     i32: gl.constexpr = gl.pointer_type(gl.int32)
-    _copy_to_shared(kw_s, KW_h + grp * G_K * skw_t, T * skw_t, live)
-    _copy_to_shared(ks_s, (KS_h + grp * sks_g).to(i32, bitcast=True), NG * sks_g // 2, live)
-    _copy_to_shared(kz_s, (KZ_h + grp * sks_g).to(i32, bitcast=True), NG * sks_g // 2, live)
-    _copy_to_shared(vw_s, VW_h + grp * G_K * svw_t, T * svw_t, live)
-    _copy_to_shared(vs_s, (VS_h + grp * G_K * svs_t).to(i32, bitcast=True), T * svs_t // 2, live)
-    _copy_to_shared(vz_s, (VZ_h + grp * G_K * svs_t).to(i32, bitcast=True), T * svs_t // 2, live)
+    _copy_to_shared(kw, KW_h + grp * G_K * skw_t, live)
+    _copy_to_shared(ks, (KS_h + grp * sks_g).to(i32, bitcast=True), live)
+    _copy_to_shared(kz, (KZ_h + grp * sks_g).to(i32, bitcast=True), live)
+    _copy_to_shared(vw, VW_h + grp * G_K * svw_t, live)
+    _copy_to_shared(vs, (VS_h + grp * G_K * svs_t).to(i32, bitcast=True), live)
+    _copy_to_shared(vz, (VZ_h + grp * G_K * svs_t).to(i32, bitcast=True), live)
 
 
 # PTX: lane 0 asks the copy engine to bring ``$2`` bytes from address ``$1`` into L2 (sm_90's bulk prefetch: one
@@ -517,17 +521,14 @@ def _gluon_decode_kernel(
         vz_s = gl.allocate_shared_memory(gl.int32, [STAGES, T * svs_t // 2], flat)
         n_blocks = (g_hi - g_lo) // GPB
         for i in gl.static_range(STAGES - 1):
-            _copy_block(kw_s.index(i), ks_s.index(i), kz_s.index(i), vw_s.index(i), vs_s.index(i), vz_s.index(i),
-                        KW_h, KS_h, KZ_h, VW_h, VS_h, VZ_h, g_lo + i * GPB, i < n_blocks, GPB, skw_t, sks_g, svw_t,
-                        svs_t, G_K)
+            _copy_block(kw_s, ks_s, kz_s, vw_s, vs_s, vz_s, i, KW_h, KS_h, KZ_h, VW_h, VS_h, VZ_h, g_lo + i * GPB,
+                        i < n_blocks, skw_t, sks_g, svw_t, svs_t, G_K)
             async_copy.commit_group()
         for i in range(n_blocks):
             # block i + STAGES - 1, into the buffers block i - 1 was read from (the barrier at the end of the step)
             ahead = i + STAGES - 1
-            st = ahead % STAGES
-            _copy_block(kw_s.index(st), ks_s.index(st), kz_s.index(st), vw_s.index(st), vs_s.index(st),
-                        vz_s.index(st), KW_h, KS_h, KZ_h, VW_h, VS_h, VZ_h, g_lo + ahead * GPB, ahead < n_blocks, GPB,
-                        skw_t, sks_g, svw_t, svs_t, G_K)
+            _copy_block(kw_s, ks_s, kz_s, vw_s, vs_s, vz_s, ahead % STAGES, KW_h, KS_h, KZ_h, VW_h, VS_h, VZ_h,
+                        g_lo + ahead * GPB, ahead < n_blocks, skw_t, sks_g, svw_t, svs_t, G_K)
             async_copy.commit_group()  # a group a step, empty or not, so that the count below means block i
             async_copy.wait_group(STAGES - 1)
             gl.thread_barrier()  # every lane's copies of block i landed
@@ -575,7 +576,7 @@ def compile_sm90(k_bits: int, v_bits: int, head_dim: int = 128, gqa: int = 4, ke
     from triton.experimental.gluon._runtime import GluonASTSource
 
     d = head_dim
-    stages = default_stages(k_bits, v_bits) if stages is None and not prefetch else stages or 0
+    stages = _default_stages(k_bits, v_bits, prefetch, lambda: True) if stages is None else stages
     strides = dict(skw_t=d * k_bits // 32, sks_g=d, svw_t=d * v_bits // 32, svs_t=d // value_group)
     constexprs = dict(H_KV=8, R=gqa, D=d, G_K=key_group, G_V=value_group, K_BITS=k_bits, V_BITS=v_bits,
                       PREFETCH=prefetch, STAGES=stages, **strides)
@@ -623,6 +624,19 @@ def default_stages(k_bits: int, v_bits: int) -> int:
     occupancy and take 14-22% longer, so a side of 8 bits keeps loading into registers. The mixed pairs (K4V2,
     K2V4, K8V4, ...) follow by their widest side: extrapolated, not measured; nor has the H200 run them."""
     return 2 if max(k_bits, v_bits) <= 4 else 0
+
+
+def _default_stages(k_bits: int, v_bits: int, prefetch: int, copyable) -> int:
+    """:func:`default_stages` where it applies: none with a prefetch, nor where ``copyable()`` says the layout can't
+    be copied (asked last: a check of the tensors' strides and addresses, host time at every call)."""
+    stages = 0 if prefetch else default_stages(k_bits, v_bits)
+    return stages if stages and copyable() else 0
+
+
+@functools.cache
+def _shared_memory_per_program(device: torch.device) -> int:
+    """The most shared memory a program may take on ``device`` (asked once a device, not at every call)."""
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
 GLUON_MIN_WORK = 2**16  # cached tokens x sequences x KV heads: below it the Triton kernel is the faster
@@ -685,20 +699,20 @@ def decode_attention_gluon(
     n_blocks = -(-n_groups // groups_per_block(g_k))
     splits, groups_per_split = split_plan(n_groups, g_k, num_splits or default_num_splits(
         n_blocks, b * h_kv, query.device, ctas_per_sm=8))
-    copyable = stages_can_copy(qkeys, qvalues)
-    if stages is None:
-        stages = default_stages(qkeys.spec.bits, qvalues.spec.bits) if copyable and not prefetch else 0
+    asked = stages is not None
+    if not asked:
+        stages = _default_stages(qkeys.spec.bits, qvalues.spec.bits, prefetch, lambda: stages_can_copy(qkeys, qvalues))
     if stages < 0:
         raise ValueError(f"stages is a number of shared-memory buffers >= 0, not {stages}")
     if stages and prefetch:
         raise ValueError("prefetch is for the kernel without stages: the stages' copies already bring blocks in")
     if stages:
-        if not copyable:
+        if asked and not stages_can_copy(qkeys, qvalues):
             raise ValueError("stages > 0 copies each block as contiguous ranges of whole 4-byte words: the codes, "
                              "scales and zeros must be contiguous along tokens (key groups), each head's rows "
                              "starting on a 4-byte boundary")
         need = stages * stage_bytes(d, g_k, g_v, qkeys.spec.bits, qvalues.spec.bits)
-        limit = torch.cuda.get_device_properties(query.device).shared_memory_per_block_optin
+        limit = _shared_memory_per_program(query.device)
         if need > limit:
             raise ValueError(f"{stages} stages need {need} bytes of shared memory a program; this GPU gives {limit}")
     o_part = torch.empty((b * h_q, splits, d), device=query.device, dtype=torch.float32)
