@@ -41,6 +41,26 @@ def torch_threads(n: int):
 
 
 @pytest.fixture
+def split_launches(monkeypatch):
+    """``with split_launches() as launches``: every launch of the Triton decode kernel's split program inside the
+    block, as (grid, keyword arguments), the kernel still running."""
+    import kvtuner.kernels.decode as kd
+
+    @contextmanager
+    def counted():
+        launches, kernel = [], kd._decode_split_kernel
+        with monkeypatch.context() as mp:
+            def launch(grid):
+                return lambda *args, **kwargs: launches.append((grid, kwargs)) or kernel[grid](*args, **kwargs)
+
+            mp.setattr(kd, "_decode_split_kernel",
+                       type("Counted", (), {"__getitem__": lambda self, grid: launch(grid)})())
+            yield launches
+
+    return counted
+
+
+@pytest.fixture
 def one_thread():
     """Tiny tensors: with two threads on two shared cores, thread hand-offs cost more than the math."""
     with torch_threads(1):

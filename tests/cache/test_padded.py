@@ -137,7 +137,8 @@ def test_layer_stores_each_padded_row_bit_for_bit_as_alone(kv):
     pytest.param("native", NEW_TOKENS, 1e-4, marks=pytest.mark.skipif(
         not native_available(warn=False), reason="the C++ CPU decode kernel does not build here (g++ and ninja)")),
     ("triton", 8, 5e-3)])
-def test_packed_attention_reads_each_padded_row(llama32, backend, new_tokens, tolerance, one_thread, monkeypatch):
+def test_packed_attention_reads_each_padded_row(llama32, backend, new_tokens, tolerance, one_thread, monkeypatch,
+                                                split_launches):
     """Inside use_packed_attention a ragged layer's steps read every row's packed history (no fallback, no warning,
     no dequantized history): the same tokens, logits equal to the torch path's up to the kernel's rounding (its
     Triton dot operands are fp16; Triton runs in its interpreter on CPU, so fewer steps; ``native`` is the C++
@@ -150,21 +151,16 @@ def test_packed_attention_reads_each_padded_row(llama32, backend, new_tokens, to
     inputs = left_padded(prompts())
     reference = generate(llama32, MixedPrecisionCache(config, llama32.config), inputs, max_new_tokens=new_tokens)
     cache = MixedPrecisionCache(config, llama32.config)
-    rows, launches = [], []
+    rows = []
     kernel = attention.decode_attention_rows
     monkeypatch.setattr(attention, "decode_attention_rows",
                         lambda q, *a, **kw: rows.append(q.shape[0]) or kernel(q, *a, **kw))
-    if backend == "triton":
-        import kvtuner.kernels.decode as kd
-
-        split = kd._decode_split_kernel
-        monkeypatch.setattr(kd, "_decode_split_kernel", type("Counted", (), {
-            "__getitem__": lambda self, grid: launches.append(grid[0]) or split[grid]})())
     monkeypatch.setattr(MixedPrecisionLayer, "dequantized_history",  # (the prefill asks before anything is stored)
                         lambda self: None if self.history is None else pytest.fail("decode dequantized the history"))
-    with warnings.catch_warnings(), use_packed_attention(llama32, cache, backend=backend):
+    with warnings.catch_warnings(), use_packed_attention(llama32, cache, backend=backend), split_launches() as counted:
         warnings.simplefilter("error")
         out = generate(llama32, cache, inputs, max_new_tokens=new_tokens)
+    launches = [grid[0] for grid, _ in counted]
     assert torch.equal(out.sequences, reference.sequences)
     for got, want in zip(out.logits, reference.logits, strict=True):
         assert (got - want).norm() / want.norm() < tolerance

@@ -11,7 +11,6 @@ arithmetic in Triton, and a GPU test runs that path too.
 import itertools
 import math
 import os
-from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -330,7 +329,8 @@ def stored_apart(case, capacity, res_capacity):
     ([(96, 4), (0, 3), (288, 30)], 7, torch.float16, 2, False, (3, 3)),  # 3-bit codes: two planes a word
     ([(192, 6), (384, 11, 2)], 4, torch.float16, None, False, "levels"),  # codebooks
 ])
-def test_ragged_rows_in_one_launch_match_each_row_alone(lengths, ratio, dtype, splits, misaligned, bits):
+def test_ragged_rows_in_one_launch_match_each_row_alone(lengths, ratio, dtype, splits, misaligned, bits,
+                                                       split_launches):
     """A left-padded batch's rows are stored apart, each with its own lengths, buffers (head strides) and sink
     tokens: one launch reads each row's from a table, and row i matches a float64 reference over row i alone.
     Rows without a history do not make the others' loads masked (only a history shorter than a step does)."""
@@ -352,24 +352,14 @@ def test_ragged_rows_in_one_launch_match_each_row_alone(lengths, ratio, dtype, s
         shifted = torch.empty(keys.numel() + 1, dtype=keys.dtype, device=keys.device)[1:].view(keys.shape)
         shifted.copy_(keys)
         rows[-1] = (*rows[-1][:2], shifted, *rows[-1][3:])
-    with counted_launches() as launches:
+    with split_launches() as counted:
         out = kd.decode_attention_triton_rows(torch.cat(queries), rows, case["scale"], num_splits=splits)
+    launches = [kw for _, kw in counted]
     assert [kw["PER_ROW"] for kw in launches] == [True] and launches[0]["ALIGNED"] == (not misaligned)
     assert launches[0]["SHORT"] == (any(0 < n < 128 for n, *_ in lengths) or all(n == 0 for n, *_ in lengths))
     assert out.dtype == dtype
     for got, ref in zip(out, refs):
         assert ((got.double() - ref[0]).norm() / ref.norm()).item() < TOL[dtype]
-
-
-@contextmanager
-def counted_launches():
-    """The keyword arguments of every launch of the split kernel inside the block."""
-    launches = []
-    kernel = kd._decode_split_kernel
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(kd, "_decode_split_kernel", type("Counted", (), {
-            "__getitem__": lambda self, grid: lambda *a, **kw: launches.append(kw) or kernel[grid](*a, **kw)})())
-        yield launches
 
 
 def test_ragged_rows_refuse_mixed_layouts_and_dispatch_per_backend():

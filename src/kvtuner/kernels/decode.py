@@ -843,6 +843,20 @@ def _row_table(rows: list[DecodeRow], template: DecodeRow | None) -> list[list[i
     return table
 
 
+def _split_constexprs(h_kv: int, r: int, d: int, g_k: int, g_v: int, k_bits: int, v_bits: int, num_warps: int,
+                      shortest: int | None, k_nuq: int, v_nuq: int, *, asm: bool, device_lengths: bool, per_row: bool,
+                      aligned: bool) -> dict:
+    """The compile-time constants of :func:`_decode_split_kernel` for a launch (:func:`_launch`) and for its
+    ahead-of-time compile (:func:`compile_sm90`) alike, so that CI compiles what a launch runs. shortest: the fewest
+    history tokens a program may find (fewer than a step: masked loads), None for at least one step; aligned: a
+    ragged batch's table checked 16-aligned (only a table's rows ever are)."""
+    r_p = triton.next_power_of_2(r)
+    ngv, m, ng = stacking(r_p, d, g_k, g_v)
+    return dict(H_KV=h_kv, R=r, R_P=r_p, M=m, NG=ng, NGV=ngv, D=d, G_K=g_k, G_V=g_v, K_BITS=k_bits, V_BITS=v_bits,
+                W=num_warps, NR=32, ASM=asm, SHORT=shortest is not None and shortest < ng * g_k, K_NUQ=k_nuq,
+                V_NUQ=v_nuq, DEVICE_LENGTHS=device_lengths, PER_ROW=per_row, ALIGNED=per_row and aligned)
+
+
 def _launch(query: torch.Tensor, qkeys: QuantizedTensor | None, qvalues: QuantizedTensor | None, keys: torch.Tensor,
             values: torch.Tensor, scale: float, n_hist: int, history_start: int, shortest: int | None, *,
             lengths: torch.Tensor | None = None, rows: torch.Tensor | None = None, aligned: bool = False,
@@ -857,7 +871,6 @@ def _launch(query: torch.Tensor, qkeys: QuantizedTensor | None, qvalues: Quantiz
     b, h_q, d = query.shape
     h_kv, n_res = keys.shape[1], keys.shape[2]
     r = h_q // h_kv
-    r_p = triton.next_power_of_2(r)
     tensors = [query, keys, values]
     kl, k_nuq = _level_table(qkeys.levels if qkeys is not None else None, query.device)
     vl, v_nuq = _level_table(qvalues.levels if qvalues is not None else None, query.device)
@@ -885,11 +898,14 @@ def _launch(query: torch.Tensor, qkeys: QuantizedTensor | None, qvalues: Quantiz
         maxnreg = default_maxnreg(num_warps)
     if any(t.stride(-1) != 1 for t in tensors):
         raise ValueError("every input must be contiguous in its last dimension")
-    ngv, m, ng = stacking(r_p, d, g_k, g_v)
+    on_gpu = query.is_cuda
+    consts = _split_constexprs(h_kv, r, d, g_k, g_v, k_bits, v_bits, num_warps, shortest, k_nuq, v_nuq,
+                               asm=on_gpu if inline_asm is None else inline_asm, device_lengths=lengths is not None,
+                               per_row=per_row, aligned=aligned)
+    m, ng = consts["M"], consts["NG"]
     if g_k < 2 * num_warps or ng * g_k < 16 * num_warps:
         raise ValueError(f"key groups of {g_k} tokens are too short for {num_warps} warps")
     n_steps = -(-n_hist // (ng * g_k))
-    on_gpu = query.is_cuda
     ctas = 65536 // (32 * num_warps * (maxnreg or 255)) if on_gpu else 3
     splits = min(num_splits or default_num_splits(n_steps, b * h_kv, query.device, max(1, ctas)), n_steps)
     if m > 16:  # more than 16 stacked rows: one step a program (their multi-step loop failed on an H100)
@@ -902,12 +918,7 @@ def _launch(query: torch.Tensor, qkeys: QuantizedTensor | None, qvalues: Quantiz
         query, kw, ks, kz, vw, vs, vz, kl, vl, keys, values, o_part, lse_part,
         kl if lengths is None else lengths, rows if per_row else kl,
         query.stride(0), query.stride(1), *hist_strides, *res_strides,
-        n_hist, history_start, n_res, steps_per_split, splits, scale * LOG2E,
-        H_KV=h_kv, R=r, R_P=r_p, M=m, NG=ng, NGV=ngv, D=d,
-        G_K=g_k, G_V=g_v, K_BITS=k_bits, V_BITS=v_bits, W=num_warps, NR=32,
-        ASM=on_gpu if inline_asm is None else inline_asm, SHORT=shortest is not None and shortest < ng * g_k,
-        K_NUQ=k_nuq, V_NUQ=v_nuq, DEVICE_LENGTHS=lengths is not None, PER_ROW=per_row,
-        ALIGNED=aligned,  # (only a table's rows are ever checked aligned)
+        n_hist, history_start, n_res, steps_per_split, splits, scale * LOG2E, **consts,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if on_gpu and maxnreg else {}),
     )
     out = torch.empty((b, h_q, d), device=query.device, dtype=query.dtype)
@@ -943,17 +954,14 @@ def compile_sm90(k_bits: int, v_bits: int, head_dim: int = 128, gqa: int = 4, gr
     launch it on bf16 activations for keys and values grouped by ``group`` (``aligned``: a ragged batch's table hinted
     16-aligned): CI compiles the variants with the triton of the GPU image (whose compiler accepts less than a newer
     triton's interpreter), ``benchmarks/sass_decode.py`` counts its SASS. Returns (kernel, tokens a step)."""
-    r_p = triton.next_power_of_2(gqa)
-    ngv, m, ng = stacking(r_p, head_dim, group, group)
     warps = num_warps or default_num_warps(k_bits, v_bits)
-    consts = dict(H_KV=8, R=gqa, R_P=r_p, M=m, NG=ng, NGV=ngv, D=head_dim, G_K=group, G_V=group, K_BITS=k_bits,
-                  V_BITS=v_bits, W=warps, NR=32, ASM=True, SHORT=short,
-                  K_NUQ=2**k_bits if codebook else 0, V_NUQ=2**v_bits if codebook else 0,
-                  skw_t=packed_width(head_dim, k_bits), sks_g=head_dim, svw_t=packed_width(head_dim, v_bits),
-                  svs_t=ngv,
-                  DEVICE_LENGTHS=device_lengths, PER_ROW=per_row, ALIGNED=per_row and aligned)
+    consts = _split_constexprs(8, gqa, head_dim, group, group, k_bits, v_bits, warps, 0 if short else None,
+                               2**k_bits if codebook else 0, 2**v_bits if codebook else 0, asm=True,
+                               device_lengths=device_lengths, per_row=per_row, aligned=aligned)
+    consts.update(skw_t=packed_width(head_dim, k_bits), sks_g=head_dim, svw_t=packed_width(head_dim, v_bits),
+                  svs_t=consts["NGV"])  # a contiguous cache's token strides, constants
     return _compile_sm90(_decode_split_kernel, consts, warps,
-                         default_maxnreg(warps) if maxnreg == "auto" else maxnreg), ng * group
+                         default_maxnreg(warps) if maxnreg == "auto" else maxnreg), consts["NG"] * group
 
 
 def compile_merges_sm90(head_dim: int = 128, gqa: int = 4, parts: int = 64) -> list:
