@@ -58,9 +58,20 @@ def median_ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def graph_ms(fn, calls: int = 20, replays: int = 15) -> float:
-    """Median GPU time of one ``fn()`` from CUDA-graph replays of ``calls`` x (L2 flush, fn), less the flushes."""
-    flush = torch.empty(2**28, dtype=torch.int8, device="cuda")
+FLUSHES = ("write", "read")
+
+
+def graph_ms(fn, calls: int = 20, replays: int = 15, flush: str = "write") -> float:
+    """Median GPU time of one ``fn()`` from CUDA-graph replays of ``calls`` x (L2 flush, fn), less the flushes.
+
+    ``flush="write"`` zeroes 256 MiB, as ``triton.testing.do_bench`` does: L2 is left full of dirty lines, whose
+    write-back to HBM then shares the bandwidth with ``fn``'s first reads. ``"read"`` reads the 256 MiB instead
+    and leaves L2 full of clean lines, as the weights a decode step's matrix products read leave it."""
+    buffer = torch.empty(2**28, dtype=torch.int8, device="cuda")
+    flushes = {"write": buffer.zero_, "read": lambda: buffer.view(torch.int64).sum()}
+    if flush not in flushes:
+        raise ValueError(f"flush is one of {FLUSHES}, not {flush!r}")
+    flush_l2 = flushes[flush]
 
     def replay_ms(body) -> float:
         side = torch.cuda.Stream()
@@ -82,8 +93,8 @@ def graph_ms(fn, calls: int = 20, replays: int = 15) -> float:
             times.append(start.elapsed_time(end))
         return sorted(times)[len(times) // 2] / calls
 
-    both = replay_ms(lambda: (flush.zero_(), fn()))
-    return both - replay_ms(flush.zero_)
+    both = replay_ms(lambda: (flush_l2(), fn()))
+    return both - replay_ms(flush_l2)
 
 
 def copy_gbps(nbytes: int = 2**30) -> float:

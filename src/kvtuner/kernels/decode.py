@@ -61,6 +61,7 @@ from typing import Literal
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from kvtuner.kernels import STEP_TOKENS, DecodeRow
 from kvtuner.quant import QuantizedTensor, packed_width
@@ -629,11 +630,13 @@ def _decode_reduce_kernel(O_part, LSE_part, Out, n_parts, D: tl.constexpr, PARTS
 def _residual_merge_kernel(
     Q, KR, VR, O_part, LSE_part, Out, sq_b, sq_h, skr_b, skr_h, skr_t, svr_b, svr_h, svr_t, n_res, n_parts, qk_scale,
     H_Q: tl.constexpr, R: tl.constexpr, D: tl.constexpr, NR: tl.constexpr, PARTS: tl.constexpr,
+    DEPENDENT: tl.constexpr,
 ):
     """One query head: attention over its full-precision residual (fp32, NR tokens at a time), merged with the
     history's partial outputs. One launch where another history kernel would need two (the residual program
     of :func:`_decode_split_kernel`, then :func:`_decode_reduce_kernel`): at batch 1 the host's launch cost is
-    most of a step."""
+    most of a step. ``DEPENDENT``: launched as a programmatic dependent of the history kernel (sm_90), which may
+    still run: the residual, written before it, is read at once, the partial outputs after ``griddepcontrol.wait``."""
     row = tl.program_id(0)
     b = (row // H_Q).to(tl.int64)
     h = (row % H_Q) // R
@@ -654,6 +657,8 @@ def _residual_merge_kernel(
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         l = l * alpha + tl.sum(p, 0)
         m = m_new
+    if DEPENDENT:
+        gdc_wait()  # the history kernel done, its partial outputs visible
     acc, l = _merge_parts(acc, l, m, O_part, LSE_part, row, n_parts, D, PARTS)
     tl.store(Out + row * D + offs_d, (acc / l).to(Out.dtype.element_ty))
 
@@ -965,17 +970,23 @@ def compile_sm90(k_bits: int, v_bits: int, head_dim: int = 128, gqa: int = 4, gr
 
 
 def compile_merges_sm90(head_dim: int = 128, gqa: int = 4, parts: int = 64) -> list:
-    """The reduce and the residual-merge kernels compiled ahead of time for sm_90a (see :func:`compile_sm90`)."""
+    """The reduce and the residual-merge kernels (launched alone and as a programmatic dependent) compiled ahead of
+    time for sm_90a (see :func:`compile_sm90`)."""
+    merge = dict(H_Q=8 * gqa, R=gqa, D=head_dim, NR=32, PARTS=parts)
     return [_compile_sm90(_decode_reduce_kernel, dict(D=head_dim, PARTS=parts), 4),
-            _compile_sm90(_residual_merge_kernel, dict(H_Q=8 * gqa, R=gqa, D=head_dim, NR=32, PARTS=parts), 4)]
+            *(_compile_sm90(_residual_merge_kernel, dict(merge, DEPENDENT=dependent), 4) for dependent in (False, True))]
 
 
 def merge_with_residual(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
-                        o_part: torch.Tensor, lse_part: torch.Tensor) -> torch.Tensor:
+                        o_part: torch.Tensor, lse_part: torch.Tensor, dependent: bool = False) -> torch.Tensor:
     """Attention output from a history kernel's partial results (``o_part`` ``[B * H_q, parts, D]``, normalized;
     ``lse_part`` ``[B * H_q, parts]``, base-2 log-sum-exp) and the full-precision residual ``keys`` / ``values``
     ``[B, H_kv, T_r, D]``, in one launch (:func:`_residual_merge_kernel`). How :mod:`.gluon_decode` shares
-    this module's partial-result format."""
+    this module's partial-result format.
+
+    ``dependent`` (sm_90, right after the launch of a history kernel that triggers its dependents): a programmatic
+    dependent launch. Its programs start as the history kernel's finish, attend to the residual meanwhile and wait
+    for the whole history kernel only to merge: the gap between two launches and the residual's time are hidden."""
     b, h_q, d = query.shape
     h_kv, n_res = keys.shape[1], keys.shape[2]
     n_parts = o_part.shape[1]
@@ -985,6 +996,7 @@ def merge_with_residual(query: torch.Tensor, keys: torch.Tensor, values: torch.T
     _residual_merge_kernel[(b * h_q,)](
         query, keys, values, o_part, lse_part, out, query.stride(0), query.stride(1), *keys.stride()[:3],
         *values.stride()[:3], n_res, n_parts, scale * LOG2E,
-        H_Q=h_q, R=h_q // h_kv, D=d, NR=32, PARTS=min(64, triton.next_power_of_2(n_parts)),
+        H_Q=h_q, R=h_q // h_kv, D=d, NR=32, PARTS=min(64, triton.next_power_of_2(n_parts)), DEPENDENT=dependent,
+        launch_pdl=dependent,
     )
     return out

@@ -333,6 +333,11 @@ def _group_scores(qm, qz, KS, KZ, KW, grp, j: gl.constexpr, NG: gl.constexpr, sk
         kw = KW
     scale = gl.broadcast(_key_group_vector(ks, D, K_BITS, a_l, SMEM)[None, :], qm)[0]
     qg = _mul_f16x2(qm, scale)  # q s_g / m' in fp16
+    # rows 8-15 hold no head for R <= 8: as constant zeros they need no multiply (32 HMUL2 a block fewer), except
+    # where ptxas then spends more on register moves than it saves (8-bit keys loaded into registers: SASS)
+    SKIP_PAD_ROWS: gl.constexpr = R <= 8 and (SMEM or K_BITS < 8)
+    if SKIP_PAD_ROWS:
+        qg = gl.where((gl.arange(0, 16, layout=gl.SliceLayout(1, a_l)) < 8)[:, None], qg, 0.0)
     zg = gl.convert_layout(_key_group_vector(kz, D, K_BITS, a_l, SMEM), gl.SliceLayout(1, b_l), assert_trivial=True)
     zero = gl.zeros([16, 8], gl.float32, mma)
     offset = mma_v2(qz, gl.broadcast(zg[:, None], gl.zeros([D, 8], gl.float16, b_l))[0], zero)
@@ -342,14 +347,15 @@ def _group_scores(qm, qz, KS, KZ, KW, grp, j: gl.constexpr, NG: gl.constexpr, sk
 
 
 @gluon.jit
-def _group_values(s, m_new, acc, acc_z, acc_l, VW, VS, VZ, t0, j: gl.constexpr, NG: gl.constexpr,
+def _group_values(p, acc, acc_z, acc_l, VW, VS, VZ, t0, j: gl.constexpr, NG: gl.constexpr,
                   svw_t: gl.constexpr, svs_t: gl.constexpr, D: gl.constexpr, G_K: gl.constexpr, G_V: gl.constexpr,
                   V_BITS: gl.constexpr, mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr,
                   SMEM: gl.constexpr):
-    """``acc += P V`` (columns in :func:`value_channels` order, ``m' c s``), ``acc_z += P z`` (column g: the
-    zeros of lane g's value group) and ``acc_l += P 1`` (the softmax sum, in all 8 columns); the values of
-    tokens ``t0 ..`` in the heads' memory, or (``SMEM``) of group ``j`` of a stage of ``NG`` groups."""
-    p = gl.convert_layout(gl.exp2(s - m_new[:, None]).to(gl.float16), a_l, assert_trivial=True)
+    """With the probabilities ``p`` [16, G_K] (fp32): ``acc += P V`` (columns in :func:`value_channels` order,
+    ``m' c s``), ``acc_z += P z`` (column g: the zeros of lane g's value group) and ``acc_l += P 1`` (the softmax
+    sum, in all 8 columns); the values of tokens ``t0 ..`` in the heads' memory, or (``SMEM``) of group ``j`` of a
+    stage of ``NG`` groups."""
+    p = gl.convert_layout(p.to(gl.float16), a_l, assert_trivial=True)
     if SMEM:
         NWL: gl.constexpr = D * V_BITS // 256
         SV: gl.constexpr = D // G_V
@@ -379,11 +385,14 @@ def _block(acc, acc_z, acc_l, m_i, qm, qz, grp0, NG: gl.constexpr, KS, KZ, KW, V
     The running max is raised only when some row's block max exceeds it by more than ``RESCALE`` (log2
     units), one warp-wide branch: the accumulators are then rescaled, otherwise probabilities up to
     ``2^RESCALE`` enter them (fp16 holds them, fp32 sums them) and the merge's log-sum-exp accounts for it."""
+    # for R <= 8 rows 8-15 of the tile hold no head (their scores are 0): a constant row max, no instructions
+    ROWS: gl.constexpr = 8 if R <= 8 else 16
+    real = (gl.arange(0, 16, layout=gl.SliceLayout(1, mma)) < ROWS)[:, None]
     s0 = _group_scores(qm, qz, KS, KZ, KW, grp0, 0, NG, sks_g, skw_t, R, D, G_K, K_BITS, mma, a_l, b_l, SMEM)
-    m_blk = gl.max(s0, 1)
+    m_blk = gl.max(gl.where(real, s0, 0.0), 1)
     if NG == 2:
         s1 = _group_scores(qm, qz, KS, KZ, KW, grp0 + 1, 1, NG, sks_g, skw_t, R, D, G_K, K_BITS, mma, a_l, b_l, SMEM)
-        m_blk = gl.maximum(m_blk, gl.max(s1, 1))
+        m_blk = gl.maximum(m_blk, gl.max(gl.where(real, s1, 0.0), 1))
     m_new = m_i
     if gl.max(m_blk - m_i, 0) > RESCALE_C:
         m_new = gl.maximum(m_i, m_blk)
@@ -391,11 +400,12 @@ def _block(acc, acc_z, acc_l, m_i, qm, qz, grp0, NG: gl.constexpr, KS, KZ, KW, V
         acc = acc * alpha[:, None]
         acc_z = acc_z * alpha[:, None]
         acc_l = acc_l * alpha[:, None]
-    acc, acc_z, acc_l = _group_values(s0, m_new, acc, acc_z, acc_l, VW, VS, VZ, grp0 * G_K, 0, NG, svw_t, svs_t,
-                                      D, G_K, G_V, V_BITS, mma, a_l, b_l, SMEM)
+    acc, acc_z, acc_l = _group_values(gl.exp2(s0 - m_new[:, None]), acc, acc_z, acc_l, VW, VS, VZ, grp0 * G_K, 0,
+                                      NG, svw_t, svs_t, D, G_K, G_V, V_BITS, mma, a_l, b_l, SMEM)
     if NG == 2:
-        acc, acc_z, acc_l = _group_values(s1, m_new, acc, acc_z, acc_l, VW, VS, VZ, (grp0 + 1) * G_K, 1, NG, svw_t,
-                                          svs_t, D, G_K, G_V, V_BITS, mma, a_l, b_l, SMEM)
+        acc, acc_z, acc_l = _group_values(gl.exp2(s1 - m_new[:, None]), acc, acc_z, acc_l, VW, VS, VZ,
+                                          (grp0 + 1) * G_K, 1, NG, svw_t, svs_t, D, G_K, G_V, V_BITS, mma, a_l, b_l,
+                                          SMEM)
     return acc, acc_z, acc_l, m_new
 
 
@@ -485,6 +495,9 @@ def _gluon_decode_kernel(
     GPB: gl.constexpr = BLOCK_C // G_K if G_K < BLOCK_C else 1
     pid = gl.program_id(0)
     split = gl.program_id(1)
+    # the merge, launched as a programmatic dependent (sm_90), may start where programs of this kernel end
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0 $1", "=r,r", [split], dtype=gl.int32,
+                              is_pure=False, pack=1)
     b = (pid // H_KV).to(gl.int64)  # batch offsets of a long cache overflow int32
     h = pid % H_KV
 
@@ -639,6 +652,12 @@ def _shared_memory_per_program(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
+@functools.cache
+def _has_dependent_launch(device: torch.device) -> bool:
+    """Whether ``device`` runs programmatic dependent launches (sm_90 on): the merge then overlaps this kernel's end."""
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 GLUON_MIN_WORK = 2**16  # cached tokens x sequences x KV heads: below it the Triton kernel is the faster
 
 
@@ -726,7 +745,7 @@ def decode_attention_gluon(
         H_KV=h_kv, R=h_q // h_kv, D=d, G_K=g_k, G_V=g_v, K_BITS=qkeys.spec.bits, V_BITS=qvalues.spec.bits,
         PREFETCH=prefetch, STAGES=stages, num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
-    return merge_with_residual(query, keys, values, scale, o_part, lse_part)
+    return merge_with_residual(query, keys, values, scale, o_part, lse_part, dependent=_has_dependent_launch(query.device))
 
 
 def loop_census(kernel, key_group: int = 32) -> dict:
