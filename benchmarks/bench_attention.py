@@ -67,11 +67,10 @@ def graph_ms(fn, calls: int = 20, replays: int = 15, flush: str = "write") -> fl
     ``flush="write"`` zeroes 256 MiB, as ``triton.testing.do_bench`` does: L2 is left full of dirty lines, whose
     write-back to HBM then shares the bandwidth with ``fn``'s first reads. ``"read"`` reads the 256 MiB instead
     and leaves L2 full of clean lines, as the weights a decode step's matrix products read leave it."""
-    buffer = torch.empty(2**28, dtype=torch.int8, device="cuda")
-    flushes = {"write": buffer.zero_, "read": lambda: buffer.view(torch.int64).sum()}
-    if flush not in flushes:
+    if flush not in FLUSHES:
         raise ValueError(f"flush is one of {FLUSHES}, not {flush!r}")
-    flush_l2 = flushes[flush]
+    buffer = torch.empty(2**28, dtype=torch.int8, device="cuda")
+    flush_l2 = buffer.zero_ if flush == "write" else lambda: buffer.view(torch.int64).sum()
 
     def replay_ms(body) -> float:
         side = torch.cuda.Stream()

@@ -28,7 +28,8 @@ VARIANTS = {"default": {}, "stages 0": {"stages": 0}, "maxnreg 168": {"maxnreg":
             "splits x2": {"split_factor": 2.0}, "splits x0.5": {"split_factor": 0.5}, "prefetch 1": {"prefetch": 1},
             "prefetch 2": {"prefetch": 2}, "prefetch 4": {"prefetch": 4}, "stages 2": {"stages": 2},
             "stages 3": {"stages": 3}, "stages 4": {"stages": 4},  # a prefetch runs without stages
-            # more programs an SM: a register cap (the spare ones spilled) and splits planned for that many
+            # more programs an SM: a register cap (the spare ones spilled) and splits planned for that many (shared
+            # memory may allow fewer: K4V4's 2 stages, 20 KiB a program, at most 10)
             **{f"{n} programs/SM": {"maxnreg": 65536 // (32 * n) // 8 * 8, "split_factor": n / 8} for n in (10, 11, 12)},
             "history only": {"patch": ("kvtuner.kernels.decode.merge_with_residual", lambda *args, **kw: args[4])},
             "merge after": {"patch": ("kvtuner.kernels.gluon_decode._has_dependent_launch", lambda device: False)}}

@@ -395,7 +395,8 @@ out = {}
 for name, kw in json.loads(sys.argv[1]).items():
     kernel, tokens = decode.compile_sm90(**kw)
     out[name] = loop_census(kernel, tokens // kernel.metadata.num_warps)
-decode.compile_merges_sm90()
+_, alone, dependent = decode.compile_merges_sm90()
+assert "griddepcontrol" not in alone.asm["ptx"] and dependent.asm["ptx"].count("griddepcontrol.wait") == 1
 decode.compile_merges_sm90(head_dim=64, gqa=7, parts=1)
 print(json.dumps(out))
 """
@@ -406,7 +407,8 @@ def test_every_launched_variant_compiles_for_sm90_with_the_gpu_images_triton(ima
     compile (a loop-carried value first given as a constant argument): every decode on a GPU failed until a device
     run showed it. So each kind of launch is compiled here for sm_90a as the GPU would: the split kernel plain,
     masked (short), with device lengths (CUDA graphs), per row (ragged batches), with codebooks and 3-bit codes;
-    the reduce and residual-merge kernels (bf16 activations). The per-row loop must stay as lean as the batched one
+    the reduce and residual-merge kernels (bf16 activations; the merge also as a programmatic dependent, which waits
+    once for the history kernel). The per-row loop must stay as lean as the batched one
     (its table's addresses and strides hinted aligned)."""
     cases = {"K4V4": dict(k_bits=4, v_bits=4), "K4V4 rows": dict(k_bits=4, v_bits=4, per_row=True),
              "K4V4 rows unaligned": dict(k_bits=4, v_bits=4, per_row=True, aligned=False),

@@ -143,6 +143,18 @@ def test_compiles_for_sm90_with_trivial_layouts_and_shared_memory_only_for_stage
             assert census["shared_bytes"] == stages * stage_bytes(d, 32, 32, k, v), name
 
 
+SM80 = """
+from kvtuner.kernels.gluon_decode import compile_sm90
+print([compile_sm90(4, 4, stages=stages, sm=80).asm["ptx"].count("griddepcontrol") for stages in (0, 2)])
+"""
+
+
+def test_compiles_for_sm80_without_the_dependent_launch(image_triton):
+    """``backend="gluon"`` is offered from sm_80 on, where ``griddepcontrol`` does not exist (ptxas refuses it): the
+    kernel compiles there, with and without stages, and does not trigger the merge."""
+    assert image_triton(SM80, None) == [0, 0]
+
+
 # Warp instructions a cached token and KV head in the decode loop (D = 128, 4 query heads a KV head),
 # measured on triton 3.6.0 when the budget was set, with a little headroom; Triton's kernel: 28.6 for K4V4.
 SASS_BUDGET = {"K2V2": 17.9, "K2V4": 18.2, "K2V8": 19.3, "K4V2": 18.4, "K4V4": 19.0, "K4V8": 19.8, "K8V2": 20.1,
@@ -154,7 +166,7 @@ def test_decode_loop_stays_in_registers_and_within_its_instruction_budget(compil
     / 32 lanes = 128 lop3, values as many lop3 and one fma each: a miscompiled pairing once decoded only half
     of the values), the mmas are 8 k-steps x 8 n-tiles a side plus, a group, 8 + 8 for the key offsets and 2 + 2
     for the value zeros and the softmax sum, and nothing goes through shared memory. Rows 8-15 of the mma tile
-    hold no query head (R <= 8): their scores' maximum is not taken, nor (but for 8-bit keys loaded into registers)
+    hold no query head (R <= 8): their scores' maximum is not taken (44 FMNMX and 11 SHFL a block with it), nor (but for 8-bit keys loaded into registers)
     their query scaled per key group (32 of the 72 ``HMUL2`` a block)."""
     for (k, v) in PAIRS:
         census = compiled[f"K{k}V{v}D128R4"]
@@ -162,6 +174,7 @@ def test_decode_loop_stays_in_registers_and_within_its_instruction_budget(compil
         if (k, v) != (8, 2):  # 255 registers, 32 B spilled: NOTES, round 8
             assert census["stack"] == 0 and census.get("LDL", 0) == 0, (k, v, census["stack"])
         assert census["HFMA2"] == 128 and census["LOP3"] >= 256, (k, v, census["HFMA2"], census["LOP3"])
+        assert census["FMNMX"] <= 25 and census["SHFL"] <= 7, (k, v, census["FMNMX"], census["SHFL"])
         if k != 8:  # 8-bit keys without stages keep scaling them: zeroing costs more register moves (SASS)
             assert census["HMUL2"] <= 42, (k, v, census["HMUL2"])
         assert census["HMMA"] == 64 + 64 + 2 * (8 + 8 + 2 + 2), (k, v, census["HMMA"])
@@ -311,9 +324,10 @@ def test_stages_refuse_a_layout_they_cannot_copy_and_too_much_shared_memory():
 def test_dependent_merge_waits_for_the_history_on_gpu(monkeypatch):
     """The merge launched as a programmatic dependent starts while the history kernel runs (which triggers its
     dependents at once) and must read the partial outputs only after it ends. One long split a head makes the history
-    kernel far slower than the residual work: a merge that did not wait would read the partial buffers unwritten.
-    Eager calls and 20 replays of a CUDA graph give the ordinary launch's result bit for bit."""
-    from kvtuner.kernels import gluon_decode
+    kernel far slower than the residual work, and every buffer the call allocates starts as NaN (also in the graph:
+    the fills are recorded), so a merge that did not wait would read NaN. Eager calls and 20 replays of a CUDA graph
+    give the ordinary launch's result bit for bit; the same launch without the wait (the mutant) does not."""
+    from kvtuner.kernels import decode, gluon_decode
     from kvtuner.kernels.gluon_decode import decode_attention_gluon
 
     if not gluon_decode._has_dependent_launch(torch.device("cuda")):
@@ -322,9 +336,16 @@ def test_dependent_merge_waits_for_the_history_on_gpu(monkeypatch):
     with monkeypatch.context() as ordinary:
         ordinary.setattr(gluon_decode, "_has_dependent_launch", lambda device: False)
         want = decode_attention_gluon(**case, num_splits=1)
+    empty = torch.empty
+
+    def nan_empty(*size, **kw):
+        t = empty(*size, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
     for _ in range(5):
         assert torch.equal(decode_attention_gluon(**case, num_splits=1), want)
-    graph, out = torch.cuda.CUDAGraph(), None
+    graph = torch.cuda.CUDAGraph()
     decode_attention_gluon(**case, num_splits=1)  # compiled outside the capture
     with torch.cuda.graph(graph):
         out = decode_attention_gluon(**case, num_splits=1)
@@ -333,6 +354,15 @@ def test_dependent_merge_waits_for_the_history_on_gpu(monkeypatch):
         graph.replay()
         assert torch.equal(out, want)
     assert rel_err(want, case) < 6e-3
+    merge = decode._residual_merge_kernel
+
+    class WithoutWait:  # launched as a dependent, compiled without griddepcontrol.wait
+        def __getitem__(self, grid):
+            run = merge[grid]
+            return lambda *args, **kw: run(*args, **{**kw, "DEPENDENT": False})
+
+    monkeypatch.setattr(decode, "_residual_merge_kernel", WithoutWait())
+    assert torch.isnan(decode_attention_gluon(**case, num_splits=1)).any()
 
 
 @pytest.mark.gpu

@@ -61,7 +61,6 @@ from typing import Literal
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
 
 from kvtuner.kernels import STEP_TOKENS, DecodeRow
 from kvtuner.quant import QuantizedTensor, packed_width
@@ -657,8 +656,8 @@ def _residual_merge_kernel(
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         l = l * alpha + tl.sum(p, 0)
         m = m_new
-    if DEPENDENT:
-        gdc_wait()  # the history kernel done, its partial outputs visible
+    if DEPENDENT:  # the history kernel done, its partial outputs visible (as triton's gdc_wait, from 3.4)
+        tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
     acc, l = _merge_parts(acc, l, m, O_part, LSE_part, row, n_parts, D, PARTS)
     tl.store(Out + row * D + offs_d, (acc / l).to(Out.dtype.element_ty))
 
@@ -986,7 +985,8 @@ def merge_with_residual(query: torch.Tensor, keys: torch.Tensor, values: torch.T
 
     ``dependent`` (sm_90, right after the launch of a history kernel that triggers its dependents): a programmatic
     dependent launch. Its programs start as the history kernel's finish, attend to the residual meanwhile and wait
-    for the whole history kernel only to merge: the gap between two launches and the residual's time are hidden."""
+    for the whole history kernel only to merge: the gap between two launches and the residual's time are hidden.
+    Compiled code only (triton's interpreter does not run ``griddepcontrol``)."""
     b, h_q, d = query.shape
     h_kv, n_res = keys.shape[1], keys.shape[2]
     n_parts = o_part.shape[1]
@@ -997,6 +997,6 @@ def merge_with_residual(query: torch.Tensor, keys: torch.Tensor, values: torch.T
         query, keys, values, o_part, lse_part, out, query.stride(0), query.stride(1), *keys.stride()[:3],
         *values.stride()[:3], n_res, n_parts, scale * LOG2E,
         H_Q=h_q, R=h_q // h_kv, D=d, NR=32, PARTS=min(64, triton.next_power_of_2(n_parts)), DEPENDENT=dependent,
-        launch_pdl=dependent,
+        **({"launch_pdl": True} if dependent else {}),  # a launch option triton has from 3.4 (Gluon's needs 3.5)
     )
     return out

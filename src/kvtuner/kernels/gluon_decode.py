@@ -488,6 +488,7 @@ def _gluon_decode_kernel(
     n_groups, groups_per_split, n_parts, qk_scale,
     H_KV: gl.constexpr, R: gl.constexpr, D: gl.constexpr, G_K: gl.constexpr, G_V: gl.constexpr,
     K_BITS: gl.constexpr, V_BITS: gl.constexpr, PREFETCH: gl.constexpr, STAGES: gl.constexpr,
+    DEPENDENT_MERGE: gl.constexpr,
 ):
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -495,9 +496,9 @@ def _gluon_decode_kernel(
     GPB: gl.constexpr = BLOCK_C // G_K if G_K < BLOCK_C else 1
     pid = gl.program_id(0)
     split = gl.program_id(1)
-    # the merge, launched as a programmatic dependent (sm_90), may start where programs of this kernel end
-    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0 $1", "=r,r", [split], dtype=gl.int32,
-                              is_pure=False, pack=1)
+    if DEPENDENT_MERGE:  # the merge, a programmatic dependent launch (sm_90), may start where programs end
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0 $1", "=r,r", [split], dtype=gl.int32,
+                                  is_pure=False, pack=1)
     b = (pid // H_KV).to(gl.int64)  # batch offsets of a long cache overflow int32
     h = pid % H_KV
 
@@ -579,9 +580,10 @@ def _gluon_decode_kernel(
 
 
 def compile_sm90(k_bits: int, v_bits: int, head_dim: int = 128, gqa: int = 4, key_group: int = 32,
-                 value_group: int = 32, prefetch: int = 0, stages: int | None = None):
+                 value_group: int = 32, prefetch: int = 0, stages: int | None = None, sm: int = 90):
     """The kernel compiled ahead of time for sm_90a (no GPU needed): its ``asm`` holds ttgir, ptx and cubin.
-    ``stages`` as :func:`decode_attention_gluon` takes it (default :func:`default_stages`).
+    ``stages`` as :func:`decode_attention_gluon` takes it (default :func:`default_stages`); ``sm``: another target
+    (80, 89: no dependent launch of the merge, which needs sm_90).
 
     Every ``convert_layout`` in it asserts that it moves no data, so that compiling proves the decoded
     registers are the mma fragments; CI inspects the SASS (``benchmarks/sass_decode.py --gluon``)."""
@@ -592,7 +594,7 @@ def compile_sm90(k_bits: int, v_bits: int, head_dim: int = 128, gqa: int = 4, ke
     stages = _default_stages(k_bits, v_bits, prefetch, lambda: True) if stages is None else stages
     strides = dict(skw_t=d * k_bits // 32, sks_g=d, svw_t=d * v_bits // 32, svs_t=d // value_group)
     constexprs = dict(H_KV=8, R=gqa, D=d, G_K=key_group, G_V=value_group, K_BITS=k_bits, V_BITS=v_bits,
-                      PREFETCH=prefetch, STAGES=stages, **strides)
+                      PREFETCH=prefetch, STAGES=stages, DEPENDENT_MERGE=sm >= 90, **strides)
     types = {"Q": "*fp16", "KW": "*i32", "KS": "*fp16", "KZ": "*fp16", "VW": "*i32", "VS": "*fp16", "VZ": "*fp16",
              "O_part": "*fp32", "LSE_part": "*fp32"}
     ints = ["sq_b", "sq_h", "skw_b", "skw_h", "sks_b", "sks_h", "svw_b", "svw_h", "svs_b", "svs_h",
@@ -607,7 +609,7 @@ def compile_sm90(k_bits: int, v_bits: int, head_dim: int = 128, gqa: int = 4, ke
                if name in types or name in ints[:10]]
     source = GluonASTSource(_gluon_decode_kernel, signature, constexprs=constexprs,
                             attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+    return triton.compile(source, target=GPUTarget("cuda", sm, 32), options={"num_warps": 1})
 
 
 def gluon_supported(qkeys: QuantizedTensor, qvalues: QuantizedTensor, query: torch.Tensor,
@@ -734,6 +736,7 @@ def decode_attention_gluon(
         limit = _shared_memory_per_program(query.device)
         if need > limit:
             raise ValueError(f"{stages} stages need {need} bytes of shared memory a program; this GPU gives {limit}")
+    dependent = _has_dependent_launch(query.device)
     o_part = torch.empty((b * h_q, splits, d), device=query.device, dtype=torch.float32)
     lse_part = torch.empty((b * h_q, splits), device=query.device, dtype=torch.float32)
     _gluon_decode_kernel[(b * h_kv, splits)](
@@ -743,9 +746,10 @@ def decode_attention_gluon(
         vs.stride(0), vs.stride(1), vs.stride(2),
         n_groups, groups_per_split, splits, scale * LOG2E,
         H_KV=h_kv, R=h_q // h_kv, D=d, G_K=g_k, G_V=g_v, K_BITS=qkeys.spec.bits, V_BITS=qvalues.spec.bits,
-        PREFETCH=prefetch, STAGES=stages, num_warps=1, **({"maxnreg": maxnreg} if maxnreg else {}),
+        PREFETCH=prefetch, STAGES=stages, DEPENDENT_MERGE=dependent, num_warps=1,
+        **({"maxnreg": maxnreg} if maxnreg else {}),
     )
-    return merge_with_residual(query, keys, values, scale, o_part, lse_part, dependent=_has_dependent_launch(query.device))
+    return merge_with_residual(query, keys, values, scale, o_part, lse_part, dependent=dependent)
 
 
 def loop_census(kernel, key_group: int = 32) -> dict:
