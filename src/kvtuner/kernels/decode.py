@@ -55,6 +55,7 @@ softmax runs in base 2 with ``log2(e)`` folded into the query scale.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Literal
 
@@ -969,11 +970,33 @@ def compile_sm90(k_bits: int, v_bits: int, head_dim: int = 128, gqa: int = 4, gr
 
 
 def compile_merges_sm90(head_dim: int = 128, gqa: int = 4, parts: int = 64) -> list:
-    """The reduce and the residual-merge kernels (launched alone and as a programmatic dependent) compiled ahead of
-    time for sm_90a (see :func:`compile_sm90`)."""
-    merge = dict(H_Q=8 * gqa, R=gqa, D=head_dim, NR=32, PARTS=parts)
+    """The reduce and the residual-merge kernels (launched alone and as a programmatic dependent, and the lean
+    dependent launch) compiled ahead of time for sm_90a (see :func:`compile_sm90`)."""
+    def merge(launch: MergeLaunch, dependent: bool):
+        consts = dict(H_Q=8 * gqa, R=gqa, D=head_dim, NR=launch.tokens, PARTS=min(parts, launch.parts),
+                      DEPENDENT=dependent)
+        return _compile_sm90(_residual_merge_kernel, consts, launch.warps, launch.maxnreg)
+
     return [_compile_sm90(_decode_reduce_kernel, dict(D=head_dim, PARTS=parts), 4),
-            *(_compile_sm90(_residual_merge_kernel, dict(merge, DEPENDENT=dependent), 4) for dependent in (False, True))]
+            merge(MERGE_LAUNCH, False), merge(MERGE_LAUNCH, True), merge(LEAN_MERGE, True)]
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeLaunch:
+    """How :func:`merge_with_residual` launches: warps a program, residual tokens and partial results a loop step,
+    a register cap. The default is the measured one. ``LEAN_MERGE`` is a hypothesis to measure (``gluon_sweep.py
+    --variants "lean merge"``): one warp of at most 64 registers fits beside the 8 Gluon programs of <= 248 registers
+    an SM holds, so that as a dependent launch it could attend to the residual while the history kernel still runs,
+    where 4 warps of 64 registers wait for its programs to leave (NOTES, round 11)."""
+
+    warps: int = 4
+    tokens: int = 32
+    parts: int = 64
+    maxnreg: int | None = None
+
+
+MERGE_LAUNCH = MergeLaunch()
+LEAN_MERGE = MergeLaunch(warps=1, tokens=8, parts=8, maxnreg=64)
 
 
 def merge_with_residual(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
@@ -993,10 +1016,13 @@ def merge_with_residual(query: torch.Tensor, keys: torch.Tensor, values: torch.T
     if any(t.stride(-1) != 1 for t in (query, keys, values)) or not (o_part.is_contiguous() and lse_part.is_contiguous()):
         raise ValueError("query, keys and values must be contiguous in their last dimension, the parts contiguous")
     out = torch.empty((b, h_q, d), device=query.device, dtype=query.dtype)
+    launch = MERGE_LAUNCH
     _residual_merge_kernel[(b * h_q,)](
         query, keys, values, o_part, lse_part, out, query.stride(0), query.stride(1), *keys.stride()[:3],
         *values.stride()[:3], n_res, n_parts, scale * LOG2E,
-        H_Q=h_q, R=h_q // h_kv, D=d, NR=32, PARTS=min(64, triton.next_power_of_2(n_parts)), DEPENDENT=dependent,
+        H_Q=h_q, R=h_q // h_kv, D=d, NR=launch.tokens, PARTS=min(launch.parts, triton.next_power_of_2(n_parts)),
+        DEPENDENT=dependent, num_warps=launch.warps,
+        **({"maxnreg": launch.maxnreg} if launch.maxnreg else {}),
         **({"launch_pdl": True} if dependent else {}),  # a launch option triton has from 3.4 (Gluon's needs 3.5)
     )
     return out
