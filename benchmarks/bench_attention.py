@@ -50,6 +50,14 @@ QUANTO_BITS = {"K4V4": 4, "K2V2": 2}
 SWEEP = [dict(), dict(num_warps=4), dict(num_warps=2), dict(num_stages=3), dict(inline_asm=False)]  # {}: defaults
 
 
+def batch_tokens(point: str) -> tuple[int, int]:
+    """argparse type of a ``B:T`` point: (batch, tokens), both positive integers."""
+    batch, sep, tokens = point.partition(":")
+    if not (sep and batch.isdigit() and tokens.isdigit() and int(batch) > 0 and int(tokens) > 0):
+        raise argparse.ArgumentTypeError(f"a point is batch:tokens, two positive integers, not {point!r}")
+    return int(batch), int(tokens)
+
+
 def gpu_name() -> str:
     return torch.cuda.get_device_name().replace("NVIDIA ", "").split()[0].lower()
 
@@ -247,7 +255,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768, 65536, 131072])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
-    ap.add_argument("--points", nargs="+", metavar="B:T", help="(batch, context) points instead of batches x contexts")
+    ap.add_argument("--points", nargs="+", type=batch_tokens, metavar="B:T",
+                    help="(batch, context) points instead of batches x contexts")
     ap.add_argument("--kv", nargs="+", default=HEADLINE_KV, choices=[*KV, *NUQ_KV],
                     help="bit pairs; NAME+nuq: the same codes indexing a level table (the codebook lookup's cost)")
     ap.add_argument("--tune", type=json.loads, default={}, help="launch options for every kernel call, as JSON")
@@ -284,8 +293,7 @@ def main() -> None:
     name = f"attention_{gpu}{'_sweep' if args.sweep else ''}{'_graph' if args.graph else ''}"
     write_atomic(args.out / f"{name}_meta.json", json.dumps(meta, indent=1))
     rows = []
-    points = ([tuple(map(int, p.split(":"))) for p in args.points] if args.points
-              else [(b, t) for b in args.batches for t in args.contexts])
+    points = args.points or [(b, t) for b in args.batches for t in args.contexts]
     for batch, context in points:
         t0 = time.time()
         try:

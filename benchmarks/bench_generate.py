@@ -47,7 +47,7 @@ from kvtuner.cache import cache_kwargs
 from kvtuner.cache.attention import use_packed_attention
 from kvtuner.cache.graphs import GraphedDecoder
 from kvtuner.config import write_atomic
-from kvtuner.kernels import BACKENDS, quantize
+from kvtuner.kernels import BACKENDS, gluon_decode, quantize
 from kvtuner.method import StoredKV, StoredSide
 
 LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -217,8 +217,6 @@ GRAPH_WARMUP = 65  # eager steps before timing graphs: two flushes, so that kvtu
 def gluon_stages(stages: int | None):
     """The Gluon kernel run with ``stages`` shared-memory stages wherever it takes its default (None: unchanged):
     the cache's decode path passes no stages, so the default is what to set."""
-    from kvtuner.kernels import gluon_decode
-
     if stages is None:
         return contextlib.nullcontext()
     return mock.patch.object(gluon_decode, "default_stages", lambda k_bits, v_bits: stages)

@@ -20,7 +20,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from bench_attention import D, FLUSHES, H_KV, H_Q, KV, RESIDUAL, graph_ms, pack
+from bench_attention import D, FLUSHES, H_KV, H_Q, KV, RESIDUAL, batch_tokens, graph_ms, pack
 from kvtuner.kernels.decode import LEAN_MERGE, default_num_splits
 from kvtuner.kernels.gluon_decode import BLOCK, decode_attention_gluon
 from kvtuner.kernels.gluon_layout import split_plan
@@ -39,17 +39,15 @@ VARIANTS = {"default": {}, "stages 0": {"stages": 0}, "maxnreg 168": {"maxnreg":
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--points", nargs="+", default=["1:32768", "4:32768", "16:32768", "64:16384"])
+    ap.add_argument("--points", nargs="+", type=batch_tokens, metavar="B:T",
+                    default=[(1, 32768), (4, 32768), (16, 32768), (64, 16384)])
     ap.add_argument("--kv", nargs="+", default=["K4V4", "K2V2", "K8V8"], choices=list(KV))
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT",
                     help=f"of {', '.join(VARIANTS)}")
     ap.add_argument("--flush", nargs="+", default=["write"], choices=FLUSHES)
     args = ap.parse_args()
-    if not all(p.count(":") == 1 and all(x.isdigit() and int(x) > 0 for x in p.split(":")) for p in args.points):
-        ap.error(f"--points takes batch:tokens pairs of positive integers, not {' '.join(args.points)}")
     print(f"{'B':>3} {'T':>7} {'flush':5} {'kv':5} {'variant':12} {'ms':>7} {'x sdpa':>6}")
-    for point in args.points:
-        batch, context = map(int, point.split(":"))
+    for batch, context in args.points:
         q = torch.randn(batch, H_Q, D, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(batch, H_KV, context, D, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)

@@ -43,6 +43,28 @@ def make_case(k_bits, v_bits, ratio=4, n_hist=96, n_res=5, d=128, batch=2, h_kv=
     )
 
 
+def cache_history(k_bits, v_bits, shape, prefill, device="cpu"):
+    """A cache layer's history as it hands it to the kernel: ``prefill`` tokens, then one a step up to ``shape[2]``,
+    so that its codes are views of buffers with spare capacity along tokens. Returns (layer, keys, values)."""
+    from kvtuner.cache.layer import MixedPrecisionLayer
+    from kvtuner.config import LayerSpec
+    from kvtuner.method import KVMethod
+
+    layer = MixedPrecisionLayer(KVMethod(LayerSpec("kivi", k_bits, v_bits, 32, 32)))
+    k, v = (torch.randn(*shape, device=device, dtype=torch.float16) for _ in range(2))
+    layer.update(k[..., :prefill, :], v[..., :prefill, :])
+    for t in range(prefill, shape[2]):
+        layer.update(k[..., t : t + 1, :], v[..., t : t + 1, :])
+    qk, qv = layer.history.keys.codes, layer.history.values.codes
+    assert layer.code_buffers[0].num_tokens > qk.num_tokens  # spare capacity: a view, not a compact copy
+    return layer, qk, qv
+
+
+def every_other_token(codes: QuantizedTensor) -> QuantizedTensor:
+    """The same codes with their token stride doubled (a view of every other row of a buffer twice as long)."""
+    return codes.map(lambda t: torch.stack([t, t], dim=3).flatten(2, 3)[:, :, ::2])
+
+
 def rel_err(out, case):
     ref = decode_attention_reference(**{**case, "query": case["query"].double()}, compute_dtype=torch.float64)
     return ((out.double() - ref).norm() / ref.norm()).item()
@@ -284,19 +306,11 @@ def test_stages_give_bit_identical_results_on_gpu(k_bits, v_bits, d, ratio, grou
 def test_stages_read_the_caches_own_history_on_gpu():
     """The history a cache layer hands the kernel (a view of code buffers with spare capacity, so head and batch
     strides longer than the history) gives the same result with the default stages as loading into registers."""
-    from kvtuner.cache.layer import MixedPrecisionLayer
-    from kvtuner.config import LayerSpec
     from kvtuner.kernels.gluon_decode import decode_attention_gluon, default_stages
-    from kvtuner.method import KVMethod
 
     torch.manual_seed(7)
-    layer = MixedPrecisionLayer(KVMethod(LayerSpec("kivi", 4, 2, 32, 32)))
-    k, v = (torch.randn(2, 2, 600, 128, device="cuda", dtype=torch.float16) for _ in range(2))
-    layer.update(k[..., :300, :], v[..., :300, :])
-    for t in range(300, 600):  # 576 tokens quantized, in buffers of 672
-        layer.update(k[..., t : t + 1, :], v[..., t : t + 1, :])
-    qk, qv = layer.history.keys.codes, layer.history.values.codes
-    assert layer.code_buffers[0].num_tokens > qk.num_tokens and stages_can_copy(qk, qv) and default_stages(4, 2)
+    layer, qk, qv = cache_history(4, 2, (2, 2, 600, 128), 300, "cuda")  # 576 tokens quantized, in buffers of 672
+    assert stages_can_copy(qk, qv) and default_stages(4, 2)
     query = torch.randn(2, 8, 128, device="cuda", dtype=torch.float16)
     args = (query, qk, qv, layer.keys, layer.values, 128**-0.5)
     assert torch.equal(decode_attention_gluon(*args), decode_attention_gluon(*args, stages=0))
@@ -312,7 +326,7 @@ def test_stages_refuse_a_layout_they_cannot_copy_and_too_much_shared_memory():
         decode_attention_gluon(**case, stages=-1)
     with pytest.raises(ValueError, match="shared memory"):
         decode_attention_gluon(**case, stages=64)
-    wide = case["qkeys"].map(lambda t: torch.stack([t, t], dim=3).flatten(2, 3)[:, :, ::2])  # token stride doubled
+    wide = every_other_token(case["qkeys"])
     assert wide.payload.stride(2) != case["qkeys"].payload.stride(2)
     assert torch.equal(decode_attention_gluon(**{**case, "qkeys": wide}), decode_attention_gluon(**case))
     with pytest.raises(ValueError, match="contiguous"):
@@ -388,21 +402,12 @@ def test_stages_copy_what_the_cache_stores_and_nothing_they_cannot(kv):
     """The cache's history (a view of code buffers with spare capacity along tokens) is what the stages copy, so
     real decoding takes them by default; a history whose rows are not contiguous along tokens, or whose fp16 scale
     rows start off a 4-byte boundary, is not, and falls back to loading into registers."""
-    from kvtuner.cache.layer import MixedPrecisionLayer
-    from kvtuner.config import LayerSpec
-    from kvtuner.method import KVMethod
     from kvtuner.quant.tensor import slice_tokens
 
     k_bits, v_bits, d = kv
-    layer = MixedPrecisionLayer(KVMethod(LayerSpec("kivi", k_bits, v_bits, 32, 32)))
-    k, v = torch.randn(2, 3, 200, d).half(), torch.randn(2, 3, 200, d).half()
-    layer.update(k[..., :70, :], v[..., :70, :])
-    for t in range(70, 200):
-        layer.update(k[..., t : t + 1, :], v[..., t : t + 1, :])
-    qk, qv = layer.history.keys.codes, layer.history.values.codes
-    assert layer.code_buffers[0].num_tokens > qk.num_tokens  # spare capacity: a view, not a compact copy
+    _, qk, qv = cache_history(k_bits, v_bits, (2, 3, 200, d), 70)
     assert stages_can_copy(qk, qv)
-    every_other = qk.map(lambda t: torch.stack([t, t], dim=3).flatten(2, 3)[:, :, ::2])
+    every_other = every_other_token(qk)
     assert torch.equal(every_other.payload, qk.payload) and not stages_can_copy(every_other, qv)
     keys = quantize(torch.randn(1, 2, 64, d), QuantSpec(k_bits, 32, "channel"))
     one_scale = quantize(torch.randn(1, 2, 64, d), QuantSpec(v_bits, d, "token"))  # one fp16 scale a token

@@ -973,8 +973,7 @@ def compile_merges_sm90(head_dim: int = 128, gqa: int = 4, parts: int = 64) -> l
     """The reduce and the residual-merge kernels (launched alone and as a programmatic dependent, and the lean
     dependent launch) compiled ahead of time for sm_90a (see :func:`compile_sm90`)."""
     def merge(launch: MergeLaunch, dependent: bool):
-        consts = dict(H_Q=8 * gqa, R=gqa, D=head_dim, NR=launch.tokens, PARTS=min(parts, launch.parts),
-                      DEPENDENT=dependent)
+        consts = _merge_constexprs(8 * gqa, gqa, head_dim, parts, launch, dependent)
         return _compile_sm90(_residual_merge_kernel, consts, launch.warps, launch.maxnreg)
 
     return [_compile_sm90(_decode_reduce_kernel, dict(D=head_dim, PARTS=parts), 4),
@@ -999,6 +998,12 @@ MERGE_LAUNCH = MergeLaunch()
 LEAN_MERGE = MergeLaunch(warps=1, tokens=8, parts=8, maxnreg=64)
 
 
+def _merge_constexprs(h_q: int, r: int, d: int, n_parts: int, launch: MergeLaunch, dependent: bool) -> dict:
+    """:func:`_residual_merge_kernel`'s compile-time constants, for the launch and the ahead-of-time compile alike."""
+    return dict(H_Q=h_q, R=r, D=d, NR=launch.tokens, PARTS=min(launch.parts, triton.next_power_of_2(n_parts)),
+                DEPENDENT=dependent)
+
+
 def merge_with_residual(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
                         o_part: torch.Tensor, lse_part: torch.Tensor, dependent: bool = False) -> torch.Tensor:
     """Attention output from a history kernel's partial results (``o_part`` ``[B * H_q, parts, D]``, normalized;
@@ -1020,8 +1025,7 @@ def merge_with_residual(query: torch.Tensor, keys: torch.Tensor, values: torch.T
     _residual_merge_kernel[(b * h_q,)](
         query, keys, values, o_part, lse_part, out, query.stride(0), query.stride(1), *keys.stride()[:3],
         *values.stride()[:3], n_res, n_parts, scale * LOG2E,
-        H_Q=h_q, R=h_q // h_kv, D=d, NR=launch.tokens, PARTS=min(launch.parts, triton.next_power_of_2(n_parts)),
-        DEPENDENT=dependent, num_warps=launch.warps,
+        **_merge_constexprs(h_q, h_q // h_kv, d, n_parts, launch, dependent), num_warps=launch.warps,
         **({"maxnreg": launch.maxnreg} if launch.maxnreg else {}),
         **({"launch_pdl": True} if dependent else {}),  # a launch option triton has from 3.4 (Gluon's needs 3.5)
     )

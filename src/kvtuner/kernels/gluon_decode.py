@@ -591,7 +591,7 @@ def compile_sm90(k_bits: int, v_bits: int, head_dim: int = 128, gqa: int = 4, ke
     from triton.experimental.gluon._runtime import GluonASTSource
 
     d = head_dim
-    stages = _default_stages(k_bits, v_bits, prefetch, lambda: True) if stages is None else stages
+    stages = (0 if prefetch else default_stages(k_bits, v_bits)) if stages is None else stages
     strides = dict(skw_t=d * k_bits // 32, sks_g=d, svw_t=d * v_bits // 32, svs_t=d // value_group)
     constexprs = dict(H_KV=8, R=gqa, D=d, G_K=key_group, G_V=value_group, K_BITS=k_bits, V_BITS=v_bits,
                       PREFETCH=prefetch, STAGES=stages, DEPENDENT_MERGE=sm >= 90, **strides)
@@ -639,13 +639,6 @@ def default_stages(k_bits: int, v_bits: int) -> int:
     occupancy and take 14-22% longer, so a side of 8 bits keeps loading into registers. The mixed pairs (K4V2,
     K2V4, K8V4, ...) follow by their widest side: extrapolated, not measured; nor has the H200 run them."""
     return 2 if max(k_bits, v_bits) <= 4 else 0
-
-
-def _default_stages(k_bits: int, v_bits: int, prefetch: int, copyable) -> int:
-    """:func:`default_stages` where it applies: none with a prefetch, nor where ``copyable()`` says the layout can't
-    be copied (asked last: a check of the tensors' strides and addresses, host time at every call)."""
-    stages = 0 if prefetch else default_stages(k_bits, v_bits)
-    return stages if stages and copyable() else 0
 
 
 @functools.cache
@@ -720,15 +713,16 @@ def decode_attention_gluon(
     n_blocks = -(-n_groups // groups_per_block(g_k))
     splits, groups_per_split = split_plan(n_groups, g_k, num_splits or default_num_splits(
         n_blocks, b * h_kv, query.device, ctas_per_sm=8))
-    asked = stages is not None
-    if not asked:
-        stages = _default_stages(qkeys.spec.bits, qvalues.spec.bits, prefetch, lambda: stages_can_copy(qkeys, qvalues))
-    if stages < 0:
+    if stages is None:  # none with a prefetch, nor where the layout can't be copied (asked last: host time a call);
+        # 2 stages of 2- or 4-bit codes take at most 42 KiB of shared memory, which every sm_80 on gives
+        stages = 0 if prefetch else default_stages(qkeys.spec.bits, qvalues.spec.bits)
+        stages = stages if stages and stages_can_copy(qkeys, qvalues) else 0
+    elif stages < 0:
         raise ValueError(f"stages is a number of shared-memory buffers >= 0, not {stages}")
-    if stages and prefetch:
+    elif stages and prefetch:
         raise ValueError("prefetch is for the kernel without stages: the stages' copies already bring blocks in")
-    if stages:
-        if asked and not stages_can_copy(qkeys, qvalues):
+    elif stages:
+        if not stages_can_copy(qkeys, qvalues):
             raise ValueError("stages > 0 copies each block as contiguous ranges of whole 4-byte words: the codes, "
                              "scales and zeros must be contiguous along tokens (key groups), each head's rows "
                              "starting on a 4-byte boundary")
