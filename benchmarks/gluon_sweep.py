@@ -7,7 +7,8 @@ the merge's launch) against bf16 SDPA, CUDA-graph GPU time.
 "default" is what ``decode_attention_gluon`` picks (2 shared-memory stages for 2- and 4-bit sides, the merge
 launched as a programmatic dependent on sm_90); the splits printed are those the kernel runs (whole blocks a split).
 "history only" leaves the merge out (its time is the difference), "merge after" launches it the ordinary way,
-"lean merge" as one warp that fits beside the history kernel's programs (``decode.LEAN_MERGE``).
+"wide dependent merge" as a dependent of 4 warps (``decode.MERGE_LAUNCH``), which cannot be resident beside the
+history kernel's programs, where the default is one warp that can (``decode.DEPENDENT_MERGE_LAUNCH``).
 ``--flush``: how L2 is emptied before each call (:func:`bench_attention.graph_ms`), SDPA timed the same way.
 """
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from bench_attention import D, FLUSHES, H_KV, H_Q, KV, RESIDUAL, batch_tokens, graph_ms, pack
-from kvtuner.kernels.decode import LEAN_MERGE, default_num_splits
+from kvtuner.kernels.decode import MERGE_LAUNCH, default_num_splits
 from kvtuner.kernels.gluon_decode import BLOCK, decode_attention_gluon
 from kvtuner.kernels.gluon_layout import split_plan
 
@@ -34,7 +35,7 @@ VARIANTS = {"default": {}, "stages 0": {"stages": 0}, "maxnreg 168": {"maxnreg":
             **{f"{n} programs/SM": {"maxnreg": 65536 // (32 * n) // 8 * 8, "split_factor": n / 8} for n in (10, 11, 12)},
             "history only": {"patch": ("kvtuner.kernels.decode.merge_with_residual", lambda *args, **kw: args[4])},
             "merge after": {"patch": ("kvtuner.kernels.gluon_decode._has_dependent_launch", lambda device: False)},
-            "lean merge": {"patch": ("kvtuner.kernels.decode.MERGE_LAUNCH", LEAN_MERGE)}}
+            "wide dependent merge": {"patch": ("kvtuner.kernels.decode.DEPENDENT_MERGE_LAUNCH", MERGE_LAUNCH)}}
 
 
 def main() -> None:

@@ -232,13 +232,13 @@ def test_diffuse_attention_over_a_long_history_in_one_split_on_gpu(k_bits, v_bit
 
 
 
-@pytest.mark.parametrize("launch", [kd.MERGE_LAUNCH, kd.LEAN_MERGE])
+@pytest.mark.parametrize("launch", [kd.MERGE_LAUNCH, kd.DEPENDENT_MERGE_LAUNCH])
 def test_residual_merge_joins_partial_history_results_with_the_residual(launch, monkeypatch):
     """merge_with_residual (the Gluon kernel's residual and merge, one launch) against the reference: the history
     split in eleven uneven parts, each a normalized output and its base-2 log-sum-exp, as a history kernel
-    writes them; one part empty (lse -inf) as a split past the history's end would leave it. The lean launch
-    (one warp, 8 residual tokens and 8 parts a loop step: the 19 tokens take three, the parts two) computes the
-    same."""
+    writes them; one part empty (lse -inf) as a split past the history's end would leave it. The dependent launch's
+    shape (one warp, 8 residual tokens and 8 parts a loop step: the 19 tokens take three, the parts two), launched
+    here the ordinary way (the interpreter runs no dependent launch), computes the same."""
     monkeypatch.setattr(kd, "MERGE_LAUNCH", launch)
     case = make_case(4, 4, 4, 32 * 6, 19, seed=21)
     args = {k: v for k, v in case.items() if k not in ("key_spec", "value_spec")}
@@ -400,9 +400,9 @@ out = {}
 for name, kw in json.loads(sys.argv[1]).items():
     kernel, tokens = decode.compile_sm90(**kw)
     out[name] = loop_census(kernel, tokens // kernel.metadata.num_warps)
-_, alone, dependent, lean = decode.compile_merges_sm90()
+_, alone, dependent = decode.compile_merges_sm90()
 assert "griddepcontrol" not in alone.asm["ptx"] and dependent.asm["ptx"].count("griddepcontrol.wait") == 1
-usage = re.search(r"REG:(\\d+) STACK:(\\d+)", disassemble(lean)[0])
+usage = re.search(r"REG:(\\d+) STACK:(\\d+)", disassemble(dependent)[0])
 assert int(usage[1]) <= 64 and int(usage[2]) == 0, usage[0]  # fits beside 8 Gluon programs of <= 248 registers
 decode.compile_merges_sm90(head_dim=64, gqa=7, parts=1)
 print(json.dumps(out))

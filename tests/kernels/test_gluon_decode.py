@@ -338,9 +338,11 @@ def test_stages_refuse_a_layout_they_cannot_copy_and_too_much_shared_memory():
 def test_dependent_merge_waits_for_the_history_on_gpu(monkeypatch):
     """The merge launched as a programmatic dependent starts while the history kernel runs (which triggers its
     dependents at once) and must read the partial outputs only after it ends. One long split a head makes the history
-    kernel far slower than the residual work, and every buffer the call allocates starts as NaN (also in the graph:
-    the fills are recorded), so a merge that did not wait would read NaN. Eager calls and 20 replays of a CUDA graph
-    give the ordinary launch's result bit for bit; the same launch without the wait (the mutant) does not."""
+    kernel far slower than the residual work, and the partial outputs start as NaN (also in the graph: the fills are
+    recorded), so a merge that did not wait would read NaN. Only they are filled: a fill launched between the two
+    kernels (of the fp16 output) would itself wait for the history kernel, and the mutant would pass. Eager calls
+    and 20 replays of a CUDA graph give the ordinary launch's result bit for bit; the same launch without the wait
+    (the mutant) does not."""
     from kvtuner.kernels import decode, gluon_decode
     from kvtuner.kernels.gluon_decode import decode_attention_gluon
 
@@ -352,9 +354,9 @@ def test_dependent_merge_waits_for_the_history_on_gpu(monkeypatch):
         want = decode_attention_gluon(**case, num_splits=1)
     empty = torch.empty
 
-    def nan_empty(*size, **kw):
+    def nan_empty(*size, **kw):  # the partial outputs and log-sum-exps: the float32 buffers the call allocates
         t = empty(*size, **kw)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
+        return t.fill_(float("nan")) if t.dtype == torch.float32 else t
 
     monkeypatch.setattr(torch, "empty", nan_empty)
     for _ in range(5):
@@ -376,6 +378,7 @@ def test_dependent_merge_waits_for_the_history_on_gpu(monkeypatch):
             return lambda *args, **kw: run(*args, **{**kw, "DEPENDENT": False})
 
     monkeypatch.setattr(decode, "_residual_merge_kernel", WithoutWait())
+    decode_attention_gluon(**case, num_splits=1)  # compiled first: compiling takes longer than the history kernel
     assert torch.isnan(decode_attention_gluon(**case, num_splits=1)).any()
 
 

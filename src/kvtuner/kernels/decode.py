@@ -970,23 +970,20 @@ def compile_sm90(k_bits: int, v_bits: int, head_dim: int = 128, gqa: int = 4, gr
 
 
 def compile_merges_sm90(head_dim: int = 128, gqa: int = 4, parts: int = 64) -> list:
-    """The reduce and the residual-merge kernels (launched alone and as a programmatic dependent, and the lean
-    dependent launch) compiled ahead of time for sm_90a (see :func:`compile_sm90`)."""
+    """The reduce and the residual-merge kernels (launched alone and as a programmatic dependent) compiled ahead of
+    time for sm_90a (see :func:`compile_sm90`)."""
     def merge(launch: MergeLaunch, dependent: bool):
         consts = _merge_constexprs(8 * gqa, gqa, head_dim, parts, launch, dependent)
         return _compile_sm90(_residual_merge_kernel, consts, launch.warps, launch.maxnreg)
 
     return [_compile_sm90(_decode_reduce_kernel, dict(D=head_dim, PARTS=parts), 4),
-            merge(MERGE_LAUNCH, False), merge(MERGE_LAUNCH, True), merge(LEAN_MERGE, True)]
+            merge(MERGE_LAUNCH, False), merge(DEPENDENT_MERGE_LAUNCH, True)]
 
 
 @dataclasses.dataclass(frozen=True)
 class MergeLaunch:
     """How :func:`merge_with_residual` launches: warps a program, residual tokens and partial results a loop step,
-    a register cap. The default is the measured one. ``LEAN_MERGE`` is a hypothesis to measure (``gluon_sweep.py
-    --variants "lean merge"``): one warp of at most 64 registers fits beside the 8 Gluon programs of <= 248 registers
-    an SM holds, so that as a dependent launch it could attend to the residual while the history kernel still runs,
-    where 4 warps of 64 registers wait for its programs to leave (NOTES, round 11)."""
+    a register cap."""
 
     warps: int = 4
     tokens: int = 32
@@ -994,8 +991,14 @@ class MergeLaunch:
     maxnreg: int | None = None
 
 
+# After the history kernel: 4 warps, the parts merged in one loop step.
 MERGE_LAUNCH = MergeLaunch()
-LEAN_MERGE = MergeLaunch(warps=1, tokens=8, parts=8, maxnreg=64)
+# As a programmatic dependent (sm_90): one warp of at most 64 registers fits beside the 8 Gluon programs of <= 248
+# registers an SM holds, so it attends to the residual while the history kernel runs, where 4 warps wait for its
+# programs to leave. Measured on the H100 (``gluon_sweep.py --variants default "wide dependent merge"``, NOTES round
+# 12): 3-5% faster at batch 4 / 32k, 1-2% at batch 16, even at batch 1 / 128k, though it merges 8 parts a loop step
+# where the wide launch merges up to 64.
+DEPENDENT_MERGE_LAUNCH = MergeLaunch(warps=1, tokens=8, parts=8, maxnreg=64)
 
 
 def _merge_constexprs(h_q: int, r: int, d: int, n_parts: int, launch: MergeLaunch, dependent: bool) -> dict:
@@ -1012,16 +1015,17 @@ def merge_with_residual(query: torch.Tensor, keys: torch.Tensor, values: torch.T
     this module's partial-result format.
 
     ``dependent`` (sm_90, right after the launch of a history kernel that triggers its dependents): a programmatic
-    dependent launch. Its programs start as the history kernel's finish, attend to the residual meanwhile and wait
-    for the whole history kernel only to merge: the gap between two launches and the residual's time are hidden.
-    Compiled code only (triton's interpreter does not run ``griddepcontrol``)."""
+    dependent launch (:data:`DEPENDENT_MERGE_LAUNCH`, small enough to be resident beside the history kernel's
+    programs): its programs start while the history kernel runs, attend to the residual meanwhile and wait for the
+    whole history kernel only to merge: the gap between two launches and the residual's time are hidden. Compiled
+    code only (triton's interpreter does not run ``griddepcontrol``)."""
     b, h_q, d = query.shape
     h_kv, n_res = keys.shape[1], keys.shape[2]
     n_parts = o_part.shape[1]
     if any(t.stride(-1) != 1 for t in (query, keys, values)) or not (o_part.is_contiguous() and lse_part.is_contiguous()):
         raise ValueError("query, keys and values must be contiguous in their last dimension, the parts contiguous")
     out = torch.empty((b, h_q, d), device=query.device, dtype=query.dtype)
-    launch = MERGE_LAUNCH
+    launch = DEPENDENT_MERGE_LAUNCH if dependent else MERGE_LAUNCH
     _residual_merge_kernel[(b * h_q,)](
         query, keys, values, o_part, lse_part, out, query.stride(0), query.stride(1), *keys.stride()[:3],
         *values.stride()[:3], n_res, n_parts, scale * LOG2E,
