@@ -7,8 +7,8 @@ the merge's launch) against bf16 SDPA, CUDA-graph GPU time.
 "default" is what ``decode_attention_gluon`` picks (2 shared-memory stages for 2- and 4-bit sides, the merge
 launched as a programmatic dependent on sm_90); the splits printed are those the kernel runs (whole blocks a split).
 "history only" leaves the merge out (its time is the difference), "merge after" launches it the ordinary way,
-"wide dependent merge" as a dependent of 4 warps (``decode.MERGE_LAUNCH``), which cannot be resident beside the
-history kernel's programs, where the default is one warp that can (``decode.DEPENDENT_MERGE_LAUNCH``).
+"wide dependent merge" as a dependent in the ordinary launch's shape (``decode.MERGE_LAUNCH``, 4 warps) instead of
+the default one warp (``decode.DEPENDENT_MERGE_LAUNCH``).
 ``--flush``: how L2 is emptied before each call (:func:`bench_attention.graph_ms`), SDPA timed the same way.
 """
 

@@ -341,16 +341,17 @@ def test_dependent_merge_waits_for_the_history_on_gpu(monkeypatch):
     kernel far slower than the residual work, and the partial outputs start as NaN (also in the graph: the fills are
     recorded), so a merge that did not wait would read NaN. Only they are filled: a fill launched between the two
     kernels (of the fp16 output) would itself wait for the history kernel, and the mutant would pass. Eager calls
-    and 20 replays of a CUDA graph give the ordinary launch's result bit for bit; the same launch without the wait
-    (the mutant) does not."""
+    and 20 replays of a CUDA graph give the result of an ordinary launch of the same shape bit for bit; the same
+    launch without the wait (the mutant) does not, eager or replayed (so capture kept the dependency programmatic)."""
     from kvtuner.kernels import decode, gluon_decode
     from kvtuner.kernels.gluon_decode import decode_attention_gluon
 
     if not gluon_decode._has_dependent_launch(torch.device("cuda")):
         pytest.skip("programmatic dependent launch needs sm_90")
     case = make_case(4, 4, ratio=4, n_hist=32 * 512, n_res=32, batch=1, device="cuda", seed=11)
-    with monkeypatch.context() as ordinary:
+    with monkeypatch.context() as ordinary:  # the same launch shape, so that only the wait differs
         ordinary.setattr(gluon_decode, "_has_dependent_launch", lambda device: False)
+        ordinary.setattr(decode, "MERGE_LAUNCH", decode.DEPENDENT_MERGE_LAUNCH)
         want = decode_attention_gluon(**case, num_splits=1)
     empty = torch.empty
 
@@ -380,6 +381,10 @@ def test_dependent_merge_waits_for_the_history_on_gpu(monkeypatch):
     monkeypatch.setattr(decode, "_residual_merge_kernel", WithoutWait())
     decode_attention_gluon(**case, num_splits=1)  # compiled first: compiling takes longer than the history kernel
     assert torch.isnan(decode_attention_gluon(**case, num_splits=1)).any()
+    with torch.cuda.graph(graph := torch.cuda.CUDAGraph()):
+        out = decode_attention_gluon(**case, num_splits=1)
+    graph.replay()
+    assert torch.isnan(out).any()
 
 
 @pytest.mark.gpu

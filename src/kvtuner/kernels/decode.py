@@ -991,13 +991,11 @@ class MergeLaunch:
     maxnreg: int | None = None
 
 
-# After the history kernel: 4 warps, the parts merged in one loop step.
+# After the history kernel: 4 warps, up to 64 parts a loop step (timed on the H100 as gluon_sweep's "merge after").
 MERGE_LAUNCH = MergeLaunch()
-# As a programmatic dependent (sm_90): one warp of at most 64 registers fits beside the 8 Gluon programs of <= 248
-# registers an SM holds, so it attends to the residual while the history kernel runs, where 4 warps wait for its
-# programs to leave. Measured on the H100 (``gluon_sweep.py --variants default "wide dependent merge"``, NOTES round
-# 12): 3-5% faster at batch 4 / 32k, 1-2% at batch 16, even at batch 1 / 128k, though it merges 8 parts a loop step
-# where the wide launch merges up to 64.
+# As a programmatic dependent (sm_90): one warp of at most 64 registers, faster than MERGE_LAUNCH's shape launched the
+# same way at batch 4 / 32k (H100, ``gluon_sweep.py --variants default "wide dependent merge"``), though it merges 8
+# parts a loop step. Why is not settled: both shapes start before the history kernel ends (NOTES, round 12).
 DEPENDENT_MERGE_LAUNCH = MergeLaunch(warps=1, tokens=8, parts=8, maxnreg=64)
 
 
@@ -1015,10 +1013,10 @@ def merge_with_residual(query: torch.Tensor, keys: torch.Tensor, values: torch.T
     this module's partial-result format.
 
     ``dependent`` (sm_90, right after the launch of a history kernel that triggers its dependents): a programmatic
-    dependent launch (:data:`DEPENDENT_MERGE_LAUNCH`, small enough to be resident beside the history kernel's
-    programs): its programs start while the history kernel runs, attend to the residual meanwhile and wait for the
-    whole history kernel only to merge: the gap between two launches and the residual's time are hidden. Compiled
-    code only (triton's interpreter does not run ``griddepcontrol``)."""
+    dependent launch (:data:`DEPENDENT_MERGE_LAUNCH`): its programs may start while the history kernel runs (as
+    resources allow), attend to the residual meanwhile and wait for the whole history kernel only to merge, so the
+    gap between two launches and the residual's time are hidden. Compiled code only (triton's interpreter does not
+    run ``griddepcontrol``)."""
     b, h_q, d = query.shape
     h_kv, n_res = keys.shape[1], keys.shape[2]
     n_parts = o_part.shape[1]

@@ -496,7 +496,7 @@ def _gluon_decode_kernel(
     GPB: gl.constexpr = BLOCK_C // G_K if G_K < BLOCK_C else 1
     pid = gl.program_id(0)
     split = gl.program_id(1)
-    if DEPENDENT_MERGE:  # the merge, a programmatic dependent launch (sm_90), may start where programs end
+    if DEPENDENT_MERGE:  # the merge, a programmatic dependent launch (sm_90), may start at once, as resources allow
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0 $1", "=r,r", [split], dtype=gl.int32,
                                   is_pure=False, pack=1)
     b = (pid // H_KV).to(gl.int64)  # batch offsets of a long cache overflow int32
