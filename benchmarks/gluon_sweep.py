@@ -47,6 +47,8 @@ def main() -> None:
                     help=f"of {', '.join(VARIANTS)}")
     ap.add_argument("--flush", nargs="+", default=["write"], choices=FLUSHES)
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU")
     print(f"{'B':>3} {'T':>7} {'flush':5} {'kv':5} {'variant':12} {'ms':>7} {'x sdpa':>6}")
     for batch, context in args.points:
         q = torch.randn(batch, H_Q, D, device="cuda", dtype=torch.bfloat16)
