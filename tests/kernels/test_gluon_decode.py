@@ -188,8 +188,8 @@ def test_decode_loop_stays_in_registers_and_within_its_instruction_budget(compil
     / 32 lanes = 128 lop3, values as many lop3 and one fma each: a miscompiled pairing once decoded only half
     of the values), the mmas are 8 k-steps x 8 n-tiles a side plus, a group, 8 + 8 for the key offsets and 2 + 2
     for the value zeros and the softmax sum, and nothing goes through shared memory. Rows 8-15 of the mma tile
-    hold no query head (R <= 8): their scores' maximum is not taken (44 FMNMX and 11 SHFL a block with it), nor (but for 8-bit keys loaded into registers)
-    their query scaled per key group (32 of the 72 ``HMUL2`` a block)."""
+    hold no query head (R <= 8): their scores' maximum is not taken (44 FMNMX and 11 SHFL a block with it), nor
+    (but for 8-bit keys loaded into registers) their query scaled per key group (32 of the 72 ``HMUL2`` a block)."""
     for (k, v) in PAIRS:
         census = compiled[f"K{k}V{v}D128R4"]
         assert census["LDS"] == census["STS"] == census["BAR"] == 0, census
